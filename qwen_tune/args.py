@@ -1,0 +1,163 @@
+"""Command-line options as dataclasses (HF TrainingArguments style, as the seed's finetune.py).
+
+Every training subcommand parses `ModelArguments`, `DataArguments`, `LoraArguments` and
+`TrainingArguments`; `--config FILE.yaml` supplies values that flags on the command line override.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import HfArgumentParser
+
+from .errors import UserError
+from .tokenizer import DEFAULT_SYSTEM_MESSAGE
+
+# Learning rates that work when none is given: the seed's, and a large one for the tiny embedded model.
+SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 2e-3
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local directory or hub id of a Qwen checkpoint (default: the embedded tiny Qwen2 model)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run a checkpoint's own Python code (Qwen v1). Off unless you trust it."}
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa, eager or flash_attention_2 (default: transformers' choice)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(
+        default=None, metadata={"help": "Training data: a .json/.jsonl file, a directory of them, or a comma-separated list."}
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    system_message: str = field(
+        default=DEFAULT_SYSTEM_MESSAGE,
+        metadata={"help": "System turn added to conversations that have none ('' = no system turn)."},
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "Padding-free packing of each batch into one row (no compute on padding)."}
+    )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "The seed's behaviour: pad every sample to model_max_length (for comparison)."}
+    )
+    lazy_preprocess: bool = field(default=False, metadata={"help": "Accepted for the seed's scripts; has no effect."})
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base (bitsandbytes) + LoRA; needs --use_lora."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "Comma-separated module names, or all-linear (every projection, not lm_head)."},
+    )
+    lora_modules_to_save: str | None = field(
+        default=None,
+        metadata={"help": "Also train and save these whole modules, e.g. embed_tokens,lm_head (a base model's untrained ChatML tokens)."},
+    )
+
+
+def _default_report_to() -> str:
+    return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments with the seed's defaults and a few qwen-tune options."""
+
+    output_dir: str = field(default="output_qwen", metadata={"help": "Where checkpoints and the result go."})
+    model_max_length: int = field(default=512, metadata={"help": "Longer samples are truncated (head kept) and counted."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Peak learning rate (default: {SEED_LR_FULL} full, {SEED_LR_LORA} LoRA; {EMBEDDED_LR} on the embedded model)."},
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (DeepSpeed configs never override it)."})
+    warmup_ratio: float = field(default=0.01, metadata={"help": "Fraction of steps for linear warm-up."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Passes over the training data."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "no, steps or epoch."})
+    save_steps: float = field(default=1000, metadata={"help": "Save a checkpoint every N steps."})
+    save_total_limit: int | None = field(default=10, metadata={"help": "Keep at most N checkpoints (the newest complete one is never deleted)."})
+    report_to: None | str | list[str] = field(default_factory=_default_report_to, metadata={"help": "tensorboard (default when installed), none, wandb, ..."})
+    include_num_input_tokens_seen: str = field(default="non_padding", metadata={"help": "Count real (non-pad) tokens for tokens/s."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep sample ids in batches (for error messages)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
+    max_bad_steps: int = field(default=0, metadata={"help": "Skip up to N steps with a non-finite loss/gradient instead of stopping."})
+
+    def __post_init__(self):
+        if self.learning_rate is None:
+            self.learning_rate = SEED_LR_FULL  # resolved for real by resolve_learning_rate()
+            self._learning_rate_was_default = True
+        if self.warmup_ratio and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+
+def resolve_learning_rate(args: TrainingArguments, *, lora: bool, embedded: bool) -> None:
+    if getattr(args, "_learning_rate_was_default", False):
+        args.learning_rate = EMBEDDED_LR if embedded else (SEED_LR_LORA if lora else SEED_LR_FULL)
+
+
+# Spellings from the seed's scripts and transformers 4 that we keep accepting.
+OLD_SPELLINGS = {"--evaluation_strategy": "--eval_strategy"}
+
+
+def _config_to_argv(path: str) -> list[str]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value")
+    argv = []
+    for key, value in values.items():
+        flag = "--" + str(key)
+        if isinstance(value, list):
+            argv += [flag] + [str(v) for v in value]
+        elif value is None:
+            continue
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """Put a YAML config's options first so that command-line flags (parsed later) win."""
+    argv = [OLD_SPELLINGS.get(a.split("=")[0], a.split("=")[0]) + (a[len(a.split("=")[0]):] if "=" in a else "") for a in argv]
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a YAML file")
+        argv = _config_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    return argv
+
+
+def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None):
+    """Parse argv into the dataclasses; bad values become a UserError (no traceback)."""
+    argv = expand_argv(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    parser.add_argument("--config", help="YAML file of options; command-line flags override it.")
+    try:
+        *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if extra:
+        raise UserError(f"unknown options: {' '.join(extra)} (see --help)")
+    return parsed[: len(dataclass_types)]  # the rest is the --config namespace, already applied

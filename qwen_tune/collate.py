@@ -1,0 +1,52 @@
+"""Batching: padding-free packing (default), dynamic padding, or the seed's pad-to-max.
+
+Packing concatenates the samples of a batch into one row with `position_ids` restarting at every
+sample; transformers then keeps attention inside each sample (flash-attention varlen on GPU, a
+block-diagonal mask with SDPA/eager). No pad token is ever computed on, and labels come from
+chatml, never from pad ids, so a pad id equal to `<|im_end|>` could not mask a real label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .chatml import IGNORE
+
+
+@dataclass
+class PackedCollator:
+    """All samples of the batch in one row; `ids` are kept for error messages (NaN guard)."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        input_ids = [t for f in features for t in f["input_ids"]]
+        labels = [t for f in features for t in f["labels"]]
+        position_ids = [p for f in features for p in range(len(f["input_ids"]))]
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([position_ids]),
+            "sample_ids": [f.get("id") for f in features],
+        }
+
+
+@dataclass
+class PaddedCollator:
+    """Right-pad to the longest sample of the batch, or to `pad_to` (the seed's pad-to-max)."""
+
+    pad_token_id: int
+    pad_to: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id)
+        labels = torch.full((len(features), width), IGNORE)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                "sample_ids": [f.get("id") for f in features]}

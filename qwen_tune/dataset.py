@@ -1,0 +1,77 @@
+"""Validated conversations -> tokenized training samples, with an honest count of what was cut."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from .chatml import ChatMLEncoder, Encoded
+from .data import load_conversations
+
+
+@dataclass
+class EncodeReport:
+    """What happened to the samples of one data set: nothing is lost without being counted here."""
+
+    samples: int = 0
+    kept: int = 0
+    truncated: list[str] = field(default_factory=list)  # ids cut to model_max_length (head kept)
+    dropped: list[str] = field(default_factory=list)  # ids with no supervised token left after the cut
+    tokens: int = 0
+    supervised_tokens: int = 0
+
+    def summary(self, name: str = "data") -> str:
+        line = (
+            f"{name}: {self.samples} samples, {self.kept} kept, {self.tokens} tokens "
+            f"({self.supervised_tokens} supervised); {len(self.truncated)} truncated, {len(self.dropped)} dropped"
+        )
+        if self.truncated:
+            line += f"\n  truncated (longer than model_max_length, head kept): {_ids(self.truncated)}"
+        if self.dropped:
+            line += f"\n  dropped (no assistant token left after truncation): {_ids(self.dropped)}"
+        return line
+
+
+def _ids(ids: list[str], limit: int = 10) -> str:
+    more = f" ... and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more
+
+
+def encode_conversations(conversations, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
+                         system_message: str | None) -> tuple[list[Encoded], EncodeReport]:
+    """Tokenize with labels; keep the head of long samples; drop (and name) those left unsupervised."""
+    encoder = ChatMLEncoder(tokenizer, system_message)
+    encoded = encoder.encode_many([c.messages for c in conversations], [c.id for c in conversations], max_length)
+    report = EncodeReport(samples=len(encoded))
+    kept = []
+    for e in encoded:
+        if e.truncated:
+            report.truncated.append(e.id)
+        if e.num_supervised == 0:
+            report.dropped.append(e.id)
+            continue
+        kept.append(e)
+        report.tokens += len(e.input_ids)
+        report.supervised_tokens += e.num_supervised
+    report.kept = len(kept)
+    return kept, report
+
+
+def load_sft_dataset(paths, tokenizer, max_length: int | None, system_message: str | None):
+    """Read + validate (errors name file and line) + encode. Returns (samples, report)."""
+    return encode_conversations(load_conversations(paths), tokenizer, max_length, system_message)
+
+
+class SFTDataset:
+    """A list of encoded samples that the HF Trainer can index (it only needs __len__/__getitem__)."""
+
+    def __init__(self, samples: list[Encoded]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"input_ids": s.input_ids, "labels": s.labels, "id": s.id}

@@ -1,0 +1,30 @@
+"""`qwen-tune merge --adapter OUT --out DIR`: fold a LoRA adapter into its base, save a full model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from .errors import UserError
+
+
+def merge(adapter: str, out: str) -> str:
+    """Merge and save as safetensors with the tokenizer and generation config, loadable by AutoModelForCausalLM."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+        raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="qwen-tune merge", description=__doc__)
+    p.add_argument("--adapter", required=True, help="a LoRA output directory")
+    p.add_argument("--out", required=True, help="where to write the merged model")
+    a = p.parse_args(argv)
+    print(f"merged model saved to {os.path.abspath(merge(a.adapter, a.out))}")

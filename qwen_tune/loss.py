@@ -1,0 +1,117 @@
+"""Memory-lean cross-entropy for the 151,936-word vocabulary.
+
+Plain causal-LM loss materialises fp32 logits for every position (4,096 x 151,936 floats is 2.5 GB),
+although only the assistant tokens are supervised. Here logits exist only at supervised positions,
+one chunk at a time: the forward pass computes the loss and, in the same sweep, the gradients with
+respect to the hidden states and the output weight, so no logits are kept for backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients precomputed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        needs_w = weight.requires_grad
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d(sum CE)/d logits = softmax - onehot; reuse the logits buffer for it.
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if needs_w:
+                grad_weight += grad.T @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight if needs_w else torch.empty(0))
+        ctx.needs_w = needs_w
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if ctx.needs_w else None
+        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every position whose *next* token is supervised, and those next tokens."""
+    shifted = labels[:, 1:]
+    rows, cols = (shifted != IGNORE).nonzero(as_tuple=True)
+    return (rows, cols), shifted[rows, cols]
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                              chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies over supervised tokens and their count.
+
+    `hidden` is the final hidden state (batch, seq, dim), `weight` the output projection (vocab, dim),
+    `labels` the unshifted labels (-100 = not supervised). Dividing by the count of the whole
+    optimizer step (not of each micro-batch) makes gradient accumulation exact.
+    """
+    (rows, cols), targets = supervised_positions(labels)
+    n = int(targets.numel())
+    if n == 0:
+        return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
+    selected = hidden[rows, cols]
+    return ChunkedLinearCrossEntropy.apply(selected, weight, targets, chunk_size), n
+
+
+def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Reference loss from full logits (what the seed and TRL compute): sum over supervised tokens."""
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    n = int((shifted_labels != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+        ignore_index=IGNORE, reduction="sum",
+    )
+    return loss, n
+
+
+def _backbone_and_head(model):
+    """The decoder (hidden states) and output projection under any PEFT / DeepSpeed / DDP wrapping."""
+    inner = model
+    while hasattr(inner, "module"):  # DeepSpeedEngine, DistributedDataParallel
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropies over the batch's supervised tokens, and their count.
+
+    The forward goes through the outermost wrapper (so DeepSpeed/DDP hooks run) but asks for a
+    single logit; the final hidden states are captured from the decoder and the loss is computed
+    only at supervised positions, chunked. Under ZeRO-3 the output weight is partitioned, so
+    the model computes the logits itself, still only at supervised positions (`logits_to_keep`).
+    """
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    decoder, head = _backbone_and_head(model)
+    (rows, cols), targets = supervised_positions(labels)
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
+        keep = torch.unique(cols)
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        picked = logits[rows, torch.searchsorted(keep, cols)].float()
+        return torch.nn.functional.cross_entropy(picked, targets, reduction="sum"), int(targets.numel())
+    captured = {}
+    hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return chunked_cross_entropy_sum(captured["h"], head.weight, labels, chunk_size)

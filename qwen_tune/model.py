@@ -1,0 +1,154 @@
+"""Loading the base model: the embedded default, a local/hub checkpoint; full, LoRA or Q-LoRA.
+
+The embedded default is a small Qwen2-architecture model (full 151,936-word vocabulary, 2 layers)
+built from the config in `assets/`, with deterministic weights, saved once to a stable local
+directory so that LoRA adapters record an absolute base path that reloads anywhere on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .errors import UserError
+from .tokenizer import IM_END, ENDOFTEXT, cache_dir, load_tokenizer
+
+EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
+EMBEDDED_NAME = "qwen-tune-embedded-qwen2"
+
+# LoRA targets of every linear projection in Qwen1.5/2/2.5/3 (and Qwen v1's c_attn/c_proj/w1/w2).
+LORA_TARGETS = "all-linear"
+
+
+def embedded_model_path() -> str:
+    """Build (once) and return the absolute path of the embedded default model directory."""
+    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes()).hexdigest()[:12]
+    target = cache_dir() / f"{EMBEDDED_NAME}-{digest}"
+    if not (target / "config.json").exists():
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = json.loads(EMBEDDED_CONFIG.read_text())
+        cfg.pop("architectures", None)
+        config = Qwen2Config(**cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Qwen2ForCausalLM(config)
+        set_generation_defaults(model)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-model-"))
+        model.save_pretrained(tmp)
+        load_tokenizer().save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: parallel processes never load half a model
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target.resolve())
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """None -> the embedded model; a local path -> absolute (adapters must record where the base is)."""
+    if not name_or_path:
+        return embedded_model_path()
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise UserError(f"--model_name_or_path {name_or_path}: the directory has no config.json; is it a model?")
+        return str(p.resolve())
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1:
+        raise UserError(f"--model_name_or_path {name_or_path}: no such directory")
+    return name_or_path  # a hub id, loaded from the local cache (HF_HUB_OFFLINE=1 works)
+
+
+def set_generation_defaults(model: PreTrainedModel) -> None:
+    """Stop at `<|im_end|>` (the end of an assistant turn): a model that never stops is the top complaint."""
+    gc = model.generation_config
+    im_end, eot = 151645, 151643
+    if getattr(model.config, "vocab_size", 0) > im_end:
+        gc.eos_token_id = [im_end, eot]
+        gc.pad_token_id = eot
+        model.config.eos_token_id = im_end
+        model.config.pad_token_id = eot
+
+
+def check_quantization_backend(path: str) -> None:
+    """A GPTQ/AWQ checkpoint (like Qwen's Int4 chat models) needs its backend: say which, before loading."""
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception:
+        return
+    q = getattr(cfg, "quantization_config", None)
+    if not q:
+        return
+    method = (q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)) or ""
+    method = str(getattr(method, "value", method)).lower()
+    needs = {"gptq": ["gptqmodel", "optimum"], "awq": ["awq"]}.get(method, [])
+    import importlib.util
+
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"{path} is a {method.upper()}-quantized checkpoint; loading it needs "
+            + " and ".join(missing)
+            + (" (pip install gptqmodel optimum)" if method == "gptq" else " (pip install autoawq)")
+            + ". Or use the unquantized checkpoint with --q_lora, which quantizes it with bitsandbytes NF4."
+        )
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    q_lora: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    model_class=AutoModelForCausalLM,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization."""
+    check_quantization_backend(path)
+    if q_lora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as e:
+        raise UserError(f"Could not load the model {path!r}: {e}") from e
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"{path} has custom code; pass --trust_remote_code if you trust it. ({e})") from e
+        raise
+    set_generation_defaults(model)
+    return model
+
+
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str | list[str] = LORA_TARGETS,
+             modules_to_save: list[str] | None = None, q_lora: bool = False, gradient_checkpointing: bool = False,
+             task_type: str = "CAUSAL_LM"):
+    """Wrap a model with a PEFT LoRA adapter (after `prepare_model_for_kbit_training` for Q-LoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if q_lora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)

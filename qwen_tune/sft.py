@@ -1,0 +1,176 @@
+"""Supervised fine-tuning: full-parameter, LoRA or Q-LoRA, on ChatML conversations.
+
+Reads top to bottom like the job: check the options, validate and tokenize the data (before any
+model is loaded), load the model, train with the HF Trainer (DeepSpeed, checkpoints and logging
+come from it), save a standard Hugging Face directory and say how to load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from transformers import Trainer
+
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .collate import PackedCollator, PaddedCollator
+from .dataset import SFTDataset, load_sft_dataset
+from .errors import UserError
+from .loss import causal_lm_loss_sum
+from .model import add_lora, load_model, resolve_model_path
+from .tokenizer import load_tokenizer
+
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+
+
+class SFTTrainer(Trainer):
+    """HF Trainer whose loss is the mean over the supervised tokens of the whole optimizer step.
+
+    The Trainer counts the step's supervised tokens across micro-batches and ranks
+    (`num_items_in_batch`), so 4 x 1 accumulation gives the same update as one batch of 4.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # count num_items_in_batch for our own loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, n = causal_lm_loss_sum(model, inputs)
+        if num_items_in_batch is None:  # evaluation: this batch alone
+            loss = loss_sum / max(n, 1)
+        else:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP/DeepSpeed average gradients over ranks
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def check_options(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                  args: TrainingArguments) -> None:
+    """Mistakes users hit, each a clear message before anything heavy is loaded."""
+    if not data_args.data_path:
+        raise UserError("--data_path is required (a .json/.jsonl file or directory; see data/ for examples)")
+    if lora_args.q_lora and not lora_args.use_lora:
+        raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
+    if lora_args.q_lora:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("--q_lora needs bitsandbytes: pip install bitsandbytes")
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16) or use --bf16 if your CPU supports it")
+    if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
+    if data_args.pad_to_max_length and data_args.packing:
+        data_args.packing = False  # the seed's layout was asked for explicitly
+
+
+def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int):
+    if data_args.pad_to_max_length:
+        return PaddedCollator(pad_token_id, pad_to=args.model_max_length)
+    if data_args.packing:
+        return PackedCollator()
+    return PaddedCollator(pad_token_id)
+
+
+def train_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> dict:
+    check_options(model_args, data_args, lora_args, args)
+    embedded = not model_args.model_name_or_path
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=embedded)
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
+    train_samples, train_report = load_sft_dataset(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message)
+    log(train_report.summary("train"))
+    eval_samples = None
+    if data_args.eval_data_path:
+        eval_samples, eval_report = load_sft_dataset(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message)
+        log(eval_report.summary("eval"))
+    if not train_samples:
+        raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
+
+    model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
+                       trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+    model.config.use_cache = False  # packed rows need it off, and training never uses the cache
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if lora_args.use_lora:
+        model = add_lora(
+            model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+            target_modules=split_modules(lora_args.lora_target_modules),
+            modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
+            q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
+        )
+        model.print_trainable_parameters()
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=SFTDataset(train_samples),
+        eval_dataset=SFTDataset(eval_samples) if eval_samples else None,
+        data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_real_tokens_per_second"] = round(trainer.state.num_input_tokens_seen / max(metrics["train_runtime"], 1e-9), 1)
+    metrics["train_loss_final"] = last_logged(trainer, "loss")
+    if eval_samples:
+        metrics.update(trainer.evaluate())
+
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        (unwrap(model)).generation_config.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
+            json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
+        log(how_to_load(args.output_dir, lora_args.use_lora))
+    return metrics
+
+
+def unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def split_modules(value: str | None):
+    if value is None or value == "all-linear":
+        return value
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def last_logged(trainer: Trainer, key: str):
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[-1] if values else None
+
+
+def how_to_load(out: str, adapter: bool) -> str:
+    out = os.path.abspath(out)
+    cls = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+    mod = "peft" if adapter else "transformers"
+    return (
+        f"\nSaved to {out}\n"
+        f"Load it with:\n"
+        f"  from {mod} import {cls}\n  from transformers import AutoTokenizer\n"
+        f"  model = {cls}.from_pretrained({out!r})\n  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
+        f"Chat with it:  qwen-tune chat --model {out}\n"
+    )
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune sft"))

