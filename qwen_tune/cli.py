@@ -11,7 +11,13 @@ from .errors import UserError
 COMMANDS = {
     "sft": ("qwen_tune.sft", "supervised fine-tuning: full, LoRA or Q-LoRA (same as python finetune.py)"),
     "preprocess": ("qwen_tune.preprocess", "validate and tokenize data; show what the model will learn"),
+    "rm": ("qwen_tune.reward", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("qwen_tune.dpo", "Direct Preference Optimization on preference pairs"),
+    "ppo": ("qwen_tune.ppo", "PPO on an SFT policy against a reward model or a reward function"),
+    "score": ("qwen_tune.score", "score pairs or conversations with a reward model"),
     "merge": ("qwen_tune.export", "merge a LoRA adapter into its base and save a full model"),
+    "chat": ("qwen_tune.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
+    "eval": ("qwen_tune.evaluate", "loss and perplexity over supervised tokens, as JSON"),
 }
 
 
@@ -30,7 +36,13 @@ def entry(prefix: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"qwen-tune: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name != COMMANDS[name][0]:
+            raise
+        print(f"qwen-tune: {name} is not available in this version", file=sys.stderr)
+        sys.exit(2)
     try:
         module.main(rest)
     except UserError as e:

@@ -15,11 +15,13 @@ import torch
 from transformers import Trainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .checkpointing import prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
 from .dataset import SFTDataset, load_sft_dataset
 from .errors import UserError
 from .loss import causal_lm_loss_sum
 from .model import add_lora, load_model, resolve_model_path
+from .report import report_callbacks, write_run_report
 from .tokenizer import load_tokenizer
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
@@ -86,6 +88,7 @@ def train_dtype(args: TrainingArguments) -> torch.dtype:
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> dict:
     check_options(model_args, data_args, lora_args, args)
+    prepare_output_dir(args)
     embedded = not model_args.model_name_or_path
     model_path = resolve_model_path(model_args.model_name_or_path)
     resolve_learning_rate(args, lora=lora_args.use_lora, embedded=embedded)
@@ -121,6 +124,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         eval_dataset=SFTDataset(eval_samples) if eval_samples else None,
         data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
         processing_class=tokenizer,
+        callbacks=safety_callbacks(args) + report_callbacks(args),
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
@@ -135,6 +139,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         (unwrap(model)).generation_config.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
             json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
+                         model_path=model_path, kind="sft", adapter=lora_args.use_lora)
         log(how_to_load(args.output_dir, lora_args.use_lora))
     return metrics
 

@@ -1,0 +1,54 @@
+"""Running qwen-tune as a user does: in a fresh process, offline, with no remote code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "data")
+
+
+def fresh_env(**extra) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, check: bool = True, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """`python -m qwen_tune ARGS` in a fresh process; returns the completed process (text output)."""
+    proc = subprocess.run([sys.executable, "-m", "qwen_tune", *args], cwd=ROOT, env=fresh_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qwen-tune {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+GENERATE = r"""
+import json, sys
+from transformers import AutoTokenizer
+out, kind, messages = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+if kind == "adapter":
+    from peft import AutoPeftModelForCausalLM as Model
+else:
+    from transformers import AutoModelForCausalLM as Model
+model = Model.from_pretrained(out).eval()
+tok = AutoTokenizer.from_pretrained(out)
+answers = []
+for conv in messages:
+    ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=48, do_sample=False)
+    answers.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+print(json.dumps(answers))
+"""
+
+
+def generate_in_fresh_process(out: str, conversations: list[list[dict]], adapter: bool) -> list[str]:
+    """Reload `out` in a new offline Python (no trust_remote_code) and greedily answer each conversation."""
+    proc = subprocess.run([sys.executable, "-c", GENERATE, out, "adapter" if adapter else "full", json.dumps(conversations)],
+                          env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
