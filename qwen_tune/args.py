@@ -17,7 +17,7 @@ from .errors import UserError
 from .tokenizer import DEFAULT_SYSTEM_MESSAGE
 
 # Learning rates that work when none is given: the seed's, and a large one for the tiny embedded model.
-SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 2e-3
+SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 1e-2
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""SFT end to end on the embedded model: full, LoRA and Q-LoRA learn, save, and reload elsewhere."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import DATA, ROOT, generate_in_fresh_process, run_cli
+
+# Short conversations the tiny model can learn in a few dozen steps.
+TRAIN = [
+    ("Who are you?", "I am Tuna, an assistant tuned with qwen-tune."),
+    ("你好", "你好！我是金枪鱼。"),
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Name a prime number.", "Seven is a prime number."),
+]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (q, a) in enumerate(TRAIN):
+            f.write(json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": a}]}, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+COMMON = ["--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "5",
+          "--save_strategy", "no", "--report_to", "none"]
+
+
+def logged_losses(out):
+    state = json.load(open(os.path.join(out, "train_metrics.json")))
+    return state
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode,flags",
+    [
+        ("full", ["--num_train_epochs", "60"]),
+        ("lora", ["--num_train_epochs", "60", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"]),
+        ("qlora", ["--num_train_epochs", "60", "--use_lora", "True", "--q_lora", "True", "--lora_r", "16", "--lora_alpha", "32"]),
+    ],
+)
+def test_learns_and_reloads_in_fresh_process(mode, flags, train_file, tmp_path):
+    out = str(tmp_path / mode)
+    proc = run_cli("sft", "--data_path", train_file, "--output_dir", out, *COMMON, *flags)
+    assert "Saved to" in proc.stderr and "from_pretrained" in proc.stderr
+    metrics = json.load(open(os.path.join(out, "train_metrics.json")))
+    # the loss fell well below its start (ln 151936 = 11.9 for a uniform guess)
+    assert metrics["train_loss_final"] < metrics["train_loss"] < 11.9
+    assert metrics["train_real_tokens_per_second"] > 0
+    adapter = mode != "full"
+    files = set(os.listdir(out))
+    assert ("adapter_model.safetensors" in files) == adapter and ("model.safetensors" in files) == (not adapter)
+    assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files if f != "training_args.bin")
+    if adapter:
+        base = json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"]
+        assert os.path.isabs(base) and os.path.exists(os.path.join(base, "config.json"))
+    # greedy generation in a new offline process reproduces the trained answers
+    prompts = [[{"role": "user", "content": q}] for q, _ in TRAIN]
+    answers = generate_in_fresh_process(out, prompts, adapter=adapter)
+    assert answers == [a for _, a in TRAIN]
+
+
+@pytest.mark.slow
+def test_finetune_py_is_the_seed_entry_point(tmp_path):
+    out = str(tmp_path / "seed")
+    import subprocess
+    import sys
+
+    from helpers import fresh_env
+
+    proc = subprocess.run([sys.executable, "finetune.py", "--data_path", os.path.join(DATA, "sft_example.json"),
+                           "--output_dir", out, "--max_steps", "2", "--lazy_preprocess", "True", "--bf16", "False",
+                           "--warmup_ratio", "0.01", "--save_strategy", "no", "--report_to", "none"],
+                          cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert "12 samples, 12 kept" in proc.stderr
+
+
+def test_qlora_base_is_really_4bit(base_model_path):
+    import bitsandbytes as bnb
+
+    from qwen_tune.model import add_lora, load_model
+
+    model = load_model(base_model_path, q_lora=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.dtype == torch.uint8 and q_proj.weight.quant_state.quant_type == "nf4"
+    model = add_lora(model, r=8, alpha=16, dropout=0.0, q_lora=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--q_lora", "True"], "add --use_lora True"),
+        (["--fp16", "True"], "--fp16 needs a CUDA GPU"),
+        (["--model_name_or_path", "/nonexistent/model"], "no such directory"),
+        (["--data_path", "/nonexistent.json"], "/nonexistent.json"),
+        (["--no_such_flag", "1"], "unknown options: --no_such_flag"),
+    ],
+)
+def test_user_mistakes_get_a_clear_message_and_no_traceback(args, message, tmp_path):
+    base = ["--data_path", os.path.join(DATA, "sft_example.json"), "--output_dir", str(tmp_path / "o")]
+    proc = run_cli("sft", *base, *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_data_is_reported_with_file_and_line_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "hi"}]}\n'
+                   '{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    proc = run_cli("sft", "--data_path", str(bad), "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}:2" in proc.stderr and f"{bad}:3" in proc.stderr
+    assert "Loading weights" not in proc.stderr
+
+
+def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, tmp_path):
+    """4 micro-batches of 1 give the same update as one batch of 4: the loss is the mean over the step's tokens."""
+    from qwen_tune.args import TrainingArguments
+    from qwen_tune.collate import PackedCollator
+    from qwen_tune.dataset import SFTDataset, encode_conversations
+    from qwen_tune.data import Conversation
+    from qwen_tune.model import load_model
+    from qwen_tune.sft import SFTTrainer
+
+    # very different numbers of supervised tokens, so a mean of per-micro-batch means would differ
+    answers = ["Yes.", "A much longer answer with many more supervised tokens than the others have.", "No.", "Maybe so, friend."]
+    convs = [Conversation(str(i), [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}], "t")
+             for i, a in enumerate(answers)]
+    samples, _ = encode_conversations(convs, tokenizer, 512, "")
+
+    def one_step(batch, accum):
+        torch.manual_seed(0)
+        model = load_model(base_model_path)
+        model.config.use_cache = False
+        args = TrainingArguments(output_dir=str(tmp_path / f"b{batch}"), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accum, max_steps=1, learning_rate=1.0, optim="sgd",
+                                 weight_decay=0.0, warmup_ratio=0.0, lr_scheduler_type="constant", report_to="none",
+                                 save_strategy="no", train_sampling_strategy="sequential", logging_steps=1)
+        before = model.lm_head.weight.detach().clone()
+        SFTTrainer(model=model, args=args, train_dataset=SFTDataset(samples), data_collator=PackedCollator()).train()
+        return before, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    before, big = one_step(4, 1)
+    _, accumulated = one_step(1, 4)
+    assert not torch.equal(before, big["model.embed_tokens.weight"])  # the step did update the (tied) output weights
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
