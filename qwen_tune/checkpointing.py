@@ -307,13 +307,13 @@ class NonFiniteGuard(TrainerCallback):
         problem = f"loss {self.bad_loss}" if self.bad_loss is not None else None
         if problem is None and not args.fp16 and model is not None:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-                problem = "gradient norm is NaN/Inf"
+            if grads and not _finite_norm(grads):
+                problem = "gradient norm (NaN/Inf)"
         if problem is None:
             return
         samples = ", ".join(map(str, self.ids)) if self.ids else "(ids not recorded)"
         self.bad_steps += 1
-        if self.bad_steps > self.max_bad_steps:
+        if self.bad_steps > self.max_bad_steps or args.deepspeed:  # DeepSpeed has stepped already: no skipping
             last = latest_complete_checkpoint(args.output_dir)
             raise NonFiniteError(
                 f"step {step}: non-finite {problem} on samples {samples}. Stopped before the optimizer step, so no "
@@ -324,6 +324,12 @@ class NonFiniteGuard(TrainerCallback):
             f"({self.bad_steps} of --max_bad_steps {self.max_bad_steps})")
         if not args.fp16 and optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
+
+
+def _finite_norm(grads: list) -> bool:
+    norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one fused reduction
+    total = norm(grads) if norm else torch.stack([g.float().norm() for g in grads]).norm()
+    return bool(torch.isfinite(total))
 
 
 class Preemption(TrainerCallback):
