@@ -31,6 +31,9 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa, eager or flash_attention_2 (default: transformers' choice)."}
     )
+    allow_pickle_weights: bool = field(
+        default=False, metadata={"help": "Load a checkpoint that has only pickle weights (pytorch_model.bin). Off: safetensors only."}
+    )
 
 
 @dataclass

@@ -100,6 +100,24 @@ def check_quantization_backend(path: str) -> None:
         )
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weights_format(path: str, allow_pickle: bool) -> None:
+    """Safetensors only: pickle weights can run code when loaded, so they need --allow_pickle_weights."""
+    if allow_pickle or not os.path.isdir(path):
+        return
+    names = os.listdir(path)
+    if any(n.endswith(".safetensors") for n in names):
+        return
+    pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS) and n != "training_args.bin")
+    if pickles:
+        raise UserError(
+            f"{path} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded. "
+            f"Convert them to safetensors, or pass --allow_pickle_weights if you trust where they came from."
+        )
+
+
 def load_model(
     path: str,
     *,
@@ -108,10 +126,14 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     model_class=AutoModelForCausalLM,
+    allow_pickle_weights: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization."""
     check_quantization_backend(path)
+    check_weights_format(path, allow_pickle_weights)
+    if not allow_pickle_weights and not os.path.isdir(path):
+        kwargs.setdefault("use_safetensors", True)  # a hub id: never fall back to pickle weights
     if q_lora:
         from transformers import BitsAndBytesConfig
 

@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
-from .checkpointing import prepare_output_dir, safety_callbacks
+from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
 from .dataset import SFTDataset, load_sft_dataset
 from .errors import UserError
@@ -27,7 +27,7 @@ from .tokenizer import load_tokenizer
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
 
-class SFTTrainer(Trainer):
+class SFTTrainer(SafeCheckpointsMixin, Trainer):
     """HF Trainer whose loss is the mean over the supervised tokens of the whole optimizer step.
 
     The Trainer counts the step's supervised tokens across micro-batches and ranks
@@ -104,7 +104,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
 
     model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
-                       trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation)
+                       trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
+                       allow_pickle_weights=model_args.allow_pickle_weights)
     model.config.use_cache = False  # packed rows need it off, and training never uses the cache
     if args.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -1,0 +1,257 @@
+"""Crash safety, proven by faults injected into real `qwen-tune sft` processes on the embedded model.
+
+Kills are real signals to real processes. Which samples each step saw is recorded through the
+QWEN_TUNE_TRACE_SAMPLE_IDS test hook; a NaN is injected with QWEN_TUNE_TEST_NAN_AT_STEP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import DATA, ROOT, fresh_env
+from qwen_tune.args import TrainingArguments
+from qwen_tune.checkpointing import (COMPLETE, check_free_space, latest_complete_checkpoint, prepare_output_dir,
+                                     rotate_checkpoints)
+from qwen_tune.errors import UserError
+
+MAX_STEPS, SAVE_STEPS = 8, 2  # 12 samples, batch 2: 6 steps per epoch, so resuming also crosses an epoch
+TRAIN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--max_steps", str(MAX_STEPS),
+         "--save_steps", str(SAVE_STEPS), "--save_total_limit", "2", "--per_device_train_batch_size", "2",
+         "--model_max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True"]
+
+
+def start(out: str, trace: str, *extra: str, **env) -> subprocess.Popen:
+    log = open(out + ".log", "a")
+    return subprocess.Popen([sys.executable, "-m", "qwen_tune", *TRAIN, "--output_dir", out, *extra], cwd=ROOT,
+                            env=fresh_env(QWEN_TUNE_TRACE_SAMPLE_IDS=trace, **env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, out: str) -> tuple[int, str]:
+    rc = proc.wait(timeout=600)
+    with open(out + ".log") as f:
+        return rc, f.read()
+
+
+def traced_steps(trace: str) -> dict[int, list[str]]:
+    steps = {}
+    if os.path.exists(trace):
+        with open(trace) as f:
+            for line in f:
+                if line.endswith("\n"):
+                    record = json.loads(line)
+                    steps[record["step"]] = record["ids"]
+    return steps
+
+
+def wait_until_step(proc: subprocess.Popen, trace: str, step: int, out: str) -> None:
+    """Poll until the run has started `step` (and saved its first checkpoint)."""
+    while not (max(traced_steps(trace), default=0) >= step and latest_complete_checkpoint(out)):
+        assert proc.poll() is None, f"run ended early:\n{finish(proc, out)[1]}"
+        time.sleep(0.05)
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: its final weights and the sample ids of each step."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out, trace = str(tmp / "out"), str(tmp / "trace.jsonl")
+    rc, log = finish(start(out, trace), out)
+    assert rc == 0, log
+    return {"out": out, "steps": traced_steps(trace), "weights": weights(out)}
+
+
+@pytest.mark.slow
+def test_uninterrupted_run_keeps_only_complete_checkpoints_and_no_pickles(reference):
+    out = reference["out"]
+    assert sorted(reference["steps"]) == list(range(1, MAX_STEPS + 1))
+    assert sorted(d for d in os.listdir(out) if d.startswith(("checkpoint", ".tmp"))) == ["checkpoint-6", "checkpoint-8"]
+    assert all(os.path.isfile(os.path.join(out, d, COMPLETE)) for d in ("checkpoint-6", "checkpoint-8"))
+    assert [f for _, _, files in os.walk(out) for f in files if f == "training_args.bin"] == []
+    assert json.load(open(os.path.join(out, "training_args.json")))["max_steps"] == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path):
+    out, trace1, trace2 = str(tmp_path / "out"), str(tmp_path / "t1.jsonl"), str(tmp_path / "t2.jsonl")
+    kill_at = random.randint(SAVE_STEPS + 1, MAX_STEPS - 1)
+    proc = start(out, trace1)
+    wait_until_step(proc, trace1, kill_at, out)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed_from = latest_complete_checkpoint(out)
+    step = int(resumed_from.rsplit("-", 1)[1])
+    # What a kill while writing a checkpoint leaves: a staging directory, and (from a plain HF Trainer,
+    # which writes in place) a newer checkpoint without the completion marker. Neither may be resumed.
+    os.makedirs(os.path.join(out, ".tmp-checkpoint-99", "checkpoint-99"))
+    half = os.path.join(out, "checkpoint-98")
+    shutil.copytree(resumed_from, half)
+    os.remove(os.path.join(half, COMPLETE))
+    with open(os.path.join(half, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+
+    rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto"), out)
+    assert rc == 0, log
+    assert f"resuming from {resumed_from}" in log and f"ignoring {half}" in log
+    assert not os.path.exists(os.path.join(out, ".tmp-checkpoint-99"))
+    first, second = traced_steps(trace1), traced_steps(trace2)
+    assert min(second) == step + 1, f"killed at step {kill_at}, resumed from {step}"
+    seen = {s: ids for s, ids in first.items() if s <= step} | second
+    assert seen == reference["steps"], f"killed at step {kill_at}"
+    assert_same_weights(weights(out), reference["weights"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_143_and_resume_continues_exactly(reference, tmp_path):
+    out, trace1, trace2 = str(tmp_path / "out"), str(tmp_path / "t1.jsonl"), str(tmp_path / "t2.jsonl")
+    proc = start(out, trace1)
+    wait_until_step(proc, trace1, SAVE_STEPS + 1, out)
+    proc.send_signal(signal.SIGTERM)
+    rc, log = finish(proc, out)
+    assert rc == 143, log
+    stopped = max(traced_steps(trace1))
+    assert "received SIGTERM" in log and f"SIGTERM: stopped after step {stopped} and saved" in log, log
+    assert "Traceback" not in log
+    assert os.path.isfile(os.path.join(out, f"checkpoint-{stopped}", COMPLETE))
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))  # not mistaken for a finished run
+
+    rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto"), out)
+    assert rc == 0, log
+    assert min(traced_steps(trace2)) == stopped + 1
+    assert {s: ids for s, ids in traced_steps(trace1).items()} | traced_steps(trace2) == reference["steps"]
+    assert_same_weights(weights(out), reference["weights"])
+
+
+@pytest.mark.slow
+def test_nan_stops_naming_step_and_samples_and_keeps_last_checkpoint(tmp_path):
+    out, trace = str(tmp_path / "out"), str(tmp_path / "t.jsonl")
+    rc, log = finish(start(out, trace, QWEN_TUNE_TEST_NAN_AT_STEP="3"), out)
+    assert rc == 2, log
+    assert "Traceback" not in log
+    ids = traced_steps(trace)[3]
+    assert f"step 3: non-finite loss nan on samples {', '.join(ids)}" in log, log
+    assert latest_complete_checkpoint(out) == os.path.join(out, "checkpoint-2")
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # no later checkpoint, no final model
+    assert all(torch.isfinite(t).all() for t in weights(os.path.join(out, "checkpoint-2")).values())
+
+
+@pytest.mark.slow
+def test_max_bad_steps_skips_the_step_without_touching_weights(tmp_path):
+    out, trace = str(tmp_path / "out"), str(tmp_path / "t.jsonl")
+    rc, log = finish(start(out, trace, "--max_steps", "3", "--max_bad_steps", "1", QWEN_TUNE_TEST_NAN_AT_STEP="3"), out)
+    assert rc == 0, log
+    assert "step 3: non-finite loss nan" in log and "skipping this step (1 of --max_bad_steps 1)" in log
+    # step 3 was skipped, so the final weights are exactly those after step 2
+    assert_same_weights(weights(out), weights(os.path.join(out, "checkpoint-2")))
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
+    from qwen_tune import sft
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0
+    try:
+        try:
+            (locked / "probe").touch()
+            pytest.skip("cannot make a read-only directory here (root without chattr)")
+        except OSError:
+            pass
+        with pytest.raises(UserError, match=f"--output_dir {locked}/out is not writable"):
+            sft.main([*TRAIN[1:], "--output_dir", str(locked / "out")])
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(locked)])
+        locked.chmod(0o755)
+    assert "train:" not in capsys.readouterr().err  # failed before the data was even read
+
+
+def args_for(out, **kw) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(out), report_to="none", **kw)
+
+
+def make_checkpoint(out, step: int, complete: bool = True) -> str:
+    path = os.path.join(out, f"checkpoint-{step}")
+    os.makedirs(path)
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        f.write("{}")
+    if complete:
+        open(os.path.join(path, COMPLETE), "w").close()
+    return path
+
+
+def test_finished_or_interrupted_run_is_not_overwritten_without_the_flag(tmp_path):
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="holds a finished run \\(model.safetensors\\).*--overwrite_output_dir"):
+        prepare_output_dir(args_for(finished))
+    interrupted = tmp_path / "interrupted"
+    make_checkpoint(interrupted, 4)
+    with pytest.raises(UserError, match="checkpoints of an interrupted run.*--resume_from_checkpoint auto"):
+        prepare_output_dir(args_for(interrupted))
+    args = args_for(interrupted, resume_from_checkpoint="auto")
+    prepare_output_dir(args)  # resuming is allowed
+    assert args.resume_from_checkpoint == os.path.join(interrupted, "checkpoint-4")
+    prepare_output_dir(args_for(finished, overwrite_output_dir=True))
+    assert not (finished / "model.safetensors").exists()
+
+
+def test_resume_auto_skips_incomplete_checkpoints_and_starts_fresh_when_none(tmp_path, capsys):
+    make_checkpoint(tmp_path, 2)
+    make_checkpoint(tmp_path, 4)
+    make_checkpoint(tmp_path, 6, complete=False)  # killed while writing
+    args = args_for(tmp_path, resume_from_checkpoint="auto")
+    prepare_output_dir(args)
+    assert args.resume_from_checkpoint == os.path.join(tmp_path, "checkpoint-4")
+    args = args_for(tmp_path / "empty", resume_from_checkpoint="auto")
+    prepare_output_dir(args)
+    assert args.resume_from_checkpoint is None and "starting fresh" in capsys.readouterr().err
+    with pytest.raises(UserError, match="not a checkpoint directory"):
+        prepare_output_dir(args_for(tmp_path / "x", resume_from_checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_rotation_never_deletes_the_kept_newest_or_incomplete_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        make_checkpoint(tmp_path, step)
+    make_checkpoint(tmp_path, 9, complete=False)
+    newest = os.path.join(tmp_path, "checkpoint-6")
+    rotate_checkpoints(str(tmp_path), 1, keep={newest})
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-9"]
+
+
+def test_too_little_disk_space_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="GB free, but a checkpoint needs about"):
+        check_free_space(str(tmp_path), 10**18)
+    check_free_space(str(tmp_path), 1)
+
+
+def test_pickle_only_model_dir_needs_allow_pickle_weights(tmp_path):
+    from qwen_tune.model import check_weights_format, load_model
+
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="only pickle weights \\(pytorch_model.bin\\).*--allow_pickle_weights"):
+        load_model(str(tmp_path))
+    check_weights_format(str(tmp_path), allow_pickle=True)
