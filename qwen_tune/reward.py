@@ -60,23 +60,33 @@ class PairReport:
         return line
 
 
-def encode_pairs(paths, tokenizer, max_length: int, system_message: str | None, margin: float = 0.0):
-    """Validated pairs -> a `datasets.Dataset` of chosen_ids/rejected_ids (what RewardTrainer takes as-is)."""
+def encode_pairs(paths, tokenizer, max_length: int, system_message: str | None, margin: float = 0.0,
+                 split_prompt: bool = False):
+    """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
+
+    Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
+    DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
+    """
     from datasets import Dataset
 
     encoder = ChatMLEncoder(tokenizer, system_message)
-    report, rows = PairReport(), {"id": [], "chosen_ids": [], "rejected_ids": []}
+    report = PairReport()
+    rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
     for pair in load_preference_pairs(paths):
         report.pairs += 1
-        chosen = sum(reply_ids(encoder, pair.prompt, pair.chosen), [])
-        rejected = sum(reply_ids(encoder, pair.prompt, pair.rejected), [])
-        if max(len(chosen), len(rejected)) > max_length:
+        prompt, chosen = reply_ids(encoder, pair.prompt, pair.chosen)
+        _, rejected = reply_ids(encoder, pair.prompt, pair.rejected)
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             report.dropped.append(pair.id)
             continue
         rows["id"].append(pair.id)
+        report.tokens += 2 * len(prompt) + len(chosen) + len(rejected)  # both sides are full sequences to the model
+        if split_prompt:
+            rows["prompt_ids"].append(prompt)
+        else:
+            chosen, rejected = prompt + chosen, prompt + rejected
         rows["chosen_ids"].append(chosen)
         rows["rejected_ids"].append(rejected)
-        report.tokens += len(chosen) + len(rejected)
     report.kept = len(rows["id"])
     if margin:
         rows["margin"] = [margin] * report.kept
@@ -98,9 +108,10 @@ def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, a
     model = load_model(path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
                        attn_implementation=model_args.attn_implementation, model_class=AutoModelForSequenceClassification, num_labels=1)
     if lora_args.use_lora:
-        extra = split_modules(lora_args.lora_modules_to_save) or []
+        # task_type SEQ_CLS makes PEFT train the new `score` head in full and save it with the adapter
         model = add_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
-                         target_modules=split_modules(lora_args.lora_target_modules), modules_to_save=["score"] + extra,
+                         target_modules=split_modules(lora_args.lora_target_modules),
+                         modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
                          q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing, task_type="SEQ_CLS")
     return model, path
 
@@ -137,9 +148,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         processing_class=tokenizer,
         callbacks=safety_callbacks(args) + report_callbacks(args),
     )
+    if lora_args.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
+        for name, param in model.named_parameters():
+            if param.requires_grad and "modules_to_save" in name:
+                param.data = param.data.to(train_dtype(args))
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     metrics["train_loss_final"] = last_logged(trainer, "loss")
+    metrics["train_accuracy_first"] = next((h["accuracy"] for h in trainer.state.log_history if "accuracy" in h), None)  # stage 2: did it start from a working RM?
     metrics["train_accuracy_final"] = last_logged(trainer, "accuracy")
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # eval_accuracy, eval_margin (mean r_chosen - r_rejected)
