@@ -179,7 +179,7 @@ def how_to_load(out: str, adapter: bool) -> str:
     cls, mod = ("AutoPeftModelForSequenceClassification", "peft") if adapter else ("AutoModelForSequenceClassification", "transformers")
     return (
         f"\nSaved the reward model to {out}\n"
-        f"Load it with:\n  from {mod} import {cls}\n  model = {cls}.from_pretrained({out!r})\n"
+        f"Load it with:\n  from {mod} import {cls}\n  model = {cls}.from_pretrained({out!r}, num_labels=1)\n"
         f"Score data with:  qwen-tune score --model {out} --data PAIRS.jsonl --out scores.jsonl\n"
     )
 

@@ -11,16 +11,17 @@ usage() { echo "usage: sh $0 -d PMP_DATA [-f FINETUNE_DATA] [-m MODEL] -o OUT [e
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL="" DATA="" FINETUNE="" OUT=""
-while getopts "m:d:f:o:h" opt; do
-    case $opt in
-        m) MODEL=$OPTARG ;;
-        d) DATA=$OPTARG ;;
-        f) FINETUNE=$OPTARG ;;
-        o) OUT=$OPTARG ;;
-        *) usage ;;
+# Our options come first; everything from the first other argument on goes to qwen-tune.
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h|--help) usage ;;
+        -m) [ $# -ge 2 ] || usage; MODEL=$2; shift 2 ;;
+        -d) [ $# -ge 2 ] || usage; DATA=$2; shift 2 ;;
+        -f) [ $# -ge 2 ] || usage; FINETUNE=$2; shift 2 ;;
+        -o) [ $# -ge 2 ] || usage; OUT=$2; shift 2 ;;
+        *) break ;;
     esac
 done
-shift $((OPTIND - 1))
 [ -n "$DATA" ] && [ -n "$OUT" ] || usage
 
 PYTHON=${PYTHON:-python}
