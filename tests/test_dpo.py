@@ -43,7 +43,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tmp_path, 
 
     after = logprob_margins(AutoModelForCausalLM.from_pretrained(str(out)).eval(), tokenizer, held_out)
     print(f"held-out log-prob margin: {before.mean():.2f} before DPO, {after.mean():.2f} after")
-    assert after.mean() > before.mean() + 5.0, (before.mean(), after.mean())
+    assert after.mean() > before.mean() + 3.0, (before.mean(), after.mean())
     assert (after > before).float().mean() >= 0.9
 
 
