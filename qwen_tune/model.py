@@ -67,7 +67,9 @@ def resolve_model_path(name_or_path: str | None) -> str:
 
 def set_generation_defaults(model: PreTrainedModel) -> None:
     """Stop at `<|im_end|>` (the end of an assistant turn): a model that never stops is the top complaint."""
-    gc = model.generation_config
+    gc = getattr(model, "generation_config", None)
+    if gc is None:  # a reward model (sequence classification) does not generate
+        return
     im_end, eot = 151645, 151643
     if getattr(model.config, "vocab_size", 0) > im_end:
         gc.eos_token_id = [im_end, eot]

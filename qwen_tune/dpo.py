@@ -1,0 +1,113 @@
+"""Direct Preference Optimization (`qwen-tune dpo`): the lighter alternative to reward model + PPO.
+
+Reads top to bottom like the job: validate and tokenize the pairs with our ChatML encoder (prompt =
+ChatML up to and including `<|im_start|>assistant\\n`, completion = content + `<|im_end|>`, exactly
+the tokens SFT supervises), load the policy (full or LoRA), train with TRL's DPOTrainer, save a
+plain Hugging Face directory. The reference is a frozen copy of the start model, or with LoRA the
+same model with the adapter disabled (no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .checkpointing import prepare_output_dir, safety_callbacks
+from .errors import UserError
+from .model import load_model, resolve_model_path
+from .report import report_callbacks, write_run_report
+from .reward import encode_pairs
+from .sft import check_options, how_to_load, last_logged, log, split_modules, train_dtype, unwrap
+from .tokenizer import load_tokenizer
+
+
+@dataclass
+class DPOTrainingArguments(TrainingArguments, DPOConfig):
+    """Our training options (the seed's flags and defaults) plus TRL's DPO options (--beta, --loss_type, ...)."""
+
+    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (higher = stay closer)."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "sigmoid (DPO), ipo, hinge, robust, ... (TRL's names)."})
+    max_length: int | None = field(default=None, init=False)  # --model_max_length decides (longer pairs are dropped and named)
+    trust_remote_code: bool = field(default=False, init=False)  # set from ModelArguments' --trust_remote_code
+
+
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, DPOTrainingArguments)
+
+
+class ChatMLDPOTrainer(DPOTrainer):
+    """DPOTrainer fed our own tokens: the data is already prompt_ids/chosen_ids/rejected_ids."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # TRL would re-tokenize with the chat template; ours are the tokens SFT trains on
+
+
+def lora_config(lora_args: LoraArguments):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                      target_modules=split_modules(lora_args.lora_target_modules),
+                      modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
+                      task_type="CAUSAL_LM")
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments) -> dict:
+    check_options(model_args, data_args, lora_args, args)
+    args.trust_remote_code = model_args.trust_remote_code
+    prepare_output_dir(args)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
+
+    train, train_report = encode_pairs(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message, split_prompt=True)
+    log(train_report.summary("train"))
+    evaluation = None
+    if data_args.eval_data_path:
+        evaluation, eval_report = encode_pairs(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message, split_prompt=True)
+        log(eval_report.summary("eval"))
+    if not len(train):
+        raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
+
+    set_seed(args.seed)
+    model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
+                       attn_implementation=model_args.attn_implementation)
+    model.config.use_cache = False
+    trainer = ChatMLDPOTrainer(
+        model=model,
+        ref_model=None,  # full: TRL loads a frozen copy of model_path; LoRA: the adapter is disabled instead
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=lora_config(lora_args) if lora_args.use_lora else None,
+        callbacks=safety_callbacks(args) + report_callbacks(args),
+    )
+    if lora_args.use_lora:
+        trainer.model.print_trainable_parameters()
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_loss_final"] = last_logged(trainer, "loss")
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())  # eval_rewards/margins, eval_rewards/accuracies, ...
+
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        unwrap(trainer.model).generation_config.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
+            json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
+                         model_path=model_path, kind="dpo", adapter=lora_args.use_lora)
+        if evaluation is not None:
+            log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
+                f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
+        log(how_to_load(args.output_dir, lora_args.use_lora))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune dpo"))

@@ -1,0 +1,188 @@
+"""Reward model training (`qwen-tune rm`): a Qwen backbone with a scalar head, Bradley-Terry loss.
+
+Reads top to bottom like the job: validate and tokenize the pairs (before any model is loaded;
+each side is scored at its closing `<|im_end|>`, see `score.reply_ids`), load a standard
+`AutoModelForSequenceClassification` (num_labels=1; full, LoRA with the head saved in the adapter,
+or Q-LoRA), train with TRL's RewardTrainer (loss -log sigmoid(r_chosen - r_rejected - margin)),
+report accuracy and mean margin, save a plain Hugging Face directory.
+
+The two stages of Qwen's RLHF (preference-model pretraining, then fine-tuning on high-quality
+comparisons) are two runs: the second one's `--model_name_or_path` is the first one's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForSequenceClassification, set_seed
+from trl import RewardConfig, RewardTrainer
+
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .chatml import ChatMLEncoder
+from .checkpointing import prepare_output_dir, safety_callbacks
+from .data import load_preference_pairs
+from .errors import UserError
+from .model import add_lora, load_model, resolve_model_path
+from .report import report_callbacks, write_run_report
+from .score import is_adapter, load_reward_model, reply_ids
+from .sft import check_options, last_logged, log, split_modules, train_dtype
+from .tokenizer import load_tokenizer
+
+
+@dataclass
+class RewardTrainingArguments(TrainingArguments, RewardConfig):
+    """Our training options (the seed's flags and defaults) plus TRL's reward options."""
+
+    margin: float = field(default=0.0, metadata={"help": "Required reward gap: loss = -log sigmoid(r_chosen - r_rejected - margin)."})
+    max_length: int | None = field(default=None, init=False)  # --model_max_length decides (longer pairs are dropped and named)
+    trust_remote_code: bool = field(default=False, init=False)  # set from ModelArguments' --trust_remote_code
+
+
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, RewardTrainingArguments)
+
+
+@dataclass
+class PairReport:
+    """What happened to the pairs of one data set: nothing is lost without being counted here."""
+
+    pairs: int = 0
+    kept: int = 0
+    dropped: list[str] = field(default_factory=list)  # ids longer than model_max_length on either side
+    tokens: int = 0
+
+    def summary(self, name: str) -> str:
+        line = f"{name}: {self.pairs} pairs, {self.kept} kept, {self.tokens} tokens; {len(self.dropped)} dropped"
+        if self.dropped:
+            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
+            line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {', '.join(self.dropped[:10])}{more}"
+        return line
+
+
+def encode_pairs(paths, tokenizer, max_length: int, system_message: str | None, margin: float = 0.0,
+                 split_prompt: bool = False):
+    """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
+
+    Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
+    DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
+    """
+    from datasets import Dataset
+
+    encoder = ChatMLEncoder(tokenizer, system_message)
+    report = PairReport()
+    rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
+    for pair in load_preference_pairs(paths):
+        report.pairs += 1
+        prompt, chosen = reply_ids(encoder, pair.prompt, pair.chosen)
+        _, rejected = reply_ids(encoder, pair.prompt, pair.rejected)
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            report.dropped.append(pair.id)
+            continue
+        rows["id"].append(pair.id)
+        report.tokens += 2 * len(prompt) + len(chosen) + len(rejected)  # both sides are full sequences to the model
+        if split_prompt:
+            rows["prompt_ids"].append(prompt)
+        else:
+            chosen, rejected = prompt + chosen, prompt + rejected
+        rows["chosen_ids"].append(chosen)
+        rows["rejected_ids"].append(rejected)
+    report.kept = len(rows["id"])
+    if margin:
+        rows["margin"] = [margin] * report.kept
+    return Dataset.from_dict(rows), report
+
+
+def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
+    """(model, base path): from a base LM (new head), a full reward model, or a LoRA reward adapter (stage 2)."""
+    start = model_args.model_name_or_path
+    if is_adapter(start):
+        if lora_args.q_lora:
+            raise UserError(f"--model_name_or_path {start} is a LoRA adapter; merge it first (qwen-tune merge) to train Q-LoRA on it")
+        model, _ = load_reward_model(start, is_trainable=lora_args.use_lora, dtype=train_dtype(args))
+        base = model.peft_config["default"].base_model_name_or_path
+        if not lora_args.use_lora:
+            model = model.merge_and_unload()  # full fine-tuning of stage 1's merged reward model
+        return model, base
+    path = resolve_model_path(start)
+    model = load_model(path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
+                       attn_implementation=model_args.attn_implementation, model_class=AutoModelForSequenceClassification, num_labels=1)
+    if lora_args.use_lora:
+        # task_type SEQ_CLS makes PEFT train the new `score` head in full and save it with the adapter
+        model = add_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+                         target_modules=split_modules(lora_args.lora_target_modules),
+                         modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
+                         q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing, task_type="SEQ_CLS")
+    return model, path
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: RewardTrainingArguments) -> dict:
+    check_options(model_args, data_args, lora_args, args)
+    args.trust_remote_code = model_args.trust_remote_code
+    prepare_output_dir(args)
+    start = model_args.model_name_or_path
+    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not start)
+    tokenizer = load_tokenizer(start if start and os.path.isdir(start) else resolve_model_path(start),
+                               trust_remote_code=model_args.trust_remote_code)
+
+    train, train_report = encode_pairs(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message, args.margin)
+    log(train_report.summary("train"))
+    evaluation, eval_report = None, None
+    if data_args.eval_data_path:
+        evaluation, eval_report = encode_pairs(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message, args.margin)
+        log(eval_report.summary("eval"))
+    if not len(train):
+        raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
+
+    set_seed(args.seed)  # the new score head is random: make it reproducible
+    model, base_path = load_reward_backbone(model_args, lora_args, args)
+    model.config.use_cache = False
+    if lora_args.use_lora:
+        model.print_trainable_parameters()
+
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        callbacks=safety_callbacks(args) + report_callbacks(args),
+    )
+    if lora_args.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
+        for name, param in model.named_parameters():
+            if param.requires_grad and "modules_to_save" in name:
+                param.data = param.data.to(train_dtype(args))
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["train_loss_final"] = last_logged(trainer, "loss")
+    metrics["train_accuracy_first"] = next((h["accuracy"] for h in trainer.state.log_history if "accuracy" in h), None)  # stage 2: did it start from a working RM?
+    metrics["train_accuracy_final"] = last_logged(trainer, "accuracy")
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())  # eval_accuracy, eval_margin (mean r_chosen - r_rejected)
+
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
+            reports = {"train": train_report.__dict__, **({"eval": eval_report.__dict__} if eval_report else {})}
+            json.dump({**metrics, "data": reports}, f, indent=2, default=str)
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
+                         model_path=base_path, kind="rm", adapter=lora_args.use_lora)
+        if evaluation is not None:
+            log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
+        log(how_to_load(args.output_dir, lora_args.use_lora))
+    return metrics
+
+
+def how_to_load(out: str, adapter: bool) -> str:
+    out = os.path.abspath(out)
+    cls, mod = ("AutoPeftModelForSequenceClassification", "peft") if adapter else ("AutoModelForSequenceClassification", "transformers")
+    return (
+        f"\nSaved the reward model to {out}\n"
+        f"Load it with:\n  from {mod} import {cls}\n  model = {cls}.from_pretrained({out!r}, num_labels=1)\n"
+        f"Score data with:  qwen-tune score --model {out} --data PAIRS.jsonl --out scores.jsonl\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune rm"))

@@ -1,0 +1,147 @@
+"""Reward models: what gets scored, loading one (full or adapter), and `qwen-tune score`.
+
+The scoring contract: a reply is scored on its ChatML rendering (system, prompt turns, then
+`<|im_start|>assistant\\n{content}<|im_end|>`), read at the closing `<|im_end|>`. Training (rm),
+scoring and PPO all build their sequences here, so a reward means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .chatml import ChatMLEncoder
+from .errors import UserError
+
+
+# ---------------------------------------------------------------- what is scored
+
+
+def reply_ids(encoder: ChatMLEncoder, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids up to and including `<|im_start|>assistant\\n`, reply ids ending with `<|im_end|>`).
+
+    Built from one encoding of the whole conversation, so prompt + reply is exactly what the
+    model sees at inference (and what DPO trains on: completion = content + `<|im_end|>`).
+    """
+    full = encoder.encode(prompt + reply).input_ids[: -len(encoder.newline)]  # stop at the last <|im_end|>
+    head = encoder.prompt_ids(prompt)
+    assert full[: len(head)] == head, "ChatML prompt is not a prefix of prompt + reply"
+    return head, full[len(head):]
+
+
+def last_reply_ids(encoder: ChatMLEncoder, messages: list[dict]) -> list[int]:
+    """A conversation up to its last assistant turn, ending at that turn's `<|im_end|>` (SFT-style scoring)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    head, reply = reply_ids(encoder, messages[:last], messages[last : last + 1])
+    return head + reply
+
+
+# ---------------------------------------------------------------- loading and scoring
+
+
+def is_adapter(path: str | os.PathLike | None) -> bool:
+    return bool(path) and (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()
+
+
+def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dtype = torch.float32):
+    """A reward model directory (full, or a LoRA adapter with its `score` head) -> (model, tokenizer).
+
+    Loads with `AutoModelForSequenceClassification` / `AutoPeftModelForSequenceClassification`, the
+    same classes anyone else would use; never runs remote code.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from .tokenizer import load_tokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"reward model {path}: no such directory")
+    if is_adapter(p):
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, is_trainable=is_trainable, num_labels=1)
+    elif (p / "config.json").exists():
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, num_labels=1)
+        if "ForSequenceClassification" not in str((model.config.architectures or [""])[0]):
+            print(f"warning: {path} is not a reward model (its score head is untrained)", file=sys.stderr)
+    else:
+        raise UserError(f"reward model {path}: neither config.json nor adapter_config.json found")
+    tokenizer = load_tokenizer(str(p))
+    config = model.config.get_text_config()
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    if not is_trainable:
+        model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score_token_ids(model, sequences: list[list[int]], batch_size: int = 16) -> torch.Tensor:
+    """One scalar per token sequence, read at its last token (trailing pad tokens are not scored).
+
+    Sequences are right-padded with the model's pad id; the sequence-classification head itself
+    picks the last non-pad position. Returns a float32 CPU tensor of len(sequences).
+    """
+    pad = model.config.get_text_config().pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(len(s) for s in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):
+            input_ids[i, : len(s)] = torch.as_tensor(s)
+            attention_mask[i, : len(s)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    model.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+# ---------------------------------------------------------------- qwen-tune score
+
+
+def parse_args(argv: list[str] | None):
+    from .tokenizer import DEFAULT_SYSTEM_MESSAGE
+
+    p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
+    p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
+    p.add_argument("--data", required=True, help="Preference pairs (prints accuracy) or SFT-style conversations (scores the last assistant turn).")
+    p.add_argument("--out", required=True, help="Where to write one JSON object per sample (.jsonl).")
+    p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
+    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="System turn added where a sample has none (use the one the RM was trained with).")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .data import detect_kind, load_conversations, load_preference_pairs
+
+    args = parse_args(argv)
+    kind = detect_kind(args.data)
+    samples = load_preference_pairs(args.data) if kind == "preference" else load_conversations(args.data)  # validate first
+    model, tokenizer = load_reward_model(args.model)
+    encoder = ChatMLEncoder(tokenizer, args.system_message)
+    if kind == "preference":
+        chosen = score_token_ids(model, [sum(reply_ids(encoder, s.prompt, s.chosen), []) for s in samples], args.batch_size)
+        rejected = score_token_ids(model, [sum(reply_ids(encoder, s.prompt, s.rejected), []) for s in samples], args.batch_size)
+        rows = [{"id": s.id, "chosen_score": c, "rejected_score": r} for s, c, r in zip(samples, chosen.tolist(), rejected.tolist())]
+        summary = {"pairs": len(rows), "accuracy": (chosen > rejected).float().mean().item(),
+                   "mean_margin": (chosen - rejected).mean().item()}
+    else:
+        scores = score_token_ids(model, [last_reply_ids(encoder, s.messages) for s in samples], args.batch_size)
+        rows = [{"id": s.id, "score": v} for s, v in zip(samples, scores.tolist())]
+        summary = {"samples": len(rows), "mean_score": scores.mean().item()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(json.dumps({**summary, "out": args.out}))
+    return summary
