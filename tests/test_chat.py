@@ -114,7 +114,8 @@ def test_repl_in_a_terminal(adapter):
         term.wait_for("user> ", count=6)
         term.type("What is the secret word?")  # the trained system message again, fresh conversation
         screen = term.wait_for("user> ", count=7)
-        assert screen.count(f"assistant> {SECRET}") == 2
+        last = screen.rsplit("user> What is the secret word?", 1)[1]
+        assert last.lstrip("\n").startswith(f"assistant> {SECRET}")  # answered afresh after /reset and /system
         term.type("/exit")
         assert term.wait_for_exit(), "/exit did not end the program"
         assert "Traceback" not in term.screen()

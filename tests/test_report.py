@@ -35,9 +35,8 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_progress_shows_eta_loss_lr_and_tokens_per_second(run):
     _, _, proc = run
-    err = proc.stderr
-    assert f"{STEPS}/{STEPS} [" in err and "<" in err  # tqdm bar: elapsed<remaining (the ETA)
-    lines = [line for line in err.splitlines() if "'loss'" in line]
+    assert f"{STEPS}/{STEPS} [" in proc.stderr and "<" in proc.stderr  # tqdm's bar: elapsed<remaining (the ETA)
+    lines = [line for line in proc.stdout.splitlines() if "'loss'" in line]  # tqdm.write prints logs on stdout
     assert len(lines) >= STEPS
     assert all("'learning_rate'" in line and "'tokens_per_second'" in line for line in lines)
 
