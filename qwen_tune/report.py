@@ -190,9 +190,10 @@ def _hyper_section(trainer, extra: dict | None) -> list[str]:
             cfg = next(iter(peft_config.values()))
             targets = cfg.target_modules
             values.update(lora_r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          lora_target_modules=",".join(sorted(targets)) if isinstance(targets, (set, list)) else targets)
+                          lora_target_modules=",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+                          if isinstance(targets, (set, list)) else targets)
     values.update(extra or {})
-    return ["| option | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in values.items()]
+    return ["| option | value |", "|---|---|"] + [f"| {k} | {getattr(v, 'value', v)} |" for k, v in values.items()]
 
 
 def _fmt(v) -> str:
