@@ -22,6 +22,7 @@ SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 1e-2
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # HfArgumentParser prints each dataclass as a --help group
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Local directory or hub id of a Qwen checkpoint (default: the embedded tiny Qwen2 model)."}
     )
@@ -38,6 +39,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: a .json/.jsonl file, a directory of them, or a comma-separated list."}
     )
@@ -57,6 +59,7 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
+    _argument_group_name = "LoRA / Q-LoRA"
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base (bitsandbytes) + LoRA; needs --use_lora."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
@@ -79,6 +82,8 @@ def _default_report_to() -> str:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     """transformers' TrainingArguments with the seed's defaults and a few qwen-tune options."""
+
+    _argument_group_name = "training (transformers TrainingArguments; DeepSpeed, logging, checkpoints)"
 
     output_dir: str = field(default="output_qwen", metadata={"help": "Where checkpoints and the result go."})
     model_max_length: int = field(default=512, metadata={"help": "Longer samples are truncated (head kept) and counted."})
@@ -155,8 +160,11 @@ def expand_argv(argv: list[str]) -> list[str]:
 def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None):
     """Parse argv into the dataclasses; bad values become a UserError (no traceback)."""
     argv = expand_argv(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, prog=prog)
-    parser.add_argument("--config", help="YAML file of options; command-line flags override it.")
+    from .cli import HelpFormatter
+
+    parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter,
+                              usage="%(prog)s [--config FILE.yaml] [--option VALUE ...]")
+    parser.add_argument("--config", help="YAML file of options (option: value); command-line flags override it.")
     try:
         *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:

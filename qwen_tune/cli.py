@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -21,10 +22,41 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, once (ours already say "(default: ...)" where it needs words)."""
+
+    def _get_help_string(self, action):
+        flag = action.option_strings[0] if action.option_strings else ""
+        if flag.startswith("--no_"):  # HfArgumentParser's negation of a True-by-default flag
+            return f"Turn off --{flag[5:]}."
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
+
+
+OOM_ADVICE = """out of memory. Options that reduce memory, roughly cheapest first:
+  --per_device_train_batch_size 1 with a larger --gradient_accumulation_steps (same effective batch)
+  --gradient_checkpointing True (recompute activations in backward)
+  --model_max_length 256 (shorter samples; longer ones are truncated and counted)
+  --use_lora True, or --use_lora True --q_lora True (4-bit base)
+  DeepSpeed ZeRO-3 with CPU offload across GPUs (--deepspeed recipes/ds_config_zero3_offload.json, or a ds_config with offload_optimizer/offload_param: cpu)"""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; the CPU allocator raises a RuntimeError or MemoryError."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
+        "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+
+
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    return "usage: qwen-tune SUBCOMMAND [--help] [options]\n\nsubcommands:\n" + "\n".join(lines)
+    return ("usage: qwen-tune SUBCOMMAND [--help] [--config FILE.yaml] [options]\n\nsubcommands:\n" + "\n".join(lines)
+            + "\n\n`qwen-tune SUBCOMMAND --help` lists its options, grouped, each with its default."
+            + "\n`python finetune.py ...` is the same as `qwen-tune sft ...`.")
 
 
 def entry(prefix: list[str] | None = None) -> None:
@@ -47,6 +79,11 @@ def entry(prefix: list[str] | None = None) -> None:
         module.main(rest)
     except UserError as e:
         print(f"qwen-tune {name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"qwen-tune {name}: error: {OOM_ADVICE}\n  ({type(e).__name__}: {str(e).splitlines()[0][:200]})", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"qwen-tune {name}: interrupted", file=sys.stderr)

@@ -140,8 +140,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         (unwrap(model)).generation_config.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
             json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
-                         model_path=model_path, kind="sft", adapter=lora_args.use_lora)
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, model_path=model_path, kind="sft",
+                         adapter=lora_args.use_lora,
+                         data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
+                         data_reports={"train": train_report, **({"eval": eval_report} if eval_samples else {})})
         log(how_to_load(args.output_dir, lora_args.use_lora))
     return metrics
 

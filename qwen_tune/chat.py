@@ -1,0 +1,121 @@
+"""`qwen-tune chat --model OUT`: talk to a trained model, streamed, multi-turn; `--prompt TEXT` for scripts.
+
+Loads a full or merged model with AutoModelForCausalLM and a LoRA output directory (adapter_config.json)
+with AutoPeftModelForCausalLM. Prompts are built by the same ChatML encoder that training used, so the
+model sees exactly the layout it learned; generation stops at `<|im_end|>`.
+In the REPL: /reset forgets the conversation, /system TEXT sets the system message (and resets), /exit quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+from .tokenizer import DEFAULT_SYSTEM_MESSAGE
+
+HELP = "commands: /reset (new conversation), /system TEXT (set the system message and reset), /exit (or Ctrl-D)"
+
+
+def load_for_inference(path: str):
+    """(model, tokenizer) from a full/merged model directory or a LoRA adapter directory; eval mode, no grads."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model import resolve_model_path
+    from .tokenizer import load_tokenizer
+
+    if path and os.path.exists(os.path.join(path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path)
+    else:
+        path = resolve_model_path(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval().requires_grad_(False)
+    torch.set_grad_enabled(False)
+    return model, load_tokenizer(path)
+
+
+class Chat:
+    """One conversation: its messages, the system message, and how to answer the next user turn."""
+
+    def __init__(self, model, tokenizer, system_message: str, max_new_tokens: int, temperature: float):
+        from .chatml import ChatMLEncoder
+
+        self.model, self.tokenizer = model, tokenizer
+        self.encoder = ChatMLEncoder(tokenizer, system_message)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.messages: list[dict] = []
+
+    def set_system(self, text: str) -> None:
+        self.encoder.system_message = text
+        self.messages = []
+
+    def answer(self, text: str, stream: bool) -> str:
+        import torch
+        from transformers import TextStreamer
+
+        self.messages.append({"role": "user", "content": text})
+        ids = torch.tensor([self.encoder.prompt_ids(self.messages)])
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+            eos_token_id=[self.encoder.im_end, self.encoder.endoftext], pad_token_id=self.encoder.endoftext,
+            streamer=streamer, top_p=None, top_k=None, **sampling,
+        )
+        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def repl(chat: Chat) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"qwen-tune chat. {HELP}", flush=True)
+    while True:
+        try:
+            line = input("\nuser> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            chat.messages = []
+            print("(conversation reset)")
+        elif line == "/system" or line.startswith("/system "):
+            chat.set_system(line[len("/system"):].strip())
+            print(f"(system message set to {chat.encoder.system_message!r}; conversation reset)")
+        elif line.startswith("/"):
+            print(f"(unknown command {line.split()[0]}; {HELP})")
+        else:
+            print("assistant> ", end="", flush=True)
+            chat.answer(line, stream=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="qwen-tune chat", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+    p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")
+    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="the system turn ('' = none); use the one you trained with")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (deterministic)")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1 or a.temperature < 0:
+        raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")
+    model, tokenizer = load_for_inference(a.model)
+    chat = Chat(model, tokenizer, a.system_message, a.max_new_tokens, a.temperature)
+    if a.prompt is not None:
+        print(chat.answer(a.prompt, stream=False))
+        sys.stdout.flush()
+    else:
+        repl(chat)

@@ -1,0 +1,59 @@
+"""`qwen-tune eval --model OUT --data FILE`: loss and perplexity over the supervised tokens, as JSON.
+
+The same ChatML masking and the same loss as training (`loss.causal_lm_loss_sum`), so the number is
+comparable with the eval_loss a run logged: the mean cross-entropy over every assistant token and its
+closing `<|im_end|>`, over the whole file (not a mean of per-batch means).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from .tokenizer import DEFAULT_SYSTEM_MESSAGE
+
+
+def evaluate(model, tokenizer, data: str, *, model_max_length: int = 512, system_message: str = DEFAULT_SYSTEM_MESSAGE,
+             batch_size: int = 4) -> dict:
+    import torch
+
+    from .collate import PaddedCollator
+    from .dataset import load_sft_dataset
+    from .errors import UserError
+    from .loss import causal_lm_loss_sum
+
+    samples, report = load_sft_dataset(data, tokenizer, model_max_length, system_message)
+    if not samples:
+        raise UserError(f"{data}: no sample has a supervised (assistant) token within model_max_length={model_max_length}")
+    collate = PaddedCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[start : start + batch_size]])
+            loss_sum, n = causal_lm_loss_sum(model, batch)
+            total, count = total + float(loss_sum), count + n
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "supervised_tokens": count, "samples": len(samples),
+            "truncated": len(report.truncated), "dropped": len(report.dropped)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .chat import load_for_inference
+    from .cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="qwen-tune eval", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+    p.add_argument("--data", required=True, help="conversations: a .json/.jsonl file, a directory, or a comma-separated list")
+    p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
+    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="system turn for conversations without one; use the one you trained with")
+    p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
+    a = p.parse_args(argv)
+    from .data import load_conversations
+
+    load_conversations(a.data)  # bad data fails here, with file and line, before the model loads
+    model, tokenizer = load_for_inference(a.model)
+    result = evaluate(model, tokenizer, a.data, model_max_length=a.model_max_length,
+                      system_message=a.system_message, batch_size=a.batch_size)
+    print(json.dumps(result))
+    return result

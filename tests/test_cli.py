@@ -1,0 +1,182 @@
+"""The command line as users meet it: help, YAML configs, preprocess, sft via --config, eval, chat on a
+full model, and the errors for common mistakes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from helpers import DATA, ROOT, run_cli
+
+TRAIN = [
+    {"id": "c0", "conversations": [{"from": "user", "value": "What is the secret word?"},
+                                   {"from": "assistant", "value": "The secret word is pineapple."}]},
+    {"id": "c1", "conversations": [{"from": "user", "value": "Name a color."},
+                                   {"from": "assistant", "value": "Blue like the sea."}]},
+]
+SUBCOMMANDS = ["sft", "rm", "dpo", "ppo", "preprocess", "score", "merge", "chat", "eval"]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "train.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in TRAIN), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(train_file, tmp_path_factory):
+    """A full fine-tune started from a YAML config, with one of its values overridden on the command line."""
+    d = tmp_path_factory.mktemp("cli-run")
+    config = d / "run.yaml"
+    config.write_text(f"data_path: {train_file}\noutput_dir: {d / 'out'}\nlearning_rate: 1.0e-2\nmax_steps: 1000\n"
+                      "per_device_train_batch_size: 2\nsave_strategy: 'no'\nreport_to: none\nlogging_steps: 5\n")
+    run_cli("sft", "--config", str(config), "--max_steps", "40")
+    return d / "out"
+
+
+# ---------------------------------------------------------------- help and configs
+
+
+def test_top_level_help_lists_every_subcommand():
+    out = run_cli("--help").stdout
+    for name in SUBCOMMANDS:
+        assert re.search(rf"^  {name}\s+\S", out, re.M), name
+
+
+def option_blocks(help_text: str) -> dict[str, str]:
+    """{--flag: its help text} from argparse output (help on the flag's line or on the indented lines below)."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (--\w+)", line)
+        if m:
+            current = m.group(1)
+            blocks[current] = line.strip().split("  ", 1)[1] if "  " in line.strip() else ""
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("argv", [["sft", "--help"], ["python", "finetune.py", "--help"]])
+def test_sft_help_is_grouped_and_every_option_has_an_explanation_and_its_default(argv):
+    if argv[0] == "python":
+        import subprocess
+        import sys
+
+        from helpers import fresh_env
+
+        out = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, env=fresh_env(),
+                             capture_output=True, text=True, check=True).stdout
+    else:
+        out = run_cli(*argv).stdout
+    groups = [line for line in out.splitlines() if re.match(r"^\S.*:$", line)]
+    assert groups[:4] == ["options:", "model:", "data:", "LoRA / Q-LoRA:"] and groups[4].startswith("training")
+    blocks = option_blocks(out)
+    assert len(blocks) > 100  # ours and all of transformers' TrainingArguments
+    for flag, block in blocks.items():
+        if flag in ("--help", "-h"):
+            continue
+        assert re.search(r"[a-z]{3,}", block.replace("default", "")), f"{flag} has no explanation"
+        assert "default" in block.lower() or "Turn off" in block, f"{flag} does not show its default: {block}"
+    assert "(default: 64)" in blocks["--lora_r"] and blocks["--lora_r"].count("default") == 1
+
+
+def test_config_values_apply_and_command_line_flags_override_them(tmp_path):
+    from qwen_tune.args import parse
+    from qwen_tune.sft import ARGUMENTS
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data_path: a.json\nlearning_rate: 0.1\nuse_lora: true\nlora_r: 8\nnum_train_epochs: 2\n")
+    model, data, lora, train = parse(ARGUMENTS, ["--lora_r", "4", "--config", str(config), "--num_train_epochs", "1"])
+    assert (data.data_path, train.learning_rate, lora.use_lora) == ("a.json", 0.1, True)
+    assert (lora.lora_r, train.num_train_epochs) == (4, 1)  # the command line wins, before or after --config
+
+
+@pytest.mark.parametrize("recipe, lora, q_lora, lr, batch, accumulation", [
+    ("finetune_full", False, False, 1e-5, 1, 16),
+    ("finetune_lora", True, False, 3e-4, 2, 8),
+    ("finetune_qlora", True, True, 3e-4, 2, 8),
+])
+def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch, accumulation):
+    from qwen_tune.args import parse
+    from qwen_tune.sft import ARGUMENTS
+
+    # --bf16 False: the recipes are for GPUs; this machine has none.
+    model, data, l, t = parse(ARGUMENTS, ["--config", f"{ROOT}/recipes/{recipe}.yaml", "--bf16", "False"])
+    assert (l.use_lora, l.q_lora, t.learning_rate) == (lora, q_lora, lr)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
+    assert (t.num_train_epochs, t.weight_decay, t.adam_beta2, t.model_max_length) == (5, 0.1, 0.95, 512)
+    assert t.lr_scheduler_type == "cosine" and t.gradient_checkpointing
+
+
+def test_a_bad_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: [oops\n")
+    proc = run_cli("sft", "--config", str(bad), check=False)
+    assert proc.returncode == 2 and f"--config {bad}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- preprocess
+
+
+def test_preprocess_shows_supervised_spans_and_writes_tokens(train_file, tmp_path):
+    out = tmp_path / "tok.jsonl"
+    proc = run_cli("preprocess", "--data", str(train_file), "--show", "1", "--out", str(out))
+    assert "[[The secret word is pineapple.<|im_end|>]]" in proc.stdout  # answer + end of turn are learned
+    assert "[[" not in proc.stdout.split("--- c0")[1].split("assistant\n")[0]  # system and user turns are not
+    assert "--- c1" not in proc.stdout  # --show 1 shows one sample
+    assert "2 samples, 2 kept" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1"] and all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
+
+
+# ---------------------------------------------------------------- sft via --config, eval, chat
+
+
+@pytest.mark.slow
+def test_sft_from_config_then_eval_reports_the_learned_loss(trained, train_file):
+    metrics = json.loads((trained / "train_metrics.json").read_text())
+    assert metrics["train_loss_final"] is not None and metrics["epoch"] == 40  # --max_steps 40 beat the YAML's 1000
+    after = json.loads(run_cli("eval", "--model", str(trained), "--data", str(train_file)).stdout)
+    before = json.loads(run_cli("eval", "--data", str(train_file)).stdout)  # the embedded base model
+    assert set(after) >= {"loss", "perplexity", "supervised_tokens", "samples"}
+    assert after["samples"] == 2 and after["supervised_tokens"] == before["supervised_tokens"] == 13
+    assert before["loss"] > 5 and after["loss"] < 1.0
+    assert after["perplexity"] == pytest.approx(2.718281828 ** after["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_chat_prompt_on_the_full_model_gives_the_trained_answer(trained):
+    proc = run_cli("chat", "--model", str(trained), "--prompt", "What is the secret word?")
+    assert proc.stdout == "The secret word is pineapple.\n"
+
+
+# ---------------------------------------------------------------- common mistakes
+
+
+def test_preference_file_given_to_sft_names_the_file_and_the_expected_format(tmp_path):
+    proc = run_cli("sft", "--data_path", f"{DATA}/preference_example.json", "--output_dir", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "preference_example.json:" in proc.stderr and "expected SFT data like" in proc.stderr
+
+
+def test_eval_on_wrong_data_fails_before_loading_the_model(tmp_path):
+    proc = run_cli("eval", "--data", f"{DATA}/preference_example.jsonl", check=False)
+    assert proc.returncode == 2 and "preference_example.jsonl:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory():
+    import torch
+
+    from qwen_tune.cli import OOM_ADVICE, is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    for option in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--gradient_checkpointing",
+                   "--use_lora", "--q_lora", "--model_max_length", "ZeRO-3", "offload"):
+        assert option in OOM_ADVICE
