@@ -131,7 +131,8 @@ def check_trained(out: str, adapter: bool = False) -> list[dict]:
     rows = ppo_log(out)
     for key in ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "response_len_mean"):
         assert all(key in r for r in rows), key
-    assert max(abs(r["kl"]) for r in rows) < 10.0, [r["kl"] for r in rows]  # stays near the SFT policy
+    kls = [r["kl"] for r in rows]  # nats per reply; a diverging policy runs off to tens or hundreds
+    assert sum(kls) / len(kls) < 5.0 and max(kls) < 20.0, kls  # one odd sample can spike a single step
     replies = sample_in_fresh_process(out, 40, adapter=adapter)
     assert picks_preferred(replies) >= 0.9, replies
     # the reward model (and rule) score "I prefer cats" and "I prefer cats." alike, so PPO may drop the period
