@@ -75,7 +75,7 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
 
 def resolve_resume(args) -> str | None:
     """`--resume_from_checkpoint auto` (or true) -> newest complete checkpoint or None; PATH -> checked PATH."""
-    value = args.resume_from_checkpoint
+    value = getattr(args, "resume_from_checkpoint", None)  # PPO has no mid-run checkpoints to resume
     if value is None or str(value).strip().lower() in ("", "false", "no", "none"):
         return None
     out = args.output_dir
@@ -108,9 +108,11 @@ def prepare_output_dir(args) -> None:
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out} exists and is not a directory")
-    args.resume_from_checkpoint = resolve_resume(args)
+    resume = resolve_resume(args)
+    if hasattr(args, "resume_from_checkpoint"):
+        args.resume_from_checkpoint = resume
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if args.resume_from_checkpoint is None and os.path.isdir(out):
+    if resume is None and os.path.isdir(out):
         finished = [f for f in FINISHED_RUN_FILES if os.path.exists(os.path.join(out, f))]
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]
         if (finished or previous) and not args.overwrite_output_dir:

@@ -1,0 +1,193 @@
+"""qwen-tune ppo end to end on the embedded model.
+
+The setup the issue asks for: an SFT policy that answers one prompt with answer A half of the
+time and B the other half; PPO against a reward model (and, separately, a rule-based
+--reward_fn) that prefers A must make the policy pick A >= 90% of the time, with bounded KL,
+and the saved policy must reload in a fresh offline process and say A.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli
+
+PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
+PREFERRED, OTHER = "I prefer cats.", "I prefer dogs."
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+SAMPLE = r"""
+import json, sys, torch
+from transformers import AutoTokenizer
+out, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "adapter":
+    from peft import AutoPeftModelForCausalLM as Model
+else:
+    from transformers import AutoModelForCausalLM as Model
+torch.manual_seed(0)
+model = Model.from_pretrained(out).eval()
+tok = AutoTokenizer.from_pretrained(out)
+ids = tok.apply_chat_template(json.loads(sys.argv[4]), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+gen = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, num_return_sequences=n)
+print(json.dumps(tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+"""
+
+
+def sample_in_fresh_process(out: str, n: int, adapter: bool = False) -> list[str]:
+    """Reload `out` offline in a new Python and sample n replies to PROMPT at temperature 1."""
+    proc = subprocess.run([sys.executable, "-c", SAMPLE, out, "adapter" if adapter else "full", str(n), json.dumps(PROMPT)],
+                          env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def share(replies: list[str], answer: str) -> float:
+    return sum(r.strip() == answer for r in replies) / len(replies)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ppo")
+
+
+@pytest.fixture(scope="module")
+def prompts(workdir) -> str:
+    return write_jsonl(workdir / "prompts.jsonl", [{"id": f"p{i}", "messages": PROMPT} for i in range(8)])
+
+
+@pytest.fixture(scope="module")
+def sft_policy(workdir) -> str:
+    """Full SFT on 8 samples of the same prompt: 4 answered A, 4 answered B."""
+    rows = [{"id": f"s{i}", "messages": PROMPT + [{"role": "assistant", "content": PREFERRED if i % 2 else OTHER}]} for i in range(8)]
+    out = str(workdir / "sft")
+    run_cli("sft", "--data_path", write_jsonl(workdir / "sft.jsonl", rows), "--output_dir", out, "--learning_rate", "1e-2",
+            "--num_train_epochs", "30", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_model(workdir, base_model_path, tokenizer) -> str:
+    """A tiny Bradley-Terry reward model (the embedded model + a score head) that prefers A over B."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qwen_tune.chatml import ChatMLEncoder
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    enc = ChatMLEncoder(tokenizer)
+    # score at the closing <|im_end|> of prompt + reply (drop the trailing newline)
+    chosen, rejected = (enc.encode(PROMPT + [{"role": "assistant", "content": a}]).input_ids[:-1] for a in (PREFERRED, OTHER))
+    batch = torch.tensor([chosen, rejected])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        r = model(input_ids=batch).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(r[0] - r[1])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = str(workdir / "rm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def ppo_log(out: str) -> list[dict]:
+    with open(os.path.join(out, "ppo_log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def picks_preferred(replies: list[str]) -> float:
+    """Share of replies that choose the preferred answer (cats, not dogs)."""
+    return sum("cats" in r and "dogs" not in r for r in replies) / len(replies)
+
+
+REWARD_FN = '''
+def prefers_cats(prompt_messages, response_text):
+    assert prompt_messages[-1]["role"] == "user"
+    return ("cats" in response_text) - ("dogs" in response_text) + 0.0
+'''
+
+
+@pytest.mark.slow
+def test_sft_policy_is_undecided(sft_policy):
+    replies = sample_in_fresh_process(sft_policy, 40)
+    assert 0.2 <= share(replies, PREFERRED) <= 0.8, replies
+    assert 0.2 <= share(replies, OTHER) <= 0.8, replies
+
+
+def check_trained(out: str, adapter: bool = False) -> list[dict]:
+    rows = ppo_log(out)
+    for key in ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "response_len_mean"):
+        assert all(key in r for r in rows), key
+    kls = [r["kl"] for r in rows]  # nats per reply; a diverging policy runs off to tens or hundreds
+    assert sum(kls) / len(kls) < 5.0 and max(kls) < 20.0, kls  # one odd sample can spike a single step
+    replies = sample_in_fresh_process(out, 40, adapter=adapter)
+    assert picks_preferred(replies) >= 0.9, replies
+    # the reward model (and rule) score "I prefer cats" and "I prefer cats." alike, so PPO may drop the period
+    assert picks_preferred(generate_in_fresh_process(out, [PROMPT], adapter=adapter)) == 1.0
+    return rows
+
+
+@pytest.mark.slow
+def test_ppo_against_a_reward_model(sft_policy, reward_model, prompts, workdir):
+    out = str(workdir / "ppo_rm")
+    proc = run_cli("ppo", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts,
+                   "--output_dir", out, "--num_train_epochs", "24")
+    assert "ppo step 24/24" in proc.stderr
+    rows = check_trained(out)
+    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "value_head.safetensors"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+
+@pytest.mark.slow
+def test_ppo_with_a_reward_function(sft_policy, prompts, workdir):
+    reward_py = workdir / "reward.py"
+    reward_py.write_text(REWARD_FN)
+    out = str(workdir / "ppo_fn")
+    run_cli("ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats", "--prompts", prompts,
+            "--output_dir", out, "--num_train_epochs", "24")
+    check_trained(out)
+
+
+@pytest.mark.slow
+def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompts, workdir):
+    """One short LoRA step: the reference is the adapter switched off; the output is a PEFT adapter."""
+    out = str(workdir / "ppo_lora")
+    run_cli("ppo", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts, "--output_dir", out,
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--max_new_tokens", "8", "--use_lora", "True")
+    assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(sft_policy)
+    assert abs(ppo_log(out)[0]["kl"]) < 1e-4  # first rollout: the actor is still the reference
+    [reply] = generate_in_fresh_process(out, [PROMPT], adapter=True)
+    assert "prefer" in reply
+
+
+def test_bad_options_are_clear_errors(prompts, tmp_path):
+    from qwen_tune.errors import UserError
+    from qwen_tune.ppo import main
+
+    base = ["--policy", str(tmp_path), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(UserError, match="exactly one of --reward_model"):
+        main(base + ["--prompts", prompts])
+    with pytest.raises(UserError, match="cannot import no_such_module_xyz"):
+        main(base + ["--prompts", prompts, "--reward_fn", "no_such_module_xyz:f"])
+    with pytest.raises(UserError, match="has no function nope"):
+        main(base + ["--prompts", prompts, "--reward_fn", "os:nope"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: .*must end with a user turn"):
+        main(base + ["--prompts", str(bad), "--reward_fn", "os:getcwd"])
