@@ -72,8 +72,8 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, lora_arg
         raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
     if data_args.pad_to_max_length and data_args.packing:
         data_args.packing = False  # the seed's layout was asked for explicitly
-    if not data_args.packing and not data_args.pad_to_max_length and args.train_sampling_strategy == "random":
-        args.train_sampling_strategy = "group_by_length"  # dynamic padding wastes little when lengths are alike
+    if args.train_sampling_strategy == "auto":  # dynamic padding wastes little when lengths are alike
+        args.train_sampling_strategy = "group_by_length" if not data_args.packing and not data_args.pad_to_max_length else "random"
 
 
 def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int):
