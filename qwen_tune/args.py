@@ -104,6 +104,11 @@ class TrainingArguments(transformers.TrainingArguments):
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={"help": "Count real (non-pad) tokens for tokens/s."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep sample ids in batches (for error messages)."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
+    train_sampling_strategy: str = field(
+        default="auto",
+        metadata={"help": "auto (group_by_length when packing is off, else random), random, sequential, group_by_length, batch_rebalance.",
+                  "choices": ["auto", "random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
     max_bad_steps: int = field(default=0, metadata={"help": "Skip up to N steps with a non-finite loss/gradient instead of stopping."})
 
     def __post_init__(self):

@@ -151,6 +151,10 @@ def load_model(
         model = model_class.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:
         raise UserError(f"Could not load the model {path!r}: {e}") from e
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        if not attn_implementation:
+            raise
+        raise UserError(f"--attn_implementation {attn_implementation}: {e} (leave it unset for sdpa)") from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{path} has custom code; pass --trust_remote_code if you trust it. ({e})") from e

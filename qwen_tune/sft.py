@@ -72,6 +72,8 @@ def check_options(model_args: ModelArguments, data_args: DataArguments, lora_arg
         raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
     if data_args.pad_to_max_length and data_args.packing:
         data_args.packing = False  # the seed's layout was asked for explicitly
+    if args.train_sampling_strategy == "auto":  # dynamic padding wastes little when lengths are alike
+        args.train_sampling_strategy = "group_by_length" if not data_args.packing and not data_args.pad_to_max_length else "random"
 
 
 def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int):
@@ -86,7 +88,8 @@ def train_dtype(args: TrainingArguments) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> dict:
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments,
+        callbacks: tuple = ()) -> dict:
     check_options(model_args, data_args, lora_args, args)
     prepare_output_dir(args)
     embedded = not model_args.model_name_or_path
@@ -125,7 +128,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         eval_dataset=SFTDataset(eval_samples) if eval_samples else None,
         data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args) + report_callbacks(args),
+        callbacks=safety_callbacks(args) + report_callbacks(args) + list(callbacks),
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
