@@ -166,6 +166,10 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     """Parse argv into the dataclasses; bad values become a UserError (no traceback)."""
     argv = expand_argv(sys.argv[1:] if argv is None else argv)
     from .cli import HelpFormatter
+    from .distributed import prepare_cpu_deepspeed
+
+    if prepare_cpu_deepspeed(argv):  # must precede TrainingArguments, which must then use its state
+        argv = argv + ["--accelerator_config", '{"use_configured_state": true}']
 
     parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter,
                               usage="%(prog)s [--config FILE.yaml] [--option VALUE ...]")

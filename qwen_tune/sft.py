@@ -17,6 +17,7 @@ from transformers import Trainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
 from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
+from .distributed import zero3_partition_report
 from .dataset import SFTDataset, load_sft_dataset
 from .errors import UserError
 from .loss import causal_lm_loss_sum
@@ -110,6 +111,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                        trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
                        allow_pickle_weights=model_args.allow_pickle_weights)
     model.config.use_cache = False  # packed rows need it off, and training never uses the cache
+    partition = zero3_partition_report(model)
+    if partition:
+        print(partition, file=sys.stderr, flush=True)  # every rank: shows the weights are really sharded
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     if lora_args.use_lora:
