@@ -1,0 +1,114 @@
+"""DeepSpeed with several real ranks on CPU (gloo): ZeRO-3 shards, saves complete, matches one process."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process
+
+pytestmark = pytest.mark.slow
+TRAIN = os.path.join(DATA, "sft_example.json")
+# a few steps, same order on every layout: global step k sees samples 2k and 2k+1
+FEW_STEPS = ["--max_steps", "3", "--gradient_accumulation_steps", "1", "--learning_rate", "1e-2",
+             "--report_to", "none", "--save_strategy", "no", "--train_sampling_strategy", "sequential",
+             "--logging_steps", "1", "--warmup_ratio", "0"]
+
+
+def port() -> str:
+    return str(random.randint(20000, 40000))
+
+
+def recipe(name, *args, **env):
+    proc = subprocess.run(["sh", os.path.join(ROOT, "recipes", name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=fresh_env(MASTER_PORT=port(), **env))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def losses(out):
+    return [v for _, v in json.load(open(os.path.join(out, "loss.json")))["loss"]]
+
+
+def test_zero3_full_partitions_saves_complete_and_reloads(tmp_path, base_model_path):
+    out = str(tmp_path / "z3")
+    proc = recipe("finetune_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", "1", *FEW_STEPS)
+    assert "+ torchrun --nproc_per_node 2" in proc.stderr
+    # each of the 2 ranks holds half of the weights: ZeRO-3 really partitioned them
+    shards = [line for line in proc.stderr.splitlines() if line.startswith("ZeRO-3: rank")]
+    assert sorted(s.split()[2] for s in shards) == ["0", "1"]
+    assert all("holds 4,908,320 of 9,816,640" in s for s in shards), shards
+    # the saved model is complete (no empty partitioned tensors) and trained
+    check = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); b = AutoModelForCausalLM.from_pretrained(sys.argv[2])\n"
+        "sb = b.state_dict()\n"
+        "for k, v in m.state_dict().items():\n"
+        "    assert v.shape == sb[k].shape and v.numel() > 0, k\n"
+        "assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)\n"
+        "print('complete')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", check, out, base_model_path], env=fresh_env(), capture_output=True, text=True)
+    assert res.returncode == 0 and "complete" in res.stdout, res.stderr[-3000:]
+    answer = generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=False)
+    assert isinstance(answer[0], str)
+
+
+def test_zero2_lora_adapter_reloads_with_autopeft(tmp_path):
+    out = str(tmp_path / "z2lora")
+    recipe("finetune_lora_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", "1", *FEW_STEPS)
+    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+    answer = generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=True)
+    assert isinstance(answer[0], str)
+
+
+def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
+    """fp32: the loss of every step is the same whether a batch of 2 is split over 2 ranks or not."""
+    ranks = str(tmp_path / "ranks")
+    recipe("finetune_ds.sh", "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
+           "--gradient_checkpointing", "False", *FEW_STEPS)
+    single = str(tmp_path / "single")
+    proc = subprocess.run([sys.executable, "finetune.py", "--data_path", TRAIN, "--output_dir", single,
+                           "--per_device_train_batch_size", "2", *FEW_STEPS], cwd=ROOT, env=fresh_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(ranks), losses(single)
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4), (a, b)
+    assert a[0] != a[-1]  # the steps really differ, so equality is not a coincidence of one value
+
+
+def test_two_nodes_on_localhost_train_and_save(tmp_path):
+    out = str(tmp_path / "nodes")
+    env = fresh_env(MASTER_PORT=port(), NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1")
+    cmd = ["sh", os.path.join(ROOT, "recipes", "finetune_ds.sh"), "-d", TRAIN, "-o", out,
+           "--per_device_train_batch_size", "1", *FEW_STEPS]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [n.communicate(timeout=600) for n in nodes]
+    for n, (_, err) in zip(nodes, results):
+        assert n.returncode == 0, err[-3000:]
+    assert "--nnodes 2 --node_rank 0" in results[0][1] and "--nnodes 2 --node_rank 1" in results[1][1]
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert len(losses(out)) == 3
+
+
+def test_resume_from_a_zero3_checkpoint_continues_exactly(tmp_path):
+    full = str(tmp_path / "full")
+    steps = [a if a != "3" else "4" for a in FEW_STEPS]  # --max_steps 4
+    steps[steps.index("--save_strategy") + 1] = "steps"
+    recipe("finetune_ds.sh", "-d", TRAIN, "-o", full, "--per_device_train_batch_size", "1", *steps, "--save_steps", "2")
+    checkpoint = os.path.join(full, "checkpoint-2")
+    assert os.path.exists(os.path.join(checkpoint, "checkpoint_complete.json"))
+    # a run that died after step 2: only its checkpoint is left; resume it under ZeRO-3
+    resumed = str(tmp_path / "resumed")
+    os.makedirs(resumed)
+    subprocess.run(["cp", "-r", checkpoint, resumed], check=True)
+    proc = recipe("finetune_ds.sh", "-d", TRAIN, "-o", resumed, "--per_device_train_batch_size", "1", *steps,
+                  "--save_steps", "2", "--resume_from_checkpoint", "auto")
+    assert "resuming from" in proc.stderr
+    assert losses(resumed)[-2:] == pytest.approx(losses(full)[-2:], rel=1e-5)
