@@ -1,0 +1,22 @@
+"""The tokenizer a checkpoint brings is the one used, and no checkpoint code ever runs for it."""
+
+import shutil
+
+from qwen_tune.tokenizer import embedded_rank_file, encode_plain, load_tokenizer
+
+
+def test_qwen_v1_rank_file_loads_without_remote_code(tmp_path, tokenizer):
+    # a Qwen v1 checkpoint ships qwen.tiktoken and Python code; we convert the rank file instead of running the code
+    shutil.copy(embedded_rank_file(), tmp_path / "qwen.tiktoken")
+    (tmp_path / "tokenization_qwen.py").write_text("raise SystemExit('remote code must not run')\n")
+    v1 = load_tokenizer(str(tmp_path))
+    texts = ["你好，世界", "Hello <|im_end|> 2024", "  spaces\n\nand lines"]
+    assert encode_plain(v1, texts) == encode_plain(tokenizer, texts)
+    assert v1.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>"]) == [151643, 151644, 151645, 151646]
+
+
+def test_checkpoint_tokenizer_json_is_used_as_is(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    again = load_tokenizer(str(tmp_path))
+    assert again.chat_template == tokenizer.chat_template
+    assert encode_plain(again, ["assistant\n"]) == [[77091, 198]]
