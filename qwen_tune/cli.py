@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from .distributed import finish as finish_distributed
 from .errors import UserError
 
 # subcommand -> (module with `main(argv)`, one-line description)
@@ -77,6 +78,7 @@ def entry(prefix: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         module.main(rest)
+        finish_distributed()  # returns at once in a single process
     except UserError as e:
         print(f"qwen-tune {name}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -40,3 +40,22 @@ def zero3_partition_report(model) -> str | None:
     full = sum(p.ds_numel for p in params)
     rank = int(os.environ.get("RANK", "0"))
     return f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values"
+
+
+def finish() -> None:
+    """End a multi-process run cleanly: wait for every rank, then leave without interpreter teardown.
+
+    Under ZeRO-3 on CPU the non-writing rank sometimes aborted during teardown, and the launcher
+    then killed rank 0 in the middle of writing the model; a barrier and a direct exit prevent it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
