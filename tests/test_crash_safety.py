@@ -151,7 +151,9 @@ def test_nan_stops_naming_step_and_samples_and_keeps_last_checkpoint(tmp_path):
     ids = traced_steps(trace)[3]
     assert f"step 3: non-finite loss nan on samples {', '.join(ids)}" in log, log
     assert latest_complete_checkpoint(out) == os.path.join(out, "checkpoint-2")
-    assert sorted(os.listdir(out)) == ["checkpoint-2"]  # no later checkpoint, no final model
+    # no later checkpoint and no final model (the loss curve written at each save may stay)
+    assert [f for f in os.listdir(out) if f.startswith("checkpoint-")] == ["checkpoint-2"]
+    assert not any(f.endswith(".safetensors") for f in os.listdir(out))
     assert all(torch.isfinite(t).all() for t in weights(os.path.join(out, "checkpoint-2")).values())
 
 
