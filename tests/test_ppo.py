@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -174,6 +175,35 @@ def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompt
     assert abs(ppo_log(out)[0]["kl"]) < 1e-4  # first rollout: the actor is still the reference
     [reply] = generate_in_fresh_process(out, [PROMPT], adapter=True)
     assert "prefer" in reply
+
+
+@pytest.mark.slow
+def test_ppo_under_deepspeed_zero2_on_two_ranks(sft_policy, reward_model, prompts, workdir):
+    """torchrun, 2 CPU ranks, ZeRO-2: each rank samples 4 of the 8 prompts of a step, DeepSpeed
+    averages the gradients, rank 0 logs over both ranks and saves a policy that learned."""
+    out = str(workdir / "ppo_zero2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+           "-m", "qwen_tune", "ppo", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts,
+           "--output_dir", out, "--num_train_epochs", "24", "--per_device_train_batch_size", "4",
+           "--deepspeed", os.path.join(ROOT, "recipes", "ds_config_zero2.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "DeepSpeed ZeRO stage 2 on 2 ranks" in proc.stderr
+    assert "24 steps of 8 rollouts" in proc.stderr and "ppo step 24/24" in proc.stderr
+    rows = check_trained(out)  # the saved policy reloads in a fresh process and picks the preferred answer
+    assert all(r["rollouts"] == 8 for r in rows)  # 4 replies from each rank, scored together
+    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "value_head.safetensors"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+
+def test_zero3_is_refused_before_loading_models(prompts, tmp_path):
+    """A world of one rank, as torchrun would set it up: the config is checked first."""
+    zero3 = os.path.join(ROOT, "recipes", "ds_config_zero3.json")
+    proc = run_cli("ppo", "--policy", str(tmp_path), "--reward_fn", "os:getcwd", "--prompts", prompts, "--output_dir",
+                   str(tmp_path / "out"), "--deepspeed", zero3, check=False, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ds_config_zero3.json: qwen-tune ppo supports ZeRO stages 0-2, not 3" in proc.stderr
 
 
 def test_bad_options_are_clear_errors(prompts, tmp_path):
