@@ -12,10 +12,11 @@ a linear value head on the actor's last hidden state (default) or a trainable co
 reward model; the reward model is frozen.
 
 Under `--deepspeed` (launched with torchrun / deepspeed, N ranks): actor + critic are wrapped by
-`deepspeed.initialize` (ZeRO stage 0-2), every rank samples and scores its share of each rollout
+`deepspeed.initialize` (ZeRO stage 0-3), every rank samples and scores its share of each rollout
 batch (per_device_train_batch_size prompts), DeepSpeed averages the gradients, the reference and
 reward models are frozen replicas on every rank, and rank 0 logs metrics averaged over ranks and
-saves the policy exactly as a single process would.
+saves the policy exactly as a single process would. Under ZeRO-3 the weights are sharded: ranks
+generate in lockstep (`synced_gpus`) and gather the full weights to save.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .args import LoraArguments, parse
 from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir
 from .data import load_prompts
+from .distributed import zero3_partition_report
 from .errors import UserError
 from .loss import _backbone_and_head
 from .model import add_lora, load_model
@@ -80,7 +82,7 @@ class PPOArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and the value head."})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config (ZeRO stage 0-2, e.g. recipes/ds_config_zero2.json); launch with torchrun --nproc_per_node N. \"auto\" values are filled in."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config (e.g. recipes/ds_config_zero2.json or ds_config_zero3.json); launch with torchrun --nproc_per_node N. \"auto\" values are filled in."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
     # rollouts
     max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled; replies stop earlier at <|im_end|>."})
@@ -257,7 +259,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: list[int], pad_id: int) -> Rollout:
+def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: list[int], pad_id: int, synced: bool = False) -> Rollout:
     """Sample one reply per prompt from the actor, exactly from its distribution at `temperature`."""
     width = max(map(len, prompt_ids))
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -267,7 +269,8 @@ def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: lis
         attention_mask[i, width - len(ids):] = 1
     out = actor.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=args.temperature,
                          top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                         synced_gpus=synced)  # ZeRO-3: ranks keep stepping together, each gathering the shards
     reply = out[:, width:]
     is_stop = torch.isin(reply, torch.tensor(stop_ids))
     ended = is_stop.any(dim=1)
@@ -327,14 +330,15 @@ def read_deepspeed_config(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
     stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2):  # ZeRO-3 would need the parameters gathered for every generation step
-        raise UserError(f"{path}: qwen-tune ppo supports ZeRO stages 0-2, not {stage}: use recipes/ds_config_zero2.json")
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{path}: zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
     if "optimizer" in config or "scheduler" in config:
         raise UserError(f"{path}: drop the optimizer/scheduler block; ppo uses AdamW with a constant --learning_rate")
     return config
 
 
-def fill_deepspeed_config(config: dict, micro_batch: int, world: int, max_grad_norm: float, dtype, trainable: int) -> dict:
+def fill_deepspeed_config(config: dict, micro_batch: int, world: int, max_grad_norm: float, dtype, trainable: int,
+                          hidden_size: int) -> dict:
     """Replace the HF-style "auto" values (no Trainer does it for us here)."""
     fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": micro_batch * world, "gradient_clipping": max_grad_norm}
@@ -345,8 +349,11 @@ def fill_deepspeed_config(config: dict, micro_batch: int, world: int, max_grad_n
         if config.get(key, {}).get("enabled") == "auto":
             config[key]["enabled"] = dtype == wanted
     zero = config.get("zero_optimization", {})
-    if zero.get("reduce_bucket_size") == "auto":
-        zero["reduce_bucket_size"] = min(trainable, 500_000_000)  # small models: one bucket
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        if zero.get(key) == "auto":
+            zero[key] = min(trainable, 500_000_000)  # small models: one bucket
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size  # as the HF Trainer fills it
     return config
 
 
@@ -356,6 +363,15 @@ class ActorCritic(torch.nn.Module):
     def __init__(self, actor, critic):
         super().__init__()
         self.actor, self.critic = actor, critic
+
+
+def gathered(engine):
+    """ZeRO-3: the full parameters on every rank for the duration (saving); otherwise nothing to do."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -438,14 +454,19 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     lr = args.learning_rate or default_learning_rate(actor, lora.use_lora)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay,
                                   fused=True)  # one pass over each tensor: the 152k-row embedding dominates
+    n_trainable = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them
     engine = None
     if args.deepspeed:
         import deepspeed
 
         config = fill_deepspeed_config(ds_config, args.mini_batch_size or args.per_device_train_batch_size, world,
-                                  args.max_grad_norm, next(actor.parameters()).dtype, sum(p.numel() for p in params))
+                                  args.max_grad_norm, next(actor.parameters()).dtype, n_trainable, hidden_size)
         engine, optimizer, _, _ = deepspeed.initialize(model=ActorCritic(actor, critic), optimizer=optimizer, config=config)
         log(f"ppo: DeepSpeed ZeRO stage {engine.zero_optimization_stage()} on {world} ranks")
+        shards = zero3_partition_report(actor)
+        if shards:
+            print(shards, file=sys.stderr, flush=True)
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
     if rank:
         torch.manual_seed(args.seed + rank)  # the same initial weights everywhere, different samples per rank
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl if args.adaptive_kl else None, args.kl_horizon)
@@ -458,12 +479,12 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "ppo_log.jsonl")
     log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B * world} rollouts, lr {lr:g}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
+        f"{n_trainable:,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
     history, start = [], time.time()
     with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file:
         for step, batch in enumerate(prompt_batches(len(prompt_ids), B, total_steps, args.seed, rank, world), start=1):
             # 1. rollouts
-            roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id)
+            roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id, synced=zero3)
             mask, rows = roll.mask, torch.arange(len(batch))
             replies = [roll.input_ids[i, roll.prompt_width:][mask[i].bool()].tolist() for i in range(len(batch))]
             if reward_model is not None:
@@ -537,17 +558,20 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 f"len {row['response_len_mean']:.1f}  policy_loss {row['policy_loss']:+.4f}  value_loss {row['value_loss']:.4f}  "
                 f"({row['elapsed_s']:.0f}s)")
 
-    if rank != 0:  # under ZeRO 0-2 every rank holds the full weights; rank 0 writes them
+    adapter = hasattr(actor, "peft_config")
+    with gathered(engine):  # every rank holds the full weights now; rank 0 writes them
+        if rank == 0:
+            save(actor, critic, tokenizer, args.output_dir, adapter=adapter)
+    if rank != 0:
         return {}
-    save(actor, critic, tokenizer, args.output_dir, adapter=hasattr(actor, "peft_config"))
     metrics = {"steps": total_steps, "runtime_s": round(time.time() - start, 1), "learning_rate": lr,
                "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history)}
     with open(os.path.join(args.output_dir, "ppo_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo",
-                     adapter=hasattr(actor, "peft_config"))
-    log(how_to_load(args.output_dir, hasattr(actor, "peft_config")))
+                     adapter=adapter)
+    log(how_to_load(args.output_dir, adapter))
     return metrics
 
 
