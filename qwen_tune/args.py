@@ -168,7 +168,8 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     from .cli import HelpFormatter
     from .distributed import prepare_cpu_deepspeed
 
-    if prepare_cpu_deepspeed(argv):  # must precede TrainingArguments, which must then use its state
+    takes_accelerator_config = any("accelerator_config" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types)
+    if prepare_cpu_deepspeed(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state
         argv = argv + ["--accelerator_config", '{"use_configured_state": true}']
 
     parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter,

@@ -10,6 +10,13 @@ Models: actor = the policy (all weights, or a LoRA adapter); reference = the fro
 policy (with LoRA, the same weights with the adapter switched off - no second copy); critic =
 a linear value head on the actor's last hidden state (default) or a trainable copy of the
 reward model; the reward model is frozen.
+
+Under `--deepspeed` (launched with torchrun / deepspeed, N ranks): actor + critic are wrapped by
+`deepspeed.initialize` (ZeRO stage 0-3), every rank samples and scores its share of each rollout
+batch (per_device_train_batch_size prompts), DeepSpeed averages the gradients, the reference and
+reward models are frozen replicas on every rank, and rank 0 logs metrics averaged over ranks and
+saves the policy exactly as a single process would. Under ZeRO-3 the weights are sharded: ranks
+generate in lockstep (`synced_gpus`) and gather the full weights to save.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .args import LoraArguments, parse
 from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir
 from .data import load_prompts
+from .distributed import zero3_partition_report
 from .errors import UserError
 from .loss import _backbone_and_head
 from .model import add_lora, load_model
@@ -74,7 +82,7 @@ class PPOArguments:
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and the value head."})
-    deepspeed: str | None = field(default=None, metadata={"help": "Not supported by ppo yet (single process only)."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config (e.g. recipes/ds_config_zero2.json or ds_config_zero3.json); launch with torchrun --nproc_per_node N. \"auto\" values are filled in."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
     # rollouts
     max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled; replies stop earlier at <|im_end|>."})
@@ -113,8 +121,8 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         raise UserError("--critic reward_model needs --reward_model")
     if args.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"--kl_estimator {args.kl_estimator}: expected k1, k2 or k3")
-    if args.deepspeed:
-        raise UserError("qwen-tune ppo runs in a single process for now; drop --deepspeed (use --use_lora True for large models)")
+    if args.deepspeed and not Path(args.deepspeed).is_file():
+        raise UserError(f"--deepspeed {args.deepspeed}: no such file")
     if args.per_device_train_batch_size < 1 or (args.mini_batch_size or 1) < 1 or args.max_new_tokens < 1 or args.ppo_epochs < 1:
         raise UserError("--per_device_train_batch_size, --mini_batch_size, --max_new_tokens and --ppo_epochs must be >= 1")
     if args.temperature <= 0:
@@ -251,7 +259,7 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: list[int], pad_id: int) -> Rollout:
+def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: list[int], pad_id: int, synced: bool = False) -> Rollout:
     """Sample one reply per prompt from the actor, exactly from its distribution at `temperature`."""
     width = max(map(len, prompt_ids))
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -261,7 +269,8 @@ def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: lis
         attention_mask[i, width - len(ids):] = 1
     out = actor.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=args.temperature,
                          top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True)
+                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                         synced_gpus=synced)  # ZeRO-3: ranks keep stepping together, each gathering the shards
     reply = out[:, width:]
     is_stop = torch.isin(reply, torch.tensor(stop_ids))
     ended = is_stop.any(dim=1)
@@ -299,6 +308,92 @@ def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy
     return logprobs, values, entropy
 
 
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def init_distributed(args: PPOArguments) -> tuple[int, int]:
+    """(rank, world size). Under --deepspeed join the process group (gloo on CPU ranks)."""
+    if not args.deepspeed:
+        return 0, 1
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The user's DeepSpeed JSON, checked before any model is loaded."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{path}: zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
+    if "optimizer" in config or "scheduler" in config:
+        raise UserError(f"{path}: drop the optimizer/scheduler block; ppo uses AdamW with a constant --learning_rate")
+    return config
+
+
+def fill_deepspeed_config(config: dict, micro_batch: int, world: int, max_grad_norm: float, dtype, trainable: int,
+                          hidden_size: int) -> dict:
+    """Replace the HF-style "auto" values (no Trainer does it for us here)."""
+    fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+            "train_batch_size": micro_batch * world, "gradient_clipping": max_grad_norm}
+    for key, value in fill.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for key, wanted in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        if config.get(key, {}).get("enabled") == "auto":
+            config[key]["enabled"] = dtype == wanted
+    zero = config.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        if zero.get(key) == "auto":
+            zero[key] = min(trainable, 500_000_000)  # small models: one bucket
+    if zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size  # as the HF Trainer fills it
+    return config
+
+
+class ActorCritic(torch.nn.Module):
+    """One module for `deepspeed.initialize`: the trainable actor and critic, updated together."""
+
+    def __init__(self, actor, critic):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+
+def gathered(engine):
+    """ZeRO-3: the full parameters on every rank for the duration (saving); otherwise nothing to do."""
+    if engine is None or engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+def gather_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return t
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -307,21 +402,27 @@ def default_learning_rate(actor, use_lora: bool) -> float:
     return PPO_LR_TINY if n < TINY_MODEL_PARAMS else (PPO_LR_LORA if use_lora else PPO_LR_FULL)
 
 
-def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int):
-    """Prompt indices of each PPO step: shuffled passes over the prompt set."""
-    g = torch.Generator().manual_seed(seed)
-    step = 0
+def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int, rank: int = 0, world: int = 1):
+    """Prompt indices of each PPO step on this rank: shuffled passes over the prompt set, each
+    global batch of batch_size * world prompts dealt out like DistributedSampler (a short last
+    batch is topped up by repeating its prompts, so every rank gets the same number)."""
+    g = torch.Generator().manual_seed(seed)  # the same order on every rank
+    step, size = 0, batch_size * world
     while True:
         order = torch.randperm(n, generator=g).tolist()
-        for start in range(0, n, batch_size):
+        for start in range(0, n, size):
             if step == total_steps:
                 return
-            yield order[start : start + batch_size]
+            batch = order[start : start + size]
+            batch = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
+            yield batch[rank::world]
             step += 1
 
 
 def run(args: PPOArguments, lora: LoraArguments) -> dict:
     check_options(args, lora)
+    ds_config = read_deepspeed_config(args.deepspeed) if args.deepspeed else None
+    rank, world = init_distributed(args)
     conversations = load_prompts(args.prompts)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     prepare_output_dir(args)
@@ -353,22 +454,37 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     lr = args.learning_rate or default_learning_rate(actor, lora.use_lora)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay,
                                   fused=True)  # one pass over each tensor: the 152k-row embedding dominates
+    n_trainable = sum(p.numel() for p in params)  # counted before ZeRO-3 partitions them
+    engine = None
+    if args.deepspeed:
+        import deepspeed
+
+        config = fill_deepspeed_config(ds_config, args.mini_batch_size or args.per_device_train_batch_size, world,
+                                  args.max_grad_norm, next(actor.parameters()).dtype, n_trainable, hidden_size)
+        engine, optimizer, _, _ = deepspeed.initialize(model=ActorCritic(actor, critic), optimizer=optimizer, config=config)
+        log(f"ppo: DeepSpeed ZeRO stage {engine.zero_optimization_stage()} on {world} ranks")
+        shards = zero3_partition_report(actor)
+        if shards:
+            print(shards, file=sys.stderr, flush=True)
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
+    if rank:
+        torch.manual_seed(args.seed + rank)  # the same initial weights everywhere, different samples per rank
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl if args.adaptive_kl else None, args.kl_horizon)
 
     stop_ids = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
     pad_id = tokenizer.pad_token_id
     B = args.per_device_train_batch_size
-    steps_per_epoch = math.ceil(len(prompt_ids) / B)
+    steps_per_epoch = math.ceil(len(prompt_ids) / (B * world))
     total_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "ppo_log.jsonl")
-    log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B} rollouts, lr {lr:g}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
+    log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B * world} rollouts, lr {lr:g}, "
+        f"{n_trainable:,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
     history, start = [], time.time()
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        for step, batch in enumerate(prompt_batches(len(prompt_ids), B, total_steps, args.seed), start=1):
+    with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file:
+        for step, batch in enumerate(prompt_batches(len(prompt_ids), B, total_steps, args.seed, rank, world), start=1):
             # 1. rollouts
-            roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id)
+            roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id, synced=zero3)
             mask, rows = roll.mask, torch.arange(len(batch))
             replies = [roll.input_ids[i, roll.prompt_width:][mask[i].bool()].tolist() for i in range(len(batch))]
             if reward_model is not None:
@@ -400,47 +516,62 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                     pg, pg_clip = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], args.cliprange)
                     vf, vf_clip = value_loss(values, old_values[mb], returns[mb], mask[mb], args.cliprange_value)
                     loss = pg + args.vf_coef * vf
-                    if not torch.isfinite(loss):
-                        raise UserError(f"ppo step {step}: the loss is {loss.item()} (diverged); lower --learning_rate")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
+                    if mean_over_ranks({"finite": float(torch.isfinite(loss))}, world)["finite"] < 1:  # all ranks stop together
+                        raise UserError(f"ppo step {step}: the loss is not finite (diverged); lower --learning_rate")
+                    if engine is not None:  # DeepSpeed averages gradients over ranks, clips and steps
+                        engine.backward(loss)
+                        engine.step()
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                        optimizer.step()
                     for k, v in zip(stats, (pg, vf, pg_clip, vf_clip, 0.5 * masked_mean((logprobs - old_logprobs[mb]) ** 2, mask[mb]))):
                         stats[k].append(v.item())
 
-            # 4. log, adapt the KL coefficient
-            seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1).mean().item()
-            row = {
-                "step": step,
-                "epoch": round(step / steps_per_epoch, 3),
-                "reward_mean": scores.mean().item(),
-                "reward_std": scores.std().item() if len(batch) > 1 else 0.0,
-                "kl": seq_kl,
-                "kl_coef": kl_ctl.value,
+            # 4. log (averaged over ranks), adapt the KL coefficient (the same on every rank)
+            all_scores = gather_over_ranks(scores.float(), world)
+            averaged = mean_over_ranks({
+                "kl": (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1).mean().item(),
                 "entropy": masked_mean(entropy, mask).item(),
                 **{k: sum(v) / len(v) for k, v in stats.items()},
                 "response_len_mean": mask.sum(1).mean().item(),
                 "ended_frac": roll.ended.float().mean().item(),
+            }, world)
+            row = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 3),
+                "rollouts": len(all_scores),
+                "reward_mean": all_scores.mean().item(),
+                "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
+                "kl_coef": kl_ctl.value,
+                **averaged,
                 "elapsed_s": round(time.time() - start, 1),
             }
-            kl_ctl.update(seq_kl, len(batch))
+            seq_kl = row["kl"]
+            kl_ctl.update(seq_kl, len(all_scores))
             history.append(row)
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
             log(f"ppo step {step}/{total_steps}  reward {row['reward_mean']:+.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.3f}  "
                 f"len {row['response_len_mean']:.1f}  policy_loss {row['policy_loss']:+.4f}  value_loss {row['value_loss']:.4f}  "
                 f"({row['elapsed_s']:.0f}s)")
 
-    save(actor, critic, tokenizer, args.output_dir, adapter=hasattr(actor, "peft_config"))
+    adapter = hasattr(actor, "peft_config")
+    with gathered(engine):  # every rank holds the full weights now; rank 0 writes them
+        if rank == 0:
+            save(actor, critic, tokenizer, args.output_dir, adapter=adapter)
+    if rank != 0:
+        return {}
     metrics = {"steps": total_steps, "runtime_s": round(time.time() - start, 1), "learning_rate": lr,
                "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history)}
     with open(os.path.join(args.output_dir, "ppo_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo",
-                     adapter=hasattr(actor, "peft_config"))
-    log(how_to_load(args.output_dir, hasattr(actor, "peft_config")))
+                     adapter=adapter)
+    log(how_to_load(args.output_dir, adapter))
     return metrics
 
 
