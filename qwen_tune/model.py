@@ -145,6 +145,8 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+        if torch.cuda.is_available():  # each rank quantizes onto its own GPU, not all onto GPU 0
+            kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -175,21 +175,21 @@ def is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()
 
 
-def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool):
+def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device: torch.device):
     """-> (actor, reference context). The reference is the frozen starting policy:
     LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
     of that adapter (PEFT multi-adapter); full training: a second, frozen model."""
     if is_adapter(policy):
         from peft import AutoPeftModelForCausalLM
 
-        actor = AutoPeftModelForCausalLM.from_pretrained(policy, is_trainable=lora.use_lora)
+        actor = to_device(AutoPeftModelForCausalLM.from_pretrained(policy, is_trainable=lora.use_lora), device)
         if lora.use_lora:  # keep training the SFT adapter; its starting point is the reference
             actor.load_adapter(policy, adapter_name="reference", is_trainable=False)
             actor.set_adapter("default")
             return actor, _switch_adapter(actor)
         actor = actor.merge_and_unload()  # full training of the merged SFT policy
     else:
-        actor = load_model(policy, q_lora=lora.q_lora, trust_remote_code=trust_remote_code)
+        actor = to_device(load_model(policy, q_lora=lora.q_lora, trust_remote_code=trust_remote_code), device)
         if lora.use_lora:
             actor = add_lora(actor, r=lora.lora_r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
                              target_modules=split_modules(lora.lora_target_modules),
@@ -267,15 +267,17 @@ def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: lis
     for i, ids in enumerate(prompt_ids):
         input_ids[i, width - len(ids):] = torch.tensor(ids)
         attention_mask[i, width - len(ids):] = 1
+    device = next(actor.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     out = actor.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=args.temperature,
                          top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
                          eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
                          synced_gpus=synced)  # ZeRO-3: ranks keep stepping together, each gathering the shards
     reply = out[:, width:]
-    is_stop = torch.isin(reply, torch.tensor(stop_ids))
+    is_stop = torch.isin(reply, torch.tensor(stop_ids, device=device))
     ended = is_stop.any(dim=1)
     length = torch.where(ended, is_stop.float().argmax(dim=1) + 1, torch.full_like(ended, reply.shape[1], dtype=torch.long))
-    mask = (torch.arange(reply.shape[1])[None, :] < length[:, None]).float()
+    mask = (torch.arange(reply.shape[1], device=device)[None, :] < length[:, None]).float()
     return Rollout(out, torch.cat([attention_mask, mask.long()], dim=1), width, mask, ended)
 
 
@@ -311,15 +313,25 @@ def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy
 # ---------------------------------------------------------------- DeepSpeed
 
 
-def init_distributed(args: PPOArguments) -> tuple[int, int]:
-    """(rank, world size). Under --deepspeed join the process group (gloo on CPU ranks)."""
+def init_distributed(args: PPOArguments) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device). Under --deepspeed join the process group
+    (nccl on GPUs, gloo on CPU ranks); each rank uses the GPU of its LOCAL_RANK."""
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)  # also where bitsandbytes puts a 4-bit model
     if not args.deepspeed:
-        return 0, 1
+        return 0, 1, device
     import deepspeed
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def to_device(model, device: torch.device):
+    """Move a model to this rank's device; a bitsandbytes 4-bit model is already placed at load."""
+    return model if getattr(model, "is_loaded_in_4bit", False) else model.to(device)
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -374,12 +386,12 @@ def gathered(engine):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
-def mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     if world == 1:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)  # nccl needs GPU tensors
     dist.all_reduce(t)
     return dict(zip(values, (t / world).tolist()))
 
@@ -422,7 +434,7 @@ def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int, rank: i
 def run(args: PPOArguments, lora: LoraArguments) -> dict:
     check_options(args, lora)
     ds_config = read_deepspeed_config(args.deepspeed) if args.deepspeed else None
-    rank, world = init_distributed(args)
+    rank, world, device = init_distributed(args)
     conversations = load_prompts(args.prompts)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     prepare_output_dir(args)
@@ -439,17 +451,17 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
         raise UserError(f"{args.prompts}: no prompt fits in max_prompt_length={args.max_prompt_length} tokens")
     conversations, prompt_ids = [conversations[i] for i in kept], [prompt_ids[i] for i in kept]
 
-    actor, reference = load_actor(policy_path, lora, args.trust_remote_code)
+    actor, reference = load_actor(policy_path, lora, args.trust_remote_code, device)
     actor.eval()  # no dropout: rollout and update log-probabilities must come from the same function
     reward_model = None
     if args.reward_model:
         from .score import load_reward_model, score_token_ids
 
         reward_model, _ = load_reward_model(args.reward_model)
-        reward_model.requires_grad_(False)
+        reward_model = to_device(reward_model, device).requires_grad_(False)
     hidden_size = actor.config.get_text_config().hidden_size
     critic = RewardModelCritic(reward_model) if args.critic == "reward_model" else ValueHead(hidden_size)
-    critic.eval()
+    critic = critic.to(device).eval()
     params = [p for p in actor.parameters() if p.requires_grad] + list(critic.parameters())
     lr = args.learning_rate or default_learning_rate(actor, lora.use_lora)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, args.adam_beta2), weight_decay=args.weight_decay,
@@ -485,14 +497,14 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
         for step, batch in enumerate(prompt_batches(len(prompt_ids), B, total_steps, args.seed, rank, world), start=1):
             # 1. rollouts
             roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id, synced=zero3)
-            mask, rows = roll.mask, torch.arange(len(batch))
+            mask, rows = roll.mask, torch.arange(len(batch), device=device)
             replies = [roll.input_ids[i, roll.prompt_width:][mask[i].bool()].tolist() for i in range(len(batch))]
             if reward_model is not None:
-                scores = score_token_ids(reward_model, [prompt_ids[b] + r for b, r in zip(batch, replies)])
+                scores = score_token_ids(reward_model, [prompt_ids[b] + r for b, r in zip(batch, replies)]).to(device)
             else:
                 texts = tokenizer.batch_decode(replies, skip_special_tokens=True)
                 scores = torch.tensor([call_reward_fn(reward_fn, args.reward_fn, conversations[b].id, conversations[b].messages, t)
-                                       for b, t in zip(batch, texts)])
+                                       for b, t in zip(batch, texts)], device=device)
             scores = scores - args.missing_eos_penalty * (~roll.ended).float()
 
             # 2. log-probabilities, values, KL penalty, advantages (no gradients)
@@ -511,12 +523,12 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
             # 3. PPO epochs over minibatches
             stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "value_clipfrac": [], "approx_kl": []}
             for _ in range(args.ppo_epochs):
-                for mb in torch.randperm(len(batch)).split(args.mini_batch_size or len(batch)):
+                for mb in torch.randperm(len(batch)).to(device).split(args.mini_batch_size or len(batch)):
                     logprobs, values, _ = forward(actor, critic, roll, mb, args.temperature)
                     pg, pg_clip = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], args.cliprange)
                     vf, vf_clip = value_loss(values, old_values[mb], returns[mb], mask[mb], args.cliprange_value)
                     loss = pg + args.vf_coef * vf
-                    if mean_over_ranks({"finite": float(torch.isfinite(loss))}, world)["finite"] < 1:  # all ranks stop together
+                    if mean_over_ranks({"finite": float(torch.isfinite(loss))}, world, device)["finite"] < 1:  # all ranks stop together
                         raise UserError(f"ppo step {step}: the loss is not finite (diverged); lower --learning_rate")
                     if engine is not None:  # DeepSpeed averages gradients over ranks, clips and steps
                         engine.backward(loss)
@@ -537,7 +549,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 **{k: sum(v) / len(v) for k, v in stats.items()},
                 "response_len_mean": mask.sum(1).mean().item(),
                 "ended_frac": roll.ended.float().mean().item(),
-            }, world)
+            }, world, device)
             row = {
                 "step": step,
                 "epoch": round(step / steps_per_epoch, 3),
@@ -590,7 +602,7 @@ def save(actor, critic, tokenizer, out: str, adapter: bool) -> None:
     if isinstance(critic, ValueHead):
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> dict:

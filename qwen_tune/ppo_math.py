@@ -20,7 +20,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mean = masked_mean(x, mask)
     n = mask.sum()
     if n < 2:
-        return torch.zeros((), dtype=x.dtype)
+        return torch.zeros((), dtype=x.dtype, device=x.device)
     return (((x - mean) ** 2) * mask).sum() / (n - 1)
 
 
@@ -53,7 +53,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     """Per-token reward: -kl_coef * KL at every response token, plus the sequence score on its last token."""
     rewards = -kl_coef * kl * mask
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
     return rewards
 
 
@@ -65,8 +65,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
-    next_adv = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
-    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    next_adv = rewards.new_zeros(rewards.shape[0])
+    next_value = rewards.new_zeros(rewards.shape[0])
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_adv = delta + gamma * lam * next_adv
