@@ -74,6 +74,19 @@ class LoraArguments:
         metadata={"help": "Also train and save these whole modules, e.g. embed_tokens,lm_head (a base model's untrained ChatML tokens)."},
     )
 
+    def adapter_options(self) -> dict:
+        """These settings as keyword arguments of `model.lora_config` / `model.add_lora`."""
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": split_modules(self.lora_target_modules),
+                "modules_to_save": split_modules(self.lora_modules_to_save) or None}
+
+
+def split_modules(value: str | None):
+    """"a,b" -> ["a", "b"]; "all-linear" and None pass through (PEFT understands them)."""
+    if value is None or value == "all-linear":
+        return value
+    return [m.strip() for m in value.split(",") if m.strip()]
+
 
 def _default_report_to() -> str:
     return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"

@@ -19,10 +19,10 @@ from trl import DPOConfig, DPOTrainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
 from .checkpointing import prepare_output_dir, safety_callbacks
 from .errors import UserError
-from .model import load_model, resolve_model_path
+from .model import load_model, lora_config, resolve_model_path
 from .report import report_callbacks, write_run_report
 from .reward import encode_pairs
-from .sft import check_options, how_to_load, last_logged, log, split_modules, train_dtype, unwrap
+from .sft import check_options, how_to_load, last_logged, log, train_dtype, unwrap
 from .tokenizer import load_tokenizer
 
 
@@ -44,15 +44,6 @@ class ChatMLDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # TRL would re-tokenize with the chat template; ours are the tokens SFT trains on
-
-
-def lora_config(lora_args: LoraArguments):
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-                      target_modules=split_modules(lora_args.lora_target_modules),
-                      modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
-                      task_type="CAUSAL_LM")
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments) -> dict:
@@ -83,7 +74,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=lora_config(lora_args) if lora_args.use_lora else None,
+        peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
         callbacks=safety_callbacks(args) + report_callbacks(args),
     )
     if lora_args.use_lora:

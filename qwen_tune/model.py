@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import UserError
-from .tokenizer import IM_END, ENDOFTEXT, cache_dir, load_tokenizer
+from .tokenizer import cache_dir, load_tokenizer
 
 EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
 EMBEDDED_NAME = "qwen-tune-embedded-qwen2"
@@ -165,20 +165,25 @@ def load_model(
     return model
 
 
-def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules: str | list[str] = LORA_TARGETS,
-             modules_to_save: list[str] | None = None, q_lora: bool = False, gradient_checkpointing: bool = False,
-             task_type: str = "CAUSAL_LM"):
-    """Wrap a model with a PEFT LoRA adapter (after `prepare_model_for_kbit_training` for Q-LoRA)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def is_adapter(path: str | os.PathLike | None) -> bool:
+    """A PEFT adapter directory (adapter_config.json and no full model beside it)."""
+    return bool(path) and (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()
+
+
+def lora_config(*, r: int, alpha: int, dropout: float, target_modules: str | list[str] = LORA_TARGETS,
+                modules_to_save: list[str] | None = None, task_type: str = "CAUSAL_LM"):
+    """The PEFT LoraConfig of our options (TRL's trainers take it as `peft_config`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      modules_to_save=modules_to_save or None, task_type=task_type)
+
+
+def add_lora(model, *, q_lora: bool = False, gradient_checkpointing: bool = False, **options):
+    """Wrap a model with a PEFT LoRA adapter (after `prepare_model_for_kbit_training` for Q-LoRA).
+    `options`: those of `lora_config`."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if q_lora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=modules_to_save or None,
-        task_type=task_type,
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(**options))

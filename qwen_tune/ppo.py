@@ -42,7 +42,7 @@ from .data import load_prompts
 from .distributed import zero3_partition_report
 from .errors import UserError
 from .loss import _backbone_and_head
-from .model import add_lora, load_model
+from .model import add_lora, is_adapter, load_model
 from .ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -55,7 +55,7 @@ from .ppo_math import (
     value_loss,
 )
 from .report import write_run_report
-from .sft import how_to_load, log, split_modules
+from .sft import how_to_load, log
 from .tokenizer import DEFAULT_SYSTEM_MESSAGE, ENDOFTEXT, IM_END, load_tokenizer
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
@@ -171,10 +171,6 @@ def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: st
 # ---------------------------------------------------------------- models
 
 
-def is_adapter(path: str) -> bool:
-    return (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()
-
-
 def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device: torch.device):
     """-> (actor, reference context). The reference is the frozen starting policy:
     LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
@@ -191,10 +187,7 @@ def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device
     else:
         actor = to_device(load_model(policy, q_lora=lora.q_lora, trust_remote_code=trust_remote_code), device)
         if lora.use_lora:
-            actor = add_lora(actor, r=lora.lora_r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
-                             target_modules=split_modules(lora.lora_target_modules),
-                             modules_to_save=split_modules(lora.lora_modules_to_save) if lora.lora_modules_to_save else None,
-                             q_lora=lora.q_lora)
+            actor = add_lora(actor, q_lora=lora.q_lora, **lora.adapter_options())
             return actor, _adapter_off(actor)
     reference = copy.deepcopy(actor).eval().requires_grad_(False)
     return actor, lambda: contextlib.nullcontext(reference)
@@ -560,8 +553,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 **averaged,
                 "elapsed_s": round(time.time() - start, 1),
             }
-            seq_kl = row["kl"]
-            kl_ctl.update(seq_kl, len(all_scores))
+            kl_ctl.update(row["kl"], len(all_scores))
             history.append(row)
             if log_file is not None:
                 log_file.write(json.dumps(row) + "\n")

@@ -24,10 +24,10 @@ from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir, safety_callbacks
 from .data import load_preference_pairs
 from .errors import UserError
-from .model import add_lora, load_model, resolve_model_path
+from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .report import report_callbacks, write_run_report
-from .score import is_adapter, load_reward_model, reply_ids
-from .sft import check_options, last_logged, log, split_modules, train_dtype
+from .score import load_reward_model, reply_ids
+from .sft import check_options, last_logged, log, train_dtype
 from .tokenizer import load_tokenizer
 
 
@@ -109,10 +109,8 @@ def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, a
                        attn_implementation=model_args.attn_implementation, model_class=AutoModelForSequenceClassification, num_labels=1)
     if lora_args.use_lora:
         # task_type SEQ_CLS makes PEFT train the new `score` head in full and save it with the adapter
-        model = add_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
-                         target_modules=split_modules(lora_args.lora_target_modules),
-                         modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
-                         q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing, task_type="SEQ_CLS")
+        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
+                         task_type="SEQ_CLS", **lora_args.adapter_options())
     return model, path
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from .chatml import ChatMLEncoder
 from .errors import UserError
+from .model import is_adapter
 
 
 # ---------------------------------------------------------------- what is scored
@@ -42,10 +42,6 @@ def last_reply_ids(encoder: ChatMLEncoder, messages: list[dict]) -> list[int]:
 
 
 # ---------------------------------------------------------------- loading and scoring
-
-
-def is_adapter(path: str | os.PathLike | None) -> bool:
-    return bool(path) and (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()
 
 
 def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dtype = torch.float32):

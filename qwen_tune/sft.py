@@ -117,12 +117,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     if lora_args.use_lora:
-        model = add_lora(
-            model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
-            target_modules=split_modules(lora_args.lora_target_modules),
-            modules_to_save=split_modules(lora_args.lora_modules_to_save) if lora_args.lora_modules_to_save else None,
-            q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
-        )
+        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
+                         **lora_args.adapter_options())
         model.print_trainable_parameters()
 
     trainer = SFTTrainer(
@@ -157,12 +153,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
 
 def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def split_modules(value: str | None):
-    if value is None or value == "all-linear":
-        return value
-    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 def last_logged(trainer: Trainer, key: str):
