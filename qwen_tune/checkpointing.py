@@ -26,13 +26,13 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 
 import torch
 from transformers import TrainerCallback
 
+from .distributed import is_main_process, log
 from .errors import UserError
 
 COMPLETE = "checkpoint_complete.json"  # written last, inside the staging directory, before the rename
@@ -41,11 +41,6 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                       "pytorch_model.bin", "adapter_model.bin", "train_metrics.json")
 REMOVED_ON_OVERWRITE = FINISHED_RUN_FILES + ("adapter_config.json", "training_args.json", "training_args.bin")
-
-
-def log(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _test_hook(name: str) -> str | None:
@@ -111,7 +106,7 @@ def prepare_output_dir(args) -> None:
     resume = resolve_resume(args)
     if hasattr(args, "resume_from_checkpoint"):
         args.resume_from_checkpoint = resume
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     if resume is None and os.path.isdir(out):
         finished = [f for f in FINISHED_RUN_FILES if os.path.exists(os.path.join(out, f))]
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]

@@ -1,4 +1,4 @@
-"""Multi-process training without a GPU: DeepSpeed over gloo on CPU ranks.
+"""Multi-process training: rank-0 messages, and DeepSpeed over gloo on CPU ranks without a GPU.
 
 On a GPU machine DeepSpeed needs nothing from us. On CPU-only ranks (how the test suite exercises
 the whole distributed path) accelerate would find no backend, count one process while DeepSpeed
@@ -9,6 +9,18 @@ gloo backend, before `TrainingArguments` exists, and telling the Trainer to use 
 from __future__ import annotations
 
 import os
+import sys
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/deepspeed launch, or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    """A progress or summary line on stderr, once per run rather than once per rank."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def wants_deepspeed(argv: list[str]) -> bool:
@@ -31,15 +43,15 @@ def prepare_cpu_deepspeed(argv: list[str]) -> bool:
     return True
 
 
-def zero3_partition_report(model) -> str | None:
-    """'rank R holds N of M parameters' under ZeRO-3 (None otherwise): shows sharding really happened."""
+def print_zero3_partition(model) -> None:
+    """Under ZeRO-3, every rank prints 'rank R holds N of M parameter values': shows sharding really happened."""
     params = list(model.parameters())
     if not params or not hasattr(params[0], "ds_numel"):
-        return None
+        return
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
     rank = int(os.environ.get("RANK", "0"))
-    return f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values"
+    print(f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values", file=sys.stderr, flush=True)
 
 
 def finish() -> None:

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from .args import LoraArguments, parse
 from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir
 from .data import load_prompts
-from .distributed import zero3_partition_report
+from .distributed import log, print_zero3_partition
 from .errors import UserError
 from .loss import _backbone_and_head
 from .model import add_lora, is_adapter, load_model
@@ -55,7 +54,7 @@ from .ppo_math import (
     value_loss,
 )
 from .report import write_run_report
-from .sft import how_to_load, log
+from .sft import how_to_load
 from .tokenizer import DEFAULT_SYSTEM_MESSAGE, ENDOFTEXT, IM_END, load_tokenizer
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
@@ -468,9 +467,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                                   args.max_grad_norm, next(actor.parameters()).dtype, n_trainable, hidden_size)
         engine, optimizer, _, _ = deepspeed.initialize(model=ActorCritic(actor, critic), optimizer=optimizer, config=config)
         log(f"ppo: DeepSpeed ZeRO stage {engine.zero_optimization_stage()} on {world} ranks")
-        shards = zero3_partition_report(actor)
-        if shards:
-            print(shards, file=sys.stderr, flush=True)
+        print_zero3_partition(actor)
     zero3 = engine is not None and engine.zero_optimization_stage() == 3
     if rank:
         torch.manual_seed(args.seed + rank)  # the same initial weights everywhere, different samples per rank

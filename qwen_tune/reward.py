@@ -23,11 +23,12 @@ from .args import DataArguments, LoraArguments, ModelArguments, TrainingArgument
 from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir, safety_callbacks
 from .data import load_preference_pairs
+from .distributed import log
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .report import report_callbacks, write_run_report
 from .score import load_reward_model, reply_ids
-from .sft import check_options, last_logged, log, train_dtype
+from .sft import check_options, last_logged, train_dtype
 from .tokenizer import load_tokenizer
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import torch
 from transformers import Trainer
@@ -17,7 +16,7 @@ from transformers import Trainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
 from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
-from .distributed import zero3_partition_report
+from .distributed import log, print_zero3_partition
 from .dataset import SFTDataset, load_sft_dataset
 from .errors import UserError
 from .loss import causal_lm_loss_sum
@@ -111,9 +110,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                        trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
                        allow_pickle_weights=model_args.allow_pickle_weights)
     model.config.use_cache = False  # packed rows need it off, and training never uses the cache
-    partition = zero3_partition_report(model)
-    if partition:
-        print(partition, file=sys.stderr, flush=True)  # every rank: shows the weights are really sharded
+    print_zero3_partition(model)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     if lora_args.use_lora:
@@ -171,11 +168,6 @@ def how_to_load(out: str, adapter: bool) -> str:
         f"  model = {cls}.from_pretrained({out!r})\n  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
         f"Chat with it:  qwen-tune chat --model {out}\n"
     )
-
-
-def log(message: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
