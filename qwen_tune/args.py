@@ -14,7 +14,6 @@ import transformers
 from transformers import HfArgumentParser
 
 from .errors import UserError
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE
 
 # Learning rates that work when none is given: the seed's, and a large one for the tiny embedded model.
 SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 1e-2
@@ -38,16 +37,63 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class FormatArguments:
+    """How conversations become tokens: every command that reads or writes conversations takes these."""
+
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "A Jinja file or an official template name (qwen2_5, qwen3, qwen3_instruct_2507, qwen3_5_think, "
+                          "qwen3_6, qwen3_8, ...) instead of the checkpoint's own; saved with the output."},
+    )
+    system_message: str | None = field(
+        default=None,
+        metadata={"help": "System turn added to conversations without one. Not given: the template decides (Qwen2.5 adds its "
+                          "default, Qwen3 none; the embedded ChatML uses 'You are a helpful assistant.', '' for none)."},
+    )
+    enable_thinking: bool | None = field(
+        default=None, metadata={"help": "Passed to the template (Qwen3 / Qwen3.5+): false asks for replies without reasoning."}
+    )
+    chat_template_kwargs: str | None = field(
+        default=None, metadata={"help": 'Other template switches as JSON, e.g. \'{"preserve_thinking": true}\'.'}
+    )
+
+    def chat_format(self, tokenizer, source: str = "the checkpoint"):
+        """The run's `ChatFormat`; the tokenizer then carries the template, so saving it serves what was trained."""
+        import json
+
+        from .chat_format import resolve_format
+
+        try:
+            kwargs = json.loads(self.chat_template_kwargs) if self.chat_template_kwargs else {}
+        except json.JSONDecodeError as e:
+            raise UserError(f"--chat_template_kwargs is not valid JSON: {e}") from e
+        if not isinstance(kwargs, dict):
+            raise UserError("--chat_template_kwargs must be a JSON object")
+        return resolve_format(tokenizer, self.chat_template, self.system_message, self.enable_thinking, kwargs, source)
+
+
+def add_format_arguments(parser) -> None:
+    """The `FormatArguments` options on a plain argparse parser (chat, eval, score, preprocess)."""
+    from dataclasses import fields
+
+    for f in fields(FormatArguments):
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if f.name == "enable_thinking" else str
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
+
+
+def format_arguments(namespace) -> FormatArguments:
+    from dataclasses import fields
+
+    return FormatArguments(**{f.name: getattr(namespace, f.name) for f in fields(FormatArguments)})
+
+
+@dataclass
+class DataArguments(FormatArguments):
     _argument_group_name = "data"
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: a .json/.jsonl file, a directory of them, or a comma-separated list."}
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
-    system_message: str = field(
-        default=DEFAULT_SYSTEM_MESSAGE,
-        metadata={"help": "System turn added to conversations that have none ('' = no system turn)."},
-    )
     packing: bool = field(
         default=True, metadata={"help": "Padding-free packing of each batch into one row (no compute on padding)."}
     )

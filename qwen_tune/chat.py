@@ -1,8 +1,8 @@
 """`qwen-tune chat --model OUT`: talk to a trained model, streamed, multi-turn; `--prompt TEXT` for scripts.
 
 Loads a full or merged model with AutoModelForCausalLM and a LoRA output directory (adapter_config.json)
-with AutoPeftModelForCausalLM. Prompts are built by the same ChatML encoder that training used, so the
-model sees exactly the layout it learned; generation stops at `<|im_end|>`.
+with AutoPeftModelForCausalLM. Prompts are rendered by the chat template saved with the model (the one
+training used), so the model sees exactly the layout it learned; generation stops at `<|im_end|>`.
 In the REPL: /reset forgets the conversation, /system TEXT sets the system message (and resets), /exit quits.
 """
 
@@ -13,7 +13,6 @@ import os
 import sys
 
 from .errors import UserError
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message and reset), /exit (or Ctrl-D)"
 
@@ -41,16 +40,14 @@ def load_for_inference(path: str):
 class Chat:
     """One conversation: its messages, the system message, and how to answer the next user turn."""
 
-    def __init__(self, model, tokenizer, system_message: str, max_new_tokens: int, temperature: float):
-        from .chatml import ChatMLEncoder
-
-        self.model, self.tokenizer = model, tokenizer
-        self.encoder = ChatMLEncoder(tokenizer, system_message)
+    def __init__(self, model, tokenizer, fmt, max_new_tokens: int, temperature: float):
+        self.model, self.tokenizer, self.format = model, tokenizer, fmt
+        self.stop_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.messages: list[dict] = []
 
     def set_system(self, text: str) -> None:
-        self.encoder.system_message = text
+        self.format.system_message = text
         self.messages = []
 
     def answer(self, text: str, stream: bool) -> str:
@@ -58,12 +55,12 @@ class Chat:
         from transformers import TextStreamer
 
         self.messages.append({"role": "user", "content": text})
-        ids = torch.tensor([self.encoder.prompt_ids(self.messages)])
+        ids = torch.tensor([self.format.prompt_ids(self.messages)])
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-            eos_token_id=[self.encoder.im_end, self.encoder.endoftext], pad_token_id=self.encoder.endoftext,
+            eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[1],
             streamer=streamer, top_p=None, top_k=None, **sampling,
         )
         reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
@@ -92,7 +89,7 @@ def repl(chat: Chat) -> None:
             print("(conversation reset)")
         elif line == "/system" or line.startswith("/system "):
             chat.set_system(line[len("/system"):].strip())
-            print(f"(system message set to {chat.encoder.system_message!r}; conversation reset)")
+            print(f"(system message set to {chat.format.system_message!r}; conversation reset)")
         elif line.startswith("/"):
             print(f"(unknown command {line.split()[0]}; {HELP})")
         else:
@@ -101,19 +98,21 @@ def repl(chat: Chat) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .args import add_format_arguments, format_arguments
     from .cli import HelpFormatter
 
     p = argparse.ArgumentParser(prog="qwen-tune chat", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")
-    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="the system turn ('' = none); use the one you trained with")
     p.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (deterministic)")
+    add_format_arguments(p)  # defaults: the template saved with the model, as trained
     a = p.parse_args(argv)
     if a.max_new_tokens < 1 or a.temperature < 0:
         raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")
     model, tokenizer = load_for_inference(a.model)
-    chat = Chat(model, tokenizer, a.system_message, a.max_new_tokens, a.temperature)
+    fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
+    chat = Chat(model, tokenizer, fmt, a.max_new_tokens, a.temperature)
     if a.prompt is not None:
         print(chat.answer(a.prompt, stream=False))
         sys.stdout.flush()

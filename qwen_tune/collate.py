@@ -3,7 +3,7 @@
 Packing concatenates the samples of a batch into one row with `position_ids` restarting at every
 sample; transformers then keeps attention inside each sample (flash-attention varlen on GPU, a
 block-diagonal mask with SDPA/eager). No pad token is ever computed on, and labels come from
-chatml, never from pad ids, so a pad id equal to `<|im_end|>` could not mask a real label.
+chat_format, never from pad ids, so a pad id equal to `<|im_end|>` could not mask a real label.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chatml import IGNORE
+from .chat_format import IGNORE
 
 
 @dataclass

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import PreTrainedTokenizerBase
-
-from .chatml import ChatMLEncoder, Encoded
+from .chat_format import ChatFormat, Encoded, check_renderable
 from .data import load_conversations
 
 
@@ -20,6 +18,7 @@ class EncodeReport:
     dropped: list[str] = field(default_factory=list)  # ids with no supervised token left after the cut
     tokens: int = 0
     supervised_tokens: int = 0
+    reasoning_not_trained: int = 0  # reasoning blocks the template leaves out by design (Qwen3: history turns)
 
     def summary(self, name: str = "data") -> str:
         line = (
@@ -30,6 +29,10 @@ class EncodeReport:
             line += f"\n  truncated (longer than model_max_length, head kept): {_ids(self.truncated)}"
         if self.dropped:
             line += f"\n  dropped (no assistant token left after truncation): {_ids(self.dropped)}"
+        if self.reasoning_not_trained:
+            line += (f"\n  {self.reasoning_not_trained} reasoning block(s) not trained: the template leaves out the reasoning "
+                     "of assistant turns before the last user turn; to train them, split each such conversation "
+                     "into one sample per assistant turn")
         return line
 
 
@@ -38,14 +41,14 @@ def _ids(ids: list[str], limit: int = 10) -> str:
     return ", ".join(ids[:limit]) + more
 
 
-def encode_conversations(conversations, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
-                         system_message: str | None) -> tuple[list[Encoded], EncodeReport]:
+def encode_conversations(conversations, fmt: ChatFormat, max_length: int | None) -> tuple[list[Encoded], EncodeReport]:
     """Tokenize with labels; keep the head of long samples; drop (and name) those left unsupervised."""
-    encoder = ChatMLEncoder(tokenizer, system_message)
-    encoded = encoder.encode_many([c.messages for c in conversations], [c.id for c in conversations], max_length)
+    check_renderable(fmt, conversations)
+    encoded = fmt.encode_many(conversations, [c.id for c in conversations], max_length)
     report = EncodeReport(samples=len(encoded))
     kept = []
     for e in encoded:
+        report.reasoning_not_trained += e.reasoning_not_trained
         if e.truncated:
             report.truncated.append(e.id)
         if e.num_supervised == 0:
@@ -58,9 +61,9 @@ def encode_conversations(conversations, tokenizer: PreTrainedTokenizerBase, max_
     return kept, report
 
 
-def load_sft_dataset(paths, tokenizer, max_length: int | None, system_message: str | None):
+def load_sft_dataset(paths, fmt: ChatFormat, max_length: int | None):
     """Read + validate (errors name file and line) + encode. Returns (samples, report)."""
-    return encode_conversations(load_conversations(paths), tokenizer, max_length, system_message)
+    return encode_conversations(load_conversations(paths), fmt, max_length)
 
 
 class SFTDataset:

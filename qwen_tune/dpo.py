@@ -54,12 +54,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     model_path = resolve_model_path(model_args.model_name_or_path)
     resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-
-    train, train_report = encode_pairs(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message, split_prompt=True)
+    fmt = data_args.chat_format(tokenizer, source=model_path)
+    log(f"format: {fmt.description}")
+    train, train_report = encode_pairs(data_args.data_path, fmt, args.model_max_length, split_prompt=True)
     log(train_report.summary("train"))
     evaluation = None
     if data_args.eval_data_path:
-        evaluation, eval_report = encode_pairs(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message, split_prompt=True)
+        evaluation, eval_report = encode_pairs(data_args.eval_data_path, fmt, args.model_max_length, split_prompt=True)
         log(eval_report.summary("eval"))
     if not len(train):
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")

@@ -1,6 +1,6 @@
 """`qwen-tune eval --model OUT --data FILE`: loss and perplexity over the supervised tokens, as JSON.
 
-The same ChatML masking and the same loss as training (`loss.causal_lm_loss_sum`), so the number is
+The same chat template, masking and loss as training (`loss.causal_lm_loss_sum`), so the number is
 comparable with the eval_loss a run logged: the mean cross-entropy over every assistant token and its
 closing `<|im_end|>`, over the whole file (not a mean of per-batch means).
 """
@@ -11,11 +11,9 @@ import argparse
 import json
 import math
 
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE
 
-
-def evaluate(model, tokenizer, data: str, *, model_max_length: int = 512, system_message: str = DEFAULT_SYSTEM_MESSAGE,
-             batch_size: int = 4) -> dict:
+def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4) -> dict:
+    """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`)."""
     import torch
 
     from .collate import PaddedCollator
@@ -23,10 +21,10 @@ def evaluate(model, tokenizer, data: str, *, model_max_length: int = 512, system
     from .errors import UserError
     from .loss import causal_lm_loss_sum
 
-    samples, report = load_sft_dataset(data, tokenizer, model_max_length, system_message)
+    samples, report = load_sft_dataset(data, fmt, model_max_length)
     if not samples:
         raise UserError(f"{data}: no sample has a supervised (assistant) token within model_max_length={model_max_length}")
-    collate = PaddedCollator(tokenizer.pad_token_id)
+    collate = PaddedCollator(fmt.tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
@@ -39,6 +37,7 @@ def evaluate(model, tokenizer, data: str, *, model_max_length: int = 512, system
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .args import add_format_arguments, format_arguments
     from .chat import load_for_inference
     from .cli import HelpFormatter
 
@@ -46,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
     p.add_argument("--data", required=True, help="conversations: a .json/.jsonl file, a directory, or a comma-separated list")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
-    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="system turn for conversations without one; use the one you trained with")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
+    add_format_arguments(p)  # defaults: the template saved with the model, as trained
     a = p.parse_args(argv)
     from .data import load_conversations
 
     load_conversations(a.data)  # bad data fails here, with file and line, before the model loads
     model, tokenizer = load_for_inference(a.model)
-    result = evaluate(model, tokenizer, a.data, model_max_length=a.model_max_length,
-                      system_message=a.system_message, batch_size=a.batch_size)
+    fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
+    result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size)
     print(json.dumps(result))
     return result

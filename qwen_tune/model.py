@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import UserError
-from .tokenizer import cache_dir, load_tokenizer
+from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
 
 EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
 EMBEDDED_NAME = "qwen-tune-embedded-qwen2"
@@ -28,7 +28,7 @@ LORA_TARGETS = "all-linear"
 
 def embedded_model_path() -> str:
     """Build (once) and return the absolute path of the embedded default model directory."""
-    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes()).hexdigest()[:12]
+    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes() + QWEN_SPEC.read_bytes()).hexdigest()[:12]
     target = cache_dir() / f"{EMBEDDED_NAME}-{digest}"
     if not (target / "config.json").exists():
         from transformers import Qwen2Config, Qwen2ForCausalLM

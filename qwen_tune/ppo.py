@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .args import LoraArguments, parse
-from .chatml import ChatMLEncoder
+from .args import FormatArguments, LoraArguments, parse
+from .chat_format import check_renderable
 from .checkpointing import prepare_output_dir
 from .data import load_prompts
 from .distributed import log, print_zero3_partition
@@ -55,7 +55,7 @@ from .ppo_math import (
 )
 from .report import write_run_report
 from .sft import how_to_load
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE, ENDOFTEXT, IM_END, load_tokenizer
+from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
@@ -63,14 +63,13 @@ PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 1e-3, 100
 
 
 @dataclass
-class PPOArguments:
+class PPOArguments(FormatArguments):
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a full model directory or a LoRA adapter (qwen-tune sft output)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
-    system_message: str = field(default=DEFAULT_SYSTEM_MESSAGE, metadata={"help": "System turn added to prompts that have none ('' = none); use the SFT one."})
     max_prompt_length: int = field(default=1024, metadata={"help": "Prompts longer than this many tokens are skipped (and counted)."})
     # training, as in finetune.py
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompt set."})
@@ -434,8 +433,10 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     policy_path = str(Path(args.policy).resolve())
 
     tokenizer = load_tokenizer(policy_path, trust_remote_code=args.trust_remote_code)
-    encoder = ChatMLEncoder(tokenizer, args.system_message)
-    prompt_ids = [encoder.prompt_ids(c.messages) for c in conversations]
+    fmt = args.chat_format(tokenizer, source=policy_path)  # the policy's saved template: the format it was trained in
+    log(f"format: {fmt.description}")
+    check_renderable(fmt, conversations)
+    prompt_ids = [fmt.prompt_ids(c.messages, c.tools) for c in conversations]
     kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= args.max_prompt_length]
     if len(kept) < len(prompt_ids):
         log(f"ppo: skipped {len(prompt_ids) - len(kept)} of {len(prompt_ids)} prompts longer than max_prompt_length={args.max_prompt_length}")

@@ -1,7 +1,8 @@
 """`qwen-tune preprocess`: validate and tokenize data, write what the model will be trained on.
 
-Writes one JSON object per kept sample (`id`, `input_ids`, `labels` with -100 for masked positions)
-and prints a summary; `--show N` prints N samples with the supervised spans marked.
+Renders with the chat template of `--tokenizer` (a checkpoint or tokenizer directory) or `--chat_template`,
+as training would; writes one JSON object per kept sample (`id`, `input_ids`, `labels` with -100 for masked
+positions) and prints the format used and a summary; `--show N` prints N samples with supervised spans marked.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import argparse
 import json
 import sys
 
-from .chatml import IGNORE
+from .args import add_format_arguments, format_arguments
+from .chat_format import IGNORE
 from .dataset import load_sft_dataset
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE, load_tokenizer
+from .tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"
 
@@ -21,12 +23,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-tune preprocess", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="a .json/.jsonl file, a directory, or a comma-separated list")
-    p.add_argument("--tokenizer", default=None, help="a checkpoint directory whose tokenizer to use (default: the embedded Qwen tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="a checkpoint or tokenizer directory; its tokenizer and chat template are used (default: the embedded Qwen tokenizer, ChatML)")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples (head kept; counted)")
-    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="system turn for conversations without one ('' = none)")
     p.add_argument("--out", default=None, help="write the tokenized samples here as JSONL")
     p.add_argument("--show", type=int, default=0, help="print N samples with supervised spans highlighted")
     p.add_argument("--trust_remote_code", action="store_true", help="allow a checkpoint's own tokenizer code")
+    add_format_arguments(p)
     return p
 
 
@@ -49,7 +51,9 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
     tokenizer = load_tokenizer(a.tokenizer, trust_remote_code=a.trust_remote_code)
-    samples, report = load_sft_dataset(a.data, tokenizer, a.model_max_length, a.system_message)
+    fmt = format_arguments(a).chat_format(tokenizer, source=a.tokenizer or "the embedded tokenizer")
+    print(f"format: {fmt.description}")
+    samples, report = load_sft_dataset(a.data, fmt, a.model_max_length)
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             for s in samples:

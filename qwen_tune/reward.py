@@ -20,14 +20,14 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
-from .chatml import ChatMLEncoder
 from .checkpointing import prepare_output_dir, safety_callbacks
+from .chat_format import check_renderable
 from .data import load_preference_pairs
 from .distributed import log
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .report import report_callbacks, write_run_report
-from .score import load_reward_model, reply_ids
+from .score import load_reward_model
 from .sft import check_options, last_logged, train_dtype
 from .tokenizer import load_tokenizer
 
@@ -61,22 +61,23 @@ class PairReport:
         return line
 
 
-def encode_pairs(paths, tokenizer, max_length: int, system_message: str | None, margin: float = 0.0,
-                 split_prompt: bool = False):
+def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt: bool = False):
     """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
 
     Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
     DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
+    Both are rendered by the run's chat template (`fmt`), as served.
     """
     from datasets import Dataset
 
-    encoder = ChatMLEncoder(tokenizer, system_message)
+    pairs = load_preference_pairs(paths)
+    check_renderable(fmt, pairs)
     report = PairReport()
     rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
-    for pair in load_preference_pairs(paths):
+    for pair in pairs:
         report.pairs += 1
-        prompt, chosen = reply_ids(encoder, pair.prompt, pair.chosen)
-        _, rejected = reply_ids(encoder, pair.prompt, pair.rejected)
+        prompt, chosen = fmt.reply_ids(pair.prompt, pair.chosen, pair.tools)
+        _, rejected = fmt.reply_ids(pair.prompt, pair.rejected, pair.tools)
         if len(prompt) + max(len(chosen), len(rejected)) > max_length:
             report.dropped.append(pair.id)
             continue
@@ -123,12 +124,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not start)
     tokenizer = load_tokenizer(start if start and os.path.isdir(start) else resolve_model_path(start),
                                trust_remote_code=model_args.trust_remote_code)
-
-    train, train_report = encode_pairs(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message, args.margin)
+    fmt = data_args.chat_format(tokenizer, source=start or "the embedded model")
+    log(f"format: {fmt.description}")
+    train, train_report = encode_pairs(data_args.data_path, fmt, args.model_max_length, args.margin)
     log(train_report.summary("train"))
     evaluation, eval_report = None, None
     if data_args.eval_data_path:
-        evaluation, eval_report = encode_pairs(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message, args.margin)
+        evaluation, eval_report = encode_pairs(data_args.eval_data_path, fmt, args.model_max_length, args.margin)
         log(eval_report.summary("eval"))
     if not len(train):
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")

@@ -1,8 +1,8 @@
 """Reward models: what gets scored, loading one (full or adapter), and `qwen-tune score`.
 
-The scoring contract: a reply is scored on its ChatML rendering (system, prompt turns, then
-`<|im_start|>assistant\\n{content}<|im_end|>`), read at the closing `<|im_end|>`. Training (rm),
-scoring and PPO all build their sequences here, so a reward means the same thing everywhere.
+The scoring contract: a reply is scored on its rendering by the run's chat template (the same
+`ChatFormat` as SFT), read at the reply's closing `<|im_end|>`. Training (rm), scoring and PPO all
+build their sequences with `ChatFormat.reply_ids`, so a reward means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .chatml import ChatMLEncoder
+from .chat_format import ChatFormat, check_renderable
 from .errors import UserError
 from .model import is_adapter
 
@@ -22,22 +22,10 @@ from .model import is_adapter
 # ---------------------------------------------------------------- what is scored
 
 
-def reply_ids(encoder: ChatMLEncoder, prompt: list[dict], reply: list[dict]) -> tuple[list[int], list[int]]:
-    """(prompt ids up to and including `<|im_start|>assistant\\n`, reply ids ending with `<|im_end|>`).
-
-    Built from one encoding of the whole conversation, so prompt + reply is exactly what the
-    model sees at inference (and what DPO trains on: completion = content + `<|im_end|>`).
-    """
-    full = encoder.encode(prompt + reply).input_ids[: -len(encoder.newline)]  # stop at the last <|im_end|>
-    head = encoder.prompt_ids(prompt)
-    assert full[: len(head)] == head, "ChatML prompt is not a prefix of prompt + reply"
-    return head, full[len(head):]
-
-
-def last_reply_ids(encoder: ChatMLEncoder, messages: list[dict]) -> list[int]:
+def last_reply_ids(fmt: ChatFormat, messages: list[dict], tools: list | None = None) -> list[int]:
     """A conversation up to its last assistant turn, ending at that turn's `<|im_end|>` (SFT-style scoring)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    head, reply = reply_ids(encoder, messages[:last], messages[last : last + 1])
+    head, reply = fmt.reply_ids(messages[:last], messages[last : last + 1], tools)
     return head + reply
 
 
@@ -106,33 +94,35 @@ def score_token_ids(model, sequences: list[list[int]], batch_size: int = 16) -> 
 
 
 def parse_args(argv: list[str] | None):
-    from .tokenizer import DEFAULT_SYSTEM_MESSAGE
+    from .args import add_format_arguments
 
     p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
     p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
     p.add_argument("--data", required=True, help="Preference pairs (prints accuracy) or SFT-style conversations (scores the last assistant turn).")
     p.add_argument("--out", required=True, help="Where to write one JSON object per sample (.jsonl).")
     p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
-    p.add_argument("--system_message", default=DEFAULT_SYSTEM_MESSAGE, help="System turn added where a sample has none (use the one the RM was trained with).")
+    add_format_arguments(p)  # defaults: the reward model's saved template, as trained
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from .args import format_arguments
     from .data import detect_kind, load_conversations, load_preference_pairs
 
     args = parse_args(argv)
     kind = detect_kind(args.data)
     samples = load_preference_pairs(args.data) if kind == "preference" else load_conversations(args.data)  # validate first
     model, tokenizer = load_reward_model(args.model)
-    encoder = ChatMLEncoder(tokenizer, args.system_message)
+    fmt = format_arguments(args).chat_format(tokenizer, source=args.model)
+    check_renderable(fmt, samples)
     if kind == "preference":
-        chosen = score_token_ids(model, [sum(reply_ids(encoder, s.prompt, s.chosen), []) for s in samples], args.batch_size)
-        rejected = score_token_ids(model, [sum(reply_ids(encoder, s.prompt, s.rejected), []) for s in samples], args.batch_size)
+        chosen = score_token_ids(model, [sum(fmt.reply_ids(s.prompt, s.chosen, s.tools), []) for s in samples], args.batch_size)
+        rejected = score_token_ids(model, [sum(fmt.reply_ids(s.prompt, s.rejected, s.tools), []) for s in samples], args.batch_size)
         rows = [{"id": s.id, "chosen_score": c, "rejected_score": r} for s, c, r in zip(samples, chosen.tolist(), rejected.tolist())]
         summary = {"pairs": len(rows), "accuracy": (chosen > rejected).float().mean().item(),
                    "mean_margin": (chosen - rejected).mean().item()}
     else:
-        scores = score_token_ids(model, [last_reply_ids(encoder, s.messages) for s in samples], args.batch_size)
+        scores = score_token_ids(model, [last_reply_ids(fmt, s.messages, s.tools) for s in samples], args.batch_size)
         rows = [{"id": s.id, "score": v} for s, v in zip(samples, scores.tolist())]
         summary = {"samples": len(rows), "mean_score": scores.mean().item()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -97,11 +97,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     resolve_learning_rate(args, lora=lora_args.use_lora, embedded=embedded)
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-    train_samples, train_report = load_sft_dataset(data_args.data_path, tokenizer, args.model_max_length, data_args.system_message)
+    fmt = data_args.chat_format(tokenizer, source=model_path)
+    log(f"format: {fmt.description}")
+    train_samples, train_report = load_sft_dataset(data_args.data_path, fmt, args.model_max_length)
     log(train_report.summary("train"))
     eval_samples = None
     if data_args.eval_data_path:
-        eval_samples, eval_report = load_sft_dataset(data_args.eval_data_path, tokenizer, args.model_max_length, data_args.system_message)
+        eval_samples, eval_report = load_sft_dataset(data_args.eval_data_path, fmt, args.model_max_length)
         log(eval_report.summary("eval"))
     if not train_samples:
         raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")

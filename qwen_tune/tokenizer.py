@@ -25,30 +25,12 @@ QWEN_PATTERN = (
 )
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Qwen v1 numbers its specials right after the 151,643 ranks: the three above, then 205 extras.
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)]
+QWEN_V1_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)]
+# Everything of the official Qwen3 tokenizer but its ranks: added tokens 151643-151668 (special or not),
+# the NFC normalizer, pre-tokenizer and decoder. With it the embedded ids equal the official ones.
+QWEN_SPEC = Path(__file__).parent / "assets" / "qwen_tokenizer_spec.json"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
-
-# Renders exactly what `qwen_tune.chatml` trains on; `{% generation %}` marks what is learned.
-CHAT_TEMPLATE = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] -%}"
-    "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM_MESSAGE + "<|im_end|>\\n' }}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
 
 
 def cache_dir() -> Path:
@@ -70,25 +52,35 @@ def embedded_rank_file() -> Path:
 def _finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Make any Qwen tokenizer behave the same way for training and saving."""
     if tok.pad_token is None:
-        # Padding never decides a label (labels come from chatml), so any real token will do.
+        # Padding never decides a label (labels come from chat_format), so any real token will do.
         tok.pad_token = ENDOFTEXT
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-def _convert_rank_file(rank_file: Path) -> PreTrainedTokenizerFast:
-    """tiktoken rank file -> fast tokenizer, cached by the file's hash (converting takes seconds)."""
-    digest = hashlib.sha256(rank_file.read_bytes()).hexdigest()[:16]
+def _backend(rank_file: Path, qwen_v1: bool):
+    """The BPE of a tiktoken rank file as a `tokenizers.Tokenizer` (Qwen v1's own specials, or Qwen's current ones)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    if qwen_v1:
+        return TikTokenConverter(vocab_file=str(rank_file), pattern=QWEN_PATTERN,
+                                 extra_special_tokens=QWEN_V1_SPECIAL_TOKENS).converted()
+    spec = json.loads(QWEN_SPEC.read_text(encoding="utf-8"))
+    converted = json.loads(TikTokenConverter(vocab_file=str(rank_file), pattern=QWEN_PATTERN).converted().to_str())
+    for key in ("normalizer", "pre_tokenizer", "decoder", "post_processor", "added_tokens"):
+        converted[key] = spec[key]
+    return Tokenizer.from_str(json.dumps(converted))
+
+
+def _convert_rank_file(rank_file: Path, qwen_v1: bool = False) -> PreTrainedTokenizerFast:
+    """tiktoken rank file -> fast tokenizer, cached by the file's and the spec's hash (converting takes seconds)."""
+    digest = hashlib.sha256(rank_file.read_bytes() + (b"v1" if qwen_v1 else QWEN_SPEC.read_bytes())).hexdigest()[:16]
     target = cache_dir() / f"tokenizer-{digest}"
     if not (target / "tokenizer.json").exists():
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        backend = TikTokenConverter(
-            vocab_file=str(rank_file), pattern=QWEN_PATTERN, extra_special_tokens=SPECIAL_TOKENS
-        ).converted()
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=backend,
+            tokenizer_object=_backend(rank_file, qwen_v1),
             eos_token=IM_END,
             pad_token=ENDOFTEXT,
             bos_token=None,
@@ -96,7 +88,6 @@ def _convert_rank_file(rank_file: Path) -> PreTrainedTokenizerFast:
             model_max_length=32768,
             clean_up_tokenization_spaces=False,
         )
-        tok.chat_template = CHAT_TEMPLATE
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tokenizer-"))
         tok.save_pretrained(tmp)
@@ -120,7 +111,7 @@ def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> 
         return _finish(_convert_rank_file(embedded_rank_file()))
     p = Path(path)
     if p.is_dir() and not (p / "tokenizer.json").exists() and (p / "qwen.tiktoken").exists() and not trust_remote_code:
-        return _finish(_convert_rank_file(p / "qwen.tiktoken"))
+        return _finish(_convert_rank_file(p / "qwen.tiktoken", qwen_v1=True))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

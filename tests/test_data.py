@@ -138,7 +138,7 @@ def test_json_list_bad_sample_reports_its_start_line(tmp_path):
     path = write(tmp_path / "train.json", BAD_JSON_LIST)
     assert problems(load_conversations, path) == [
         f'{path}:7 (sample 2, id "identity_3"): conversations[1].from is "bot"; '
-        "expected one of user, assistant, system (or human, gpt)"
+        "expected one of user, assistant, system, function_call, observation (or human, gpt)"
     ]
 
 
@@ -208,7 +208,7 @@ SFT_CASES = [
     ),
     (
         seed(("user", "q"), ("bot", "a")),
-        'conversations[1].from is "bot"; expected one of user, assistant, system (or human, gpt)',
+        'conversations[1].from is "bot"; expected one of user, assistant, system, function_call, observation (or human, gpt)',
     ),
     (turns(("user", "q"), ("gpt", "a")), 'messages[1].role is "gpt"; expected one of user, assistant, system'),
     (turns(("user", "q"), ("assistant", 5)), "messages[1].content is 5; expected a string"),
@@ -246,7 +246,7 @@ def test_several_problems_in_one_sample_all_reported(tmp_path):
     record = {"id": "s1", "conversations": [{"from": "bot", "value": 1}, {"from": "user", "value": ""}]}
     path = write(tmp_path / "t.json", json.dumps([record]))
     assert problems(load_conversations, path) == [
-        f'{path}:1 (sample 0, id "s1"): conversations[0].from is "bot"; expected one of user, assistant, system (or human, gpt)',
+        f'{path}:1 (sample 0, id "s1"): conversations[0].from is "bot"; expected one of user, assistant, system, function_call, observation (or human, gpt)',
         f'{path}:1 (sample 0, id "s1"): conversations[0].value is 1; expected a string',
         f'{path}:1 (sample 0, id "s1"): conversations[1].value is empty',
     ]
@@ -314,7 +314,7 @@ def test_load_prompts(tmp_path):
     ]
     bad = write(tmp_path / "bad.jsonl", GOOD + "\n" + '{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     assert problems(load_prompts, bad) == [
-        f"{bad}:1: messages ends with an assistant turn; a prompt must end with a user turn",
+        f"{bad}:1: messages ends with an assistant turn; a prompt must end with a user turn (or a tool result)",
         f'{bad}:2: this is a preference pair (it has "chosen"/"rejected"); {PROMPT_FORMAT}',
     ]
 
@@ -339,7 +339,7 @@ PAIR_CASES = [
     ({"chosen": "a", "rejected": "b"}, f'missing "prompt" or "conversations" or "messages"; {PREFERENCE_FORMAT}'),
     (
         {"prompt": msgs(*QA), "chosen": "a", "rejected": "b"},
-        "prompt ends with an assistant turn; a prompt must end with a user turn",
+        "prompt ends with an assistant turn; a prompt must end with a user turn (or a tool result)",
     ),
     ({**seed(("user", "q"), ("gpt", "a")), "chosen": "a", "rejected": "b"}, "conversations ends with an assistant turn"),
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt is empty"),

@@ -8,6 +8,8 @@ and the saved policy must reload in a fresh offline process and say A.
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import random
@@ -83,14 +85,14 @@ def reward_model(workdir, base_model_path, tokenizer) -> str:
     """A tiny Bradley-Terry reward model (the embedded model + a score head) that prefers A over B."""
     from transformers import AutoModelForSequenceClassification
 
-    from qwen_tune.chatml import ChatMLEncoder
+    from qwen_tune.chat_format import resolve_format
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
-    enc = ChatMLEncoder(tokenizer)
-    # score at the closing <|im_end|> of prompt + reply (drop the trailing newline)
-    chosen, rejected = (enc.encode(PROMPT + [{"role": "assistant", "content": a}]).input_ids[:-1] for a in (PREFERRED, OTHER))
+    fmt = resolve_format(copy.copy(tokenizer))
+    # score at the closing <|im_end|> of prompt + reply, as rm, score and ppo do
+    chosen, rejected = (sum(fmt.reply_ids(PROMPT, [{"role": "assistant", "content": a}]), []) for a in (PREFERRED, OTHER))
     batch = torch.tensor([chosen, rejected])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(30):

@@ -20,3 +20,21 @@ def test_checkpoint_tokenizer_json_is_used_as_is(tmp_path, tokenizer):
     again = load_tokenizer(str(tmp_path))
     assert again.chat_template == tokenizer.chat_template
     assert encode_plain(again, ["assistant\n"]) == [[77091, 198]]
+
+
+def test_embedded_tokenizer_equals_official_qwen3():
+    """Golden ids of the official Qwen3 tokenizer (tests/golden/make_golden.py): added tokens, Chinese, emoji,
+    decomposed Unicode that NFC composes, code, whitespace; and the same added tokens, ids and special flags."""
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "golden" / "qwen3_tokenizer_ids.json").read_text(encoding="utf-8"))
+    tok = load_tokenizer()
+    added = [{"id": i, "content": t.content, "special": t.special} for i, t in sorted(tok.added_tokens_decoder.items())]
+    assert added == [{k: t[k] for k in ("id", "content", "special")} for t in golden["added_tokens"]]
+    assert len(tok) == 151669
+    assert len(golden["texts"]) >= 20
+    for item in golden["texts"]:
+        assert tok(item["text"], add_special_tokens=False)["input_ids"] == item["ids"], item["text"]
+    composed, decomposed = "Ångström café naïve", "A\u030angstro\u0308m cafe\u0301 nai\u0308ve"
+    assert tok(decomposed)["input_ids"] == tok(composed)["input_ids"] and len(tok(composed)["input_ids"]) == 7

@@ -1,0 +1,352 @@
+"""The served format: conversations rendered by the chat template, tokenized, and labelled.
+
+The contract, for any template: `input_ids` are the ids of `tokenizer.apply_chat_template(messages,
+tools=tools)`, and the labels supervise what the model generates in each assistant turn: every
+token overlapping the text from just after `<|im_start|>assistant\\n` to and including that turn's
+`<|im_end|>`. Labels are derived from the rendered text and the tokenizer's offsets, never from a
+hand-written copy of a template, so a new Qwen release's template works unchanged.
+
+Two deliberate differences from a plain `apply_chat_template(tokenize=True)`:
+- an empty thinking block a template inserts (`<think>\\n\\n</think>\\n\\n`) is in the input but not
+  supervised, so data without reasoning does not teach a hybrid model to stop thinking;
+- text in a message that spells a special control token (`<|im_end|>`, ...) stays text: strings
+  are escaped before rendering, so only the template itself can emit control tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import UserError
+from .tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
+
+IGNORE = -100
+ASSISTANT = "assistant\n"  # what follows a template's <|im_start|> in an assistant turn
+EMPTY_THINK = re.compile(r"<think>\s*</think>\n\n")
+INLINE_THINK = re.compile(r"^\s*<think>(.*?)</think>", re.S)
+# Private-use code points stand in for typed control tokens while the template renders.
+ESCAPE_BASE = 0xF0000
+
+
+@dataclass
+class Encoded:
+    """One tokenized conversation. `turns` are the token ranges [start, end) of each assistant turn's body."""
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    turns: list[tuple[int, int]] = field(default_factory=list)
+    reasoning_not_trained: int = 0  # reasoning blocks the template left out (Qwen3: before the last user turn)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def chatml_template(system_message: str | None) -> str:
+    """The seed's ChatML, with the run's default system turn written in (or none): what the embedded model trains on."""
+    default = ""
+    if system_message:
+        default = "{{- '<|im_start|>system\\n' + " + _jinja_string(system_message) + " + '<|im_end|>\\n' }}"
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- if messages[0]['content'] -%}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- endif -%}"
+        "{%- set loop_messages = messages[1:] -%}"
+        "{%- else -%}" + default + "{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- for message in loop_messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def official_templates() -> dict[str, Path]:
+    """The official Qwen chat templates that the pinned TRL ships (`trl/chat_templates/qwen*.jinja`)."""
+    import trl
+
+    folder = Path(trl.__file__).parent / "chat_templates"
+    return {p.stem: p for p in sorted(folder.glob("qwen*.jinja")) if not p.stem.endswith("_training")}
+
+
+def load_template(name_or_file: str) -> tuple[str, str]:
+    """(template text, its name) for `--chat_template`: a Jinja file, or the name of an official Qwen template."""
+    path = Path(name_or_file).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    known = official_templates()
+    if name_or_file in known:
+        return known[name_or_file].read_text(encoding="utf-8"), name_or_file
+    raise UserError(f"--chat_template {name_or_file}: not a file, nor an official template name; "
+                    f"the names are {', '.join(known)}")
+
+
+def template_name(template: str) -> str | None:
+    """The official name of a template, when it is one of them word for word."""
+    for name, path in official_templates().items():
+        if path.read_text(encoding="utf-8").strip() == template.strip():
+            return name
+    return None
+
+
+class ChatFormat:
+    """Renders and encodes conversations in one chat template; built once per run by `resolve_format`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, description: str,
+                 system_message: str | None = None, template_kwargs: dict | None = None):
+        self.tokenizer, self.template, self.description = tokenizer, template, description
+        self.system_message = system_message  # prepended to conversations without a system turn (None: the template decides)
+        self.template_kwargs = dict(template_kwargs or {})
+        specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+        self.specials = {s: chr(ESCAPE_BASE + i) for i, s in enumerate(specials)}
+        self.unescape = {v: k for k, v in self.specials.items()}
+        self._special_re = re.compile("|".join(map(re.escape, specials)))
+        self._escaped_re = re.compile("[" + "".join(self.unescape) + "]")
+        self._split_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+        self.im_start, self.im_end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+        self._renders: dict[str, bool] = {}
+
+    # ------------------------------------------------------------ rendering
+
+    def messages_for(self, messages: list[dict]) -> list[dict]:
+        """The conversation as the template gets it: with `--system_message` added when given and missing."""
+        if self.system_message and not (messages and messages[0]["role"] == "system"):
+            return [{"role": "system", "content": self.system_message}] + list(messages)
+        return list(messages)
+
+    def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
+        """The text the template makes of a conversation (what a server sends the model)."""
+        return self.tokenizer.apply_chat_template(
+            self.messages_for(messages), tools=tools or None, chat_template=self.template, tokenize=False,
+            add_generation_prompt=add_generation_prompt, **self.template_kwargs)
+
+    def _escape(self, value):
+        """Every string with typed control tokens replaced by private-use stand-ins (restored after rendering)."""
+        if isinstance(value, str):
+            return self._special_re.sub(lambda m: self.specials[m.group(0)], value) if "<|" in value else value
+        if isinstance(value, list):
+            return [self._escape(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._escape(v) for k, v in value.items()}
+        return value
+
+    def _pieces(self, messages, tools, add_generation_prompt: bool) -> list[str]:
+        """Rendered text split at the template's control tokens: [text, special, text, special, ..., text]."""
+        for s in _strings([messages, tools]):
+            if self._escaped_re.search(s):
+                raise UserError(f"a message contains a private-use character U+{ord(self._escaped_re.search(s).group(0)):X} "
+                                "that qwen-tune reserves for escaping control tokens; remove it")
+        text = self.render(self._escape(messages), self._escape(tools), add_generation_prompt)
+        pieces = self._split_re.split(text)
+        return [self._escaped_re.sub(lambda m: self.unescape[m.group(0)], p) if i % 2 == 0 else p
+                for i, p in enumerate(pieces)]
+
+    def can_render(self, feature: str) -> bool:
+        """Whether the template shows a feature at all (probed once with a marker): reasoning, tools, tool_calls, tool_messages."""
+        if feature not in self._renders:
+            mark = "qwen_tune_probe_marker"
+            call = {"type": "function", "function": {"name": mark if feature == "tool_calls" else "f", "arguments": {}}}
+            probes = {
+                "reasoning": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": mark}], None),
+                "tools": ([{"role": "user", "content": "q"}], [{"type": "function", "function": {"name": mark, "parameters": {}}}]),
+                "tool_calls": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}], None),
+                "tool_messages": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                                   {"role": "tool", "content": mark}], None),
+            }
+            messages, tools = probes[feature]
+            try:
+                self._renders[feature] = mark in self.render(messages, tools)
+            except Exception:  # a template may raise on what it does not support
+                self._renders[feature] = False
+        return self._renders[feature]
+
+    def problems(self, messages: list[dict], tools: list | None) -> list[str]:
+        """What in a conversation this template cannot render: an error to show, never a silent drop."""
+        used = {
+            "reasoning": any(m.get("reasoning_content") for m in messages),
+            "tools": bool(tools),
+            "tool_calls": any(m.get("tool_calls") for m in messages),
+            "tool_messages": any(m["role"] == "tool" for m in messages),
+        }
+        what = {"reasoning": "reasoning_content", "tools": "a tools list", "tool_calls": "tool calls",
+                "tool_messages": "tool results"}
+        return [f"has {what[f]}, but {self.description} has no place for it (it would be silently dropped); "
+                f"choose a template that renders it, e.g. --chat_template {'qwen3' if f == 'reasoning' else 'qwen2_5'}"
+                for f, present in used.items() if present and not self.can_render(f)]
+
+    # ------------------------------------------------------------ encoding
+
+    def encode_many(self, conversations: list, ids: list[str] | None = None, max_length: int | None = None) -> list[Encoded]:
+        """Encode conversations (objects with `.messages` and `.tools`, or message lists) with labels.
+
+        One batched tokenizer call for all text pieces; samples longer than `max_length` keep their head (flagged).
+        """
+        rendered = [self._pieces(*_messages_tools(c), add_generation_prompt=False) for c in conversations]
+        texts = [p for pieces in rendered for p in pieces[0::2]]
+        batch = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        out, k = [], 0
+        for i, pieces in enumerate(rendered):
+            n = (len(pieces) + 1) // 2
+            encoded_texts = list(zip(batch["input_ids"][k:k + n], batch["offset_mapping"][k:k + n]))
+            k += n
+            sample_id = ids[i] if ids else str(i)
+            out.append(self._label(sample_id, pieces, encoded_texts, _messages_tools(conversations[i])[0], max_length))
+        return out
+
+    def encode(self, messages: list[dict], tools: list | None = None, max_length: int | None = None) -> Encoded:
+        return self.encode_many([(messages, tools)], max_length=max_length)[0]
+
+    def _label(self, sample_id, pieces, encoded_texts, messages, max_length) -> Encoded:
+        input_ids, starts, ends = [], [], []
+        text, pos = [], 0
+        for i, piece in enumerate(pieces):
+            if i % 2:  # a control token the template wrote
+                input_ids.append(self.tokenizer.convert_tokens_to_ids(piece))
+                starts.append(pos)
+                ends.append(pos + len(piece))
+            else:
+                ids, offsets = encoded_texts[i // 2]
+                input_ids += ids
+                starts += [pos + a for a, _ in offsets]
+                ends += [pos + b for _, b in offsets]
+            text.append(piece)
+            pos += len(piece)
+        full = "".join(text)
+        spans = self._assistant_spans(pieces)
+        labels = [IGNORE] * len(input_ids)
+        turns = []
+        for body_start, body_end in spans:
+            think = EMPTY_THINK.match(full, body_start, body_end)
+            supervised_start = think.end() if think else body_start
+            first = bisect.bisect_right(ends, body_start)  # first token ending after the body starts
+            sup_first = bisect.bisect_right(ends, supervised_start)
+            last = bisect.bisect_left(starts, body_end)  # tokens starting before the body ends
+            for t in range(sup_first, last):
+                labels[t] = input_ids[t]
+            turns.append((first, last))
+        not_trained = _reasoning_not_trained(messages, [full[a:b] for a, b in spans])
+        truncated = max_length is not None and len(input_ids) > max_length
+        if truncated:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            turns = [(a, min(b, max_length)) for a, b in turns if a < max_length]
+        return Encoded(sample_id, input_ids, labels, truncated, turns, not_trained)
+
+    def _assistant_spans(self, pieces: list[str]) -> list[tuple[int, int]]:
+        """Character spans of each assistant body: after `<|im_start|>assistant\\n`, through the template's next `<|im_end|>`."""
+        spans, pos, start = [], 0, None
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                if piece == IM_START and i + 1 < len(pieces) and pieces[i + 1].startswith(ASSISTANT):
+                    start = pos + len(piece) + len(ASSISTANT)
+                elif piece == IM_END and start is not None:
+                    spans.append((start, pos + len(piece)))
+                    start = None
+            pos += len(piece)
+        return spans
+
+    def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """Token ids that ask the model for the next assistant turn (the template's generation prompt)."""
+        pieces = self._pieces(messages, tools, add_generation_prompt=True)
+        texts = self.tokenizer(pieces[0::2], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = []
+        for i, piece in enumerate(pieces):
+            ids += [self.tokenizer.convert_tokens_to_ids(piece)] if i % 2 else texts[i // 2]
+        return ids
+
+    def reply_ids(self, prompt: list[dict], reply: list[dict], tools: list | None = None) -> tuple[list[int], list[int]]:
+        """(ids before the last assistant turn's body, that body through its `<|im_end|>`), from one encoding.
+
+        Reward models score at the reply's `<|im_end|>`; DPO's completion is the reply.
+        """
+        e = self.encode(list(prompt) + list(reply), tools)
+        start, end = e.turns[-1]
+        return e.input_ids[:start], e.input_ids[start:end]
+
+
+def _messages_tools(conversation) -> tuple[list[dict], list | None]:
+    if isinstance(conversation, tuple):
+        return conversation
+    if isinstance(conversation, list):
+        return conversation, None
+    return conversation.messages, getattr(conversation, "tools", None)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+
+
+def reasoning_of(message: dict) -> str:
+    """The reasoning an assistant message carries: `reasoning_content`, or an inline `<think>...</think>` lead."""
+    if message.get("reasoning_content"):
+        return message["reasoning_content"].strip()
+    inline = INLINE_THINK.match(message.get("content") or "")
+    return inline.group(1).strip() if inline else ""
+
+
+def _reasoning_not_trained(messages: list[dict], bodies: list[str]) -> int:
+    """How many assistant turns' reasoning the template did not render (counted, never silent)."""
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    if len(assistants) != len(bodies):
+        return 0
+    return sum(1 for m, body in zip(assistants, bodies) if reasoning_of(m) and reasoning_of(m) not in body)
+
+
+def check_renderable(fmt: ChatFormat, samples, max_problems: int = 20) -> None:
+    """Every sample (with `.messages`/`.prompt`+replies, `.tools`, `.source`) renders in full, or one DataError naming each."""
+    from .errors import DataError
+
+    found = []
+    for s in samples:
+        messages = s.messages if hasattr(s, "messages") else s.prompt + s.chosen + s.rejected
+        found += [f"{s.source} (id \"{s.id}\"): {p}" for p in fmt.problems(messages, s.tools)]
+    if found:
+        raise DataError(found[:max_problems], total=len(found))
+
+
+def resolve_format(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None, system_message: str | None = None,
+                   enable_thinking: bool | None = None, template_kwargs: dict | None = None,
+                   source: str = "the checkpoint") -> ChatFormat:
+    """Choose the run's format and make the tokenizer carry it, so that the saved tokenizer serves what was trained.
+
+    `--chat_template` wins; else the checkpoint's own template; else the seed's ChatML with the run's
+    system message written in. `system_message` None means "not given": the template decides.
+    """
+    kwargs = dict(template_kwargs or {})
+    if enable_thinking is not None:
+        kwargs["enable_thinking"] = enable_thinking
+    own = tokenizer.chat_template
+    if isinstance(own, dict):
+        own = own.get("default")
+    if chat_template:
+        template, name = load_template(chat_template)
+        description = f"chat template {name} (--chat_template)"
+    elif own:
+        template, name = own, template_name(own)
+        description = f"the chat template of {source}" + (f" (official {name})" if name else "")
+    else:
+        default = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
+        template = chatml_template(default)
+        description = f"ChatML (the seed's), default system message {default!r}" if default else "ChatML (the seed's), no system message"
+        system_message = None  # written into the template
+    tokenizer.chat_template = template
+    if system_message:
+        description += f", --system_message {system_message!r} added where a conversation has none"
+    if kwargs:
+        description += f", template options {kwargs}"
+    return ChatFormat(tokenizer, template, description, system_message, kwargs)
