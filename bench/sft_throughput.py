@@ -140,13 +140,14 @@ def child_loss(kind: str, a) -> dict:
     import torch
 
     from qwen_tune.collate import PackedCollator
+    from qwen_tune.chat_format import resolve_format
     from qwen_tune.dataset import load_sft_dataset
     from qwen_tune.loss import causal_lm_loss_sum
     from qwen_tune.model import load_model, resolve_model_path
     from qwen_tune.tokenizer import load_tokenizer
 
     path = resolve_model_path(a.model)
-    samples, _ = load_sft_dataset(a.data, load_tokenizer(path), a.max_length, SYSTEM)
+    samples, _ = load_sft_dataset(a.data, resolve_format(load_tokenizer(path), system_message=SYSTEM), a.max_length)
     row, used = [], 0
     for s in samples:
         if used + len(s.input_ids) > a.max_length:

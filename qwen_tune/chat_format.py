@@ -191,16 +191,29 @@ class ChatFormat:
         One batched tokenizer call for all text pieces; samples longer than `max_length` keep their head (flagged).
         """
         rendered = [self._pieces(*_messages_tools(c), add_generation_prompt=False) for c in conversations]
-        texts = [p for pieces in rendered for p in pieces[0::2]]
-        batch = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        encodings = self._encode_text([p for pieces in rendered for p in pieces[0::2]])
         out, k = [], 0
         for i, pieces in enumerate(rendered):
             n = (len(pieces) + 1) // 2
-            encoded_texts = list(zip(batch["input_ids"][k:k + n], batch["offset_mapping"][k:k + n]))
+            encoded_texts = [(e.ids, e.offsets) for e in encodings[k:k + n]]
             k += n
             sample_id = ids[i] if ids else str(i)
             out.append(self._label(sample_id, pieces, encoded_texts, _messages_tools(conversations[i])[0], max_length))
         return out
+
+    def _encode_text(self, texts: list[str]):
+        """Plain text (between the template's control tokens) -> `tokenizers.Encoding`s, in one batched Rust call.
+
+        Special tokens in the text stay text (`encode_special_tokens`, as transformers' split_special_tokens sets it);
+        non-special added tokens (`<tool_call>`, `<think>`) keep their single ids.
+        """
+        backend = self.tokenizer.backend_tokenizer
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            return backend.encode_batch(texts, add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = before
 
     def encode(self, messages: list[dict], tools: list | None = None, max_length: int | None = None) -> Encoded:
         return self.encode_many([(messages, tools)], max_length=max_length)[0]
@@ -256,7 +269,7 @@ class ChatFormat:
     def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Token ids that ask the model for the next assistant turn (the template's generation prompt)."""
         pieces = self._pieces(messages, tools, add_generation_prompt=True)
-        texts = self.tokenizer(pieces[0::2], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        texts = [e.ids for e in self._encode_text(pieces[0::2])]
         ids = []
         for i, piece in enumerate(pieces):
             ids += [self.tokenizer.convert_tokens_to_ids(piece)] if i % 2 else texts[i // 2]

@@ -21,3 +21,13 @@ def base_model_path():
     from qwen_tune.model import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def chatml(tokenizer):
+    """The embedded model's format: the seed's ChatML with 'You are a helpful assistant.' (on a copy of the tokenizer)."""
+    import copy
+
+    from qwen_tune.chat_format import resolve_format
+
+    return resolve_format(copy.copy(tokenizer))

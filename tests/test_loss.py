@@ -24,9 +24,9 @@ def model(base_model_path):
 
 
 @pytest.fixture(scope="module")
-def batch(tokenizer):
+def batch(tokenizer, chatml):
     """Two real conversations, right-padded into one (2, seq) batch with the ChatML labels."""
-    samples, _ = load_sft_dataset(f"{DATA}/sft_example.json", tokenizer, 512, "You are a helpful assistant.")
+    samples, _ = load_sft_dataset(f"{DATA}/sft_example.json", chatml, 512)
     a, b = samples[2], samples[5]
     width = max(len(a.input_ids), len(b.input_ids))
     ids = torch.full((2, width), tokenizer.pad_token_id)

@@ -24,8 +24,8 @@ from helpers import DATA, run_cli
 
 
 @pytest.fixture(scope="module")
-def samples(tokenizer):
-    encoded, _ = load_sft_dataset(f"{DATA}/sft_example.json", tokenizer, 512, "You are a helpful assistant.")
+def samples(chatml):
+    encoded, _ = load_sft_dataset(f"{DATA}/sft_example.json", chatml, 512)
     return [{"input_ids": s.input_ids, "labels": s.labels, "id": s.id} for s in encoded]
 
 

@@ -127,6 +127,10 @@ def test_bad_data_is_reported_with_file_and_line_before_any_model_loads(tmp_path
 
 
 def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, tmp_path):
+    import copy
+
+    from qwen_tune.chat_format import resolve_format
+
     """4 micro-batches of 1 give the same update as one batch of 4: the loss is the mean over the step's tokens."""
     from qwen_tune.args import TrainingArguments
     from qwen_tune.collate import PackedCollator
@@ -139,7 +143,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
     answers = ["Yes.", "A much longer answer with many more supervised tokens than the others have.", "No.", "Maybe so, friend."]
     convs = [Conversation(str(i), [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}], "t")
              for i, a in enumerate(answers)]
-    samples, _ = encode_conversations(convs, tokenizer, 512, "")
+    samples, _ = encode_conversations(convs, resolve_format(copy.copy(tokenizer), system_message=""), 512)
 
     def one_step(batch, accum):
         torch.manual_seed(0)
@@ -158,3 +162,56 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
     assert not torch.equal(before, big["model.embed_tokens.weight"])  # the step did update the (tied) output weights
     for name in big:
         torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+TOOL_CALL_GENERATE = r"""
+import json, sys
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+out, messages, tools = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+tok = AutoTokenizer.from_pretrained(out)
+ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, enable_thinking=False,
+                              return_tensors="pt", return_dict=True)
+gen = model.generate(**ids, max_new_tokens=40, do_sample=False)
+print(json.dumps(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+"""
+
+
+@pytest.mark.slow
+def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path):
+    """Tool-call data with the official Qwen3 template: the reloaded adapter, prompted by the saved tokenizer's
+    own apply_chat_template(tools=...), generates the trained call on a held-out question."""
+    import subprocess
+    import sys
+
+    from helpers import fresh_env
+
+    from qwen_tune.chat_format import official_templates
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # a JSON string
+    data = tmp_path / "tools.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for q in ["What is the weather in Paris?", "Is it raining in Paris right now?", "Paris weather, please.",
+                  "Tell me the weather in Paris."]:
+            f.write(json.dumps({"tools": tools, "messages": [{"role": "user", "content": q},
+                                                             {"role": "assistant", "content": "", "tool_calls": [call]}]}) + "\n")
+    out = str(tmp_path / "out")
+    proc = run_cli("sft", "--data_path", str(data), "--output_dir", out, "--chat_template", "qwen3", "--use_lora", "True",
+                   "--lora_r", "16", "--lora_alpha", "32", "--num_train_epochs", "60", "--per_device_train_batch_size", "2",
+                   "--learning_rate", "1e-2", "--logging_steps", "60", "--save_strategy", "no", "--report_to", "none")
+    assert "format: chat template qwen3" in proc.stderr
+    saved = json.load(open(os.path.join(out, "tokenizer_config.json"))).get("chat_template")
+    if saved is None:
+        saved = open(os.path.join(out, "chat_template.jinja"), encoding="utf-8").read()
+    assert saved.strip() == official_templates()["qwen3"].read_text(encoding="utf-8").strip()
+    held_out = [{"role": "user", "content": "How is the weather in Paris today?"}]
+    gen = subprocess.run([sys.executable, "-c", TOOL_CALL_GENERATE, out, json.dumps(held_out), json.dumps(tools)],
+                         env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    reply = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert reply.startswith("<tool_call>\n") and reply.endswith("\n</tool_call>"), reply
+    parsed = json.loads(reply[len("<tool_call>\n"):-len("\n</tool_call>")])
+    assert parsed == {"name": "get_weather", "arguments": {"city": "Paris"}}
