@@ -101,9 +101,9 @@ def template_name(template: str) -> str | None:
 class ChatFormat:
     """Renders and encodes conversations in one chat template; built once per run by `resolve_format`."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, description: str,
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, name: str, description: str,
                  system_message: str | None = None, template_kwargs: dict | None = None):
-        self.tokenizer, self.template, self.description = tokenizer, template, description
+        self.tokenizer, self.template, self.name, self.description = tokenizer, template, name, description
         self.system_message = system_message  # prepended to conversations without a system turn (None: the template decides)
         self.template_kwargs = dict(template_kwargs or {})
         specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
@@ -179,9 +179,14 @@ class ChatFormat:
         }
         what = {"reasoning": "reasoning_content", "tools": "a tools list", "tool_calls": "tool calls",
                 "tool_messages": "tool results"}
-        return [f"has {what[f]}, but {self.description} has no place for it (it would be silently dropped); "
-                f"choose a template that renders it, e.g. --chat_template {'qwen3' if f == 'reasoning' else 'qwen2_5'}"
-                for f, present in used.items() if present and not self.can_render(f)]
+        missing = [what[f] for f, present in used.items() if present and not self.can_render(f)]
+        if not missing:
+            return []
+        listed = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        them = "them" if len(missing) > 1 else "it"
+        return [f"has {listed}, but the chat template ({self.name}) has no place for {them} (it would be silently "
+                f"dropped); choose a template that renders {them}, e.g. --chat_template qwen3, or the one your model "
+                "is served with"]
 
     # ------------------------------------------------------------ encoding
 
@@ -350,11 +355,12 @@ def resolve_format(tokenizer: PreTrainedTokenizerBase, chat_template: str | None
         template, name = load_template(chat_template)
         description = f"chat template {name} (--chat_template)"
     elif own:
-        template, name = own, template_name(own)
-        description = f"the chat template of {source}" + (f" (official {name})" if name else "")
+        official = template_name(own)
+        template, name = own, f"official {official}" if official else f"the one of {source}"
+        description = f"the chat template of {source}" + (f" (official {official})" if official else "")
     else:
         default = DEFAULT_SYSTEM_MESSAGE if system_message is None else system_message
-        template = chatml_template(default)
+        template, name = chatml_template(default), "the seed's ChatML"
         description = f"ChatML (the seed's), default system message {default!r}" if default else "ChatML (the seed's), no system message"
         system_message = None  # written into the template
     tokenizer.chat_template = template
@@ -362,4 +368,4 @@ def resolve_format(tokenizer: PreTrainedTokenizerBase, chat_template: str | None
         description += f", --system_message {system_message!r} added where a conversation has none"
     if kwargs:
         description += f", template options {kwargs}"
-    return ChatFormat(tokenizer, template, description, system_message, kwargs)
+    return ChatFormat(tokenizer, template, name, description, system_message, kwargs)

@@ -477,7 +477,8 @@ def load_prompts(paths, max_problems: int = 20) -> list[Conversation]:
 
 def load_preference_pairs(paths, max_problems: int = 20) -> list[PreferencePair]:
     """Preference pairs, Qwen-style (conversations + chosen/rejected text) or TRL-style (prompt/chosen/rejected)."""
-    return [PreferencePair(i, *p, s) for i, p, s in _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems)]
+    return [PreferencePair(i, prompt, chosen, rejected, s, tools)
+            for i, (prompt, chosen, rejected, tools), s in _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems)]
 
 
 def detect_kind(paths) -> str:

@@ -1,7 +1,7 @@
 """Direct Preference Optimization (`qwen-tune dpo`): the lighter alternative to reward model + PPO.
 
-Reads top to bottom like the job: validate and tokenize the pairs with our ChatML encoder (prompt =
-ChatML up to and including `<|im_start|>assistant\\n`, completion = content + `<|im_end|>`, exactly
+Reads top to bottom like the job: validate and tokenize the pairs in the run's chat template (prompt =
+the rendered conversation up to the reply's body, completion = the reply through its `<|im_end|>`, exactly
 the tokens SFT supervises), load the policy (full or LoRA), train with TRL's DPOTrainer, save a
 plain Hugging Face directory. The reference is a frozen copy of the start model, or with LoRA the
 same model with the adapter disabled (no second copy in memory).
@@ -40,11 +40,11 @@ class DPOTrainingArguments(TrainingArguments, DPOConfig):
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, DPOTrainingArguments)
 
 
-class ChatMLDPOTrainer(DPOTrainer):
+class PretokenizedDPOTrainer(DPOTrainer):
     """DPOTrainer fed our own tokens: the data is already prompt_ids/chosen_ids/rejected_ids."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # TRL would re-tokenize with the chat template; ours are the tokens SFT trains on
+        return dataset  # TRL would re-tokenize; ours are the served-format tokens SFT trains on
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments) -> dict:
@@ -69,7 +69,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
                        attn_implementation=model_args.attn_implementation)
     model.config.use_cache = False
-    trainer = ChatMLDPOTrainer(
+    trainer = PretokenizedDPOTrainer(
         model=model,
         ref_model=None,  # full: TRL loads a frozen copy of model_path; LoRA: the adapter is disabled instead
         args=args,
@@ -93,7 +93,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         unwrap(trainer.model).generation_config.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
             json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report}, chat_format=fmt.description,
                          model_path=model_path, kind="dpo", adapter=lora_args.use_lora)
         if evaluation is not None:
             log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "

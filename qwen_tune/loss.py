@@ -12,7 +12,7 @@ import os
 
 import torch
 
-IGNORE = -100
+from .chat_format import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

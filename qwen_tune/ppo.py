@@ -1,7 +1,7 @@
 """RLHF stage 2: PPO on an SFT policy against a reward model or a reward function.
 
 Our own implementation (TRL removed its PPOTrainer). Reads top to bottom like the algorithm:
-for each batch of prompts, sample ChatML replies from the actor (stopping at `<|im_end|>`),
+for each batch of prompts, sample replies (prompts rendered by the policy's chat template) from the actor (stopping at `<|im_end|>`),
 score them, compute per-token rewards (-kl_coef * KL(actor || reference) + the score on the
 last token), values and GAE advantages, then run several epochs of clipped PPO updates over
 minibatches. The formulas live in `ppo_math.py`.
@@ -571,7 +571,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history)}
     with open(os.path.join(args.output_dir, "ppo_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo",
+    write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo", chat_format=fmt.description,
                      adapter=adapter)
     log(how_to_load(args.output_dir, adapter))
     return metrics

@@ -202,7 +202,8 @@ def _fmt(v) -> str:
 
 def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bool, data_files: dict | None = None,
                      data_reports: dict | None = None, metrics: dict | None = None, trainer=None,
-                     hyperparameters: dict | None = None, command: str | None = None, plotted: bool = False) -> str:
+                     hyperparameters: dict | None = None, command: str | None = None, plotted: bool = False,
+                     chat_format: str | None = None) -> str:
     out = os.path.abspath(output_dir)
     loader = ("peft", "AutoPeftModelForCausalLM") if adapter else ("transformers", "AutoModelForCausalLM")
     what = "a LoRA adapter" if adapter else "a full model"
@@ -220,6 +221,8 @@ def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bo
         "",
         "## Data",
         *_data_section(data_files or {}, data_reports or {}),
+        *([f"", f"Format: {chat_format}. The saved tokenizer's chat template renders exactly what was trained: "
+           "serve with `tokenizer.apply_chat_template` (and the same system message)."] if chat_format else []),
         "",
         "## Hyper-parameters",
         *_hyper_section(trainer, hyperparameters),
@@ -267,7 +270,8 @@ def write_run_report(output_dir: str, **info) -> None:
     """Final `loss.png` (+ `loss.json`) and the model card `README.md` for a finished run.
 
     info: model_path, kind ("sft", "rm", "dpo", "ppo"), adapter, trainer (for its log history and
-    arguments), metrics, data_files ({"train": paths, ...}), data_reports, hyperparameters, command.
+    arguments), metrics, data_files ({"train": paths, ...}), data_reports, hyperparameters, command,
+    chat_format (the run's format description).
     Without a trainer the log comes from `info["log_history"]` or the output dir's `ppo_log.jsonl`.
     """
     trainer = info.get("trainer")
@@ -282,5 +286,5 @@ def write_run_report(output_dir: str, **info) -> None:
         output_dir, model_path=info.get("model_path", "?"), kind=info.get("kind", "sft"),
         adapter=bool(info.get("adapter")), data_files=info.get("data_files"), data_reports=info.get("data_reports"),
         metrics=info.get("metrics"), trainer=trainer, hyperparameters=info.get("hyperparameters"),
-        command=info.get("command"), plotted=plotted,
+        command=info.get("command"), plotted=plotted, chat_format=info.get("chat_format"),
     )

@@ -167,7 +167,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
             reports = {"train": train_report.__dict__, **({"eval": eval_report.__dict__} if eval_report else {})}
             json.dump({**metrics, "data": reports}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report},
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report}, chat_format=fmt.description,
                          model_path=base_path, kind="rm", adapter=lora_args.use_lora)
         if evaluation is not None:
             log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: full-parameter, LoRA or Q-LoRA, on ChatML conversations.
+"""Supervised fine-tuning: full-parameter, LoRA or Q-LoRA, on conversations in the served format (chat_format).
 
 Reads top to bottom like the job: check the options, validate and tokenize the data (before any
 model is loaded), load the model, train with the HF Trainer (DeepSpeed, checkpoints and logging
@@ -142,7 +142,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         (unwrap(model)).generation_config.save_pretrained(args.output_dir)
         with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
             json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, model_path=model_path, kind="sft",
+        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, model_path=model_path, kind="sft", chat_format=fmt.description,
                          adapter=lora_args.use_lora,
                          data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
                          data_reports={"train": train_report, **({"eval": eval_report} if eval_samples else {})})

@@ -231,7 +231,7 @@ def test_reasoning_with_a_template_without_a_place_for_it(tokenizer, tmp_path):
     for template in ("qwen2_5", "qwen3_instruct_2507", None):
         (found,) = _problems(path, fmt_for(tokenizer, template))
         assert found.startswith(f'{path}:2 (id "r1"): has reasoning_content')
-        assert "--chat_template qwen3" in found and "silently dropped" in found
+        assert "--chat_template qwen3" in found and "silently dropped" in found and "(" in found
 
 
 def test_tool_calls_with_chatml_are_an_error(tokenizer, tmp_path):
@@ -276,3 +276,37 @@ def test_seed_function_call_errors(tmp_path):
     with pytest.raises(DataError) as info:
         load_conversations(str(path))
     assert any("conversations[1].value is not valid JSON" in p for p in info.value.problems)
+
+
+@pytest.mark.parametrize("template", ["qwen3", "qwen3_5_think", "qwen3_8"])
+def test_shipped_tool_examples_agree_across_formats(tokenizer, template):
+    data = Path(__file__).resolve().parent.parent / "data"
+    fmt = fmt_for(tokenizer, template)
+    seed, _ = load_sft_dataset(str(data / "sft_tools_example.json"), fmt, 2048)
+    openai, report = load_sft_dataset(str(data / "sft_tools_example.jsonl"), fmt, 2048)
+    assert [s.id for s in seed] == [s.id for s in openai] and len(seed) == 5
+    assert [s.input_ids for s in seed] == [s.input_ids for s in openai]
+    assert [s.labels for s in seed] == [s.labels for s in openai]
+    assert report.reasoning_not_trained == 0
+
+
+def test_preference_pairs_with_tools_render_in_the_template(tokenizer, tmp_path):
+    from qwen_tune.reward import encode_pairs
+
+    tools = CONVERSATIONS["tool_call_only"]["tools"]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": tools[0]["function"]["name"], "arguments": {}}}]}
+    pair = {"id": "p", "tools": tools, "prompt": [{"role": "user", "content": "Use the tool."}],
+            "chosen": [call], "rejected": [{"role": "assistant", "content": "I won't."}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n", encoding="utf-8")
+    fmt = fmt_for(tokenizer, "qwen3")
+    rows, _ = encode_pairs(str(path), fmt, 2048, split_prompt=True)
+    (row,) = list(rows)
+    full = fmt.encode(pair["prompt"] + pair["chosen"], tools)
+    assert row["prompt_ids"] + row["chosen_ids"] == full.input_ids[:len(row["prompt_ids"]) + len(row["chosen_ids"])]
+    chosen = tokenizer.decode(row["chosen_ids"])
+    assert "<tool_call>" in chosen and chosen.endswith("<|im_end|>")
+    assert tokenizer.decode(row["rejected_ids"]).endswith("I won't.<|im_end|>")
+    assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    with pytest.raises(DataError, match="tool calls"):
+        encode_pairs(str(path), fmt_for(tokenizer), 2048)

@@ -64,6 +64,7 @@ def test_shipped_preference_formats_agree():
     as_tuple = lambda p: (p.id, p.prompt, p.chosen, p.rejected)
     assert [as_tuple(p) for p in qwen] == [as_tuple(p) for p in trl]
     for p in qwen:
+        assert p.source.startswith(str(DATA / "preference_example.json") + ":") and p.tools is None
         assert p.prompt[-1]["role"] == "user"
         assert [m["role"] for m in p.chosen] == ["assistant"] == [m["role"] for m in p.rejected]
         assert p.chosen != p.rejected

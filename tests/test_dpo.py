@@ -12,10 +12,13 @@ from pairs_gen import HELD_OUT_SUBJECTS, TRAIN_SUBJECTS, polite_pairs, write_jso
 
 
 def logprob_margins(model, tokenizer, data: str) -> torch.Tensor:
-    """Per pair: sum log p(chosen reply | prompt) - sum log p(rejected reply | prompt), on our ChatML tokens."""
+    """Per pair: sum log p(chosen reply | prompt) - sum log p(rejected reply | prompt), on the tokens dpo trains on."""
+    import copy
+
+    from qwen_tune.chat_format import resolve_format
     from qwen_tune.reward import encode_pairs
 
-    pairs, _ = encode_pairs(data, tokenizer, 512, "", split_prompt=True)
+    pairs, _ = encode_pairs(data, resolve_format(copy.copy(tokenizer), system_message=""), 512, split_prompt=True)
 
     def logp(prompt, reply):
         ids = torch.tensor([prompt + reply])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qwen_tune.dataset import load_sft_dataset
-from qwen_tune.loss import IGNORE, causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
+from qwen_tune.chat_format import IGNORE
+from qwen_tune.loss import causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
 from qwen_tune.model import load_model
 
 from helpers import DATA
