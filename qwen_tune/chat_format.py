@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from .errors import UserError
@@ -112,7 +113,7 @@ class ChatFormat:
         self._special_re = re.compile("|".join(map(re.escape, specials)))
         self._escaped_re = re.compile("[" + "".join(self.unescape) + "]")
         self._split_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
-        self.im_start, self.im_end = tokenizer.convert_tokens_to_ids([IM_START, IM_END])
+        self._starts = {s[:2] for s in specials}  # a cheap test before the regex: most strings hold none
         self._renders: dict[str, bool] = {}
 
     # ------------------------------------------------------------ rendering
@@ -132,7 +133,9 @@ class ChatFormat:
     def _escape(self, value):
         """Every string with typed control tokens replaced by private-use stand-ins (restored after rendering)."""
         if isinstance(value, str):
-            return self._special_re.sub(lambda m: self.specials[m.group(0)], value) if "<|" in value else value
+            if any(start in value for start in self._starts):
+                return self._special_re.sub(lambda m: self.specials[m.group(0)], value)
+            return value
         if isinstance(value, list):
             return [self._escape(v) for v in value]
         if isinstance(value, dict):
@@ -145,7 +148,11 @@ class ChatFormat:
             if self._escaped_re.search(s):
                 raise UserError(f"a message contains a private-use character U+{ord(self._escaped_re.search(s).group(0)):X} "
                                 "that qwen-tune reserves for escaping control tokens; remove it")
-        text = self.render(self._escape(messages), self._escape(tools), add_generation_prompt)
+        try:
+            text = self.render(self._escape(messages), self._escape(tools), add_generation_prompt)
+        except TemplateError as e:  # the template's own raise_exception: a conversation it does not accept
+            raise UserError(f"the chat template ({self.name}) refused a conversation: {e} "
+                            f"(its first message: {str(messages[0].get('content'))[:60]!r})") from e
         pieces = self._split_re.split(text)
         return [self._escaped_re.sub(lambda m: self.unescape[m.group(0)], p) if i % 2 == 0 else p
                 for i, p in enumerate(pieces)]

@@ -2,7 +2,10 @@
 
 Every problem names its file and line, all problems are collected before anything is
 returned (one run shows everything to fix), and samples are never dropped or altered:
-content is kept byte for byte, only roles are normalised. No tokenization here.
+content is kept byte for byte. What is normalised: roles (seed `from` -> OpenAI `role`, seed
+`function_call` / `observation` -> assistant `tool_calls` / `tool` messages), tool-call arguments
+(a JSON string is parsed into the object it means), and bare tool definitions (wrapped as
+`{"type": "function", "function": ...}`). Unknown fields are errors, never dropped. No tokenization here.
 """
 
 from __future__ import annotations
