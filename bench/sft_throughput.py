@@ -128,7 +128,7 @@ def child_train(cfg: str, a) -> dict:
             argv += ["--model_name_or_path", a.model]
         if cfg == "pad-to-max":
             argv += ["--pad_to_max_length", "True"]
-            os.environ["QWEN_TUNE_LOSS"] = "plain"
+            sft.causal_lm_loss_sum = plain_loss  # the seed's full-logits loss, in this benchmark process only
         sft.run(*sft.parse(sft.ARGUMENTS, argv), callbacks=(timer,))
     (t0, tok0), (t1, tok1) = timer.marks[0], timer.marks[-1]
     return dict(common, real_tokens=int(tok1 - tok0), seconds=t1 - t0, tokens_per_s=(tok1 - tok0) / (t1 - t0),
@@ -159,19 +159,25 @@ def child_loss(kind: str, a) -> dict:
     model = load_model(path, dtype=torch.bfloat16 if a.bf16 else torch.float32).to(device)
     model.config.use_cache = False
     batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    if kind == "plain":
-        os.environ["QWEN_TUNE_LOSS"] = "plain"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # resident now
     start = time.perf_counter()
-    loss, n = causal_lm_loss_sum(model, batch)
+    loss, n = (plain_loss if kind == "plain" else causal_lm_loss_sum)(model, batch)
     loss.backward()
     seconds = time.perf_counter() - start
     peak = peak_memory_mb()
     return dict(tokens=used, supervised=n, loss=loss.item(), seconds=seconds, peak_mb=peak, above_base_mb=peak - base)
+
+
+def plain_loss(model, batch: dict):
+    """The seed's loss: fp32 logits at every position, then cross-entropy (what qwen-tune's chunked loss replaces)."""
+    from qwen_tune.loss import plain_cross_entropy_sum
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    return plain_cross_entropy_sum(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
 # ---------------------------------------------------------------- parent
@@ -181,7 +187,6 @@ def run_child(what: str, a, data: str) -> dict:
                "--steps", str(a.steps), "--batch_size", str(a.batch_size), "--max_length", str(a.max_length),
                "--bf16", str(a.bf16)] + (["--model", a.model] if a.model else [])
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
-        env.pop("QWEN_TUNE_LOSS", None)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{what} failed:\n{proc.stderr[-4000:]}")

@@ -16,15 +16,22 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse,
+    resolve_learning_rate,
+)
 from .checkpointing import prepare_output_dir, safety_callbacks
 from .distributed import log
 from .errors import UserError
 from .model import load_model, lora_config, resolve_model_path
+from .pairs import encode_pairs
 from .report import report_callbacks, write_run_report
-from .reward import encode_pairs
-from .sft import check_options, how_to_load, last_logged, train_dtype, unwrap
 from .tokenizer import load_tokenizer
+from .training import check_options, how_to_load, last_logged, train_dtype, unwrap
 
 
 @dataclass

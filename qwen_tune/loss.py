@@ -8,7 +8,6 @@ respect to the hidden states and the output weight, so no logits are kept for ba
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -103,8 +102,6 @@ def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torc
     """
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if os.environ.get("QWEN_TUNE_LOSS") == "plain":  # bench only: the seed's full-logits loss, for comparison
-        return plain_cross_entropy_sum(model(**inputs, use_cache=False).logits, labels)
     decoder, head = _backbone_and_head(model)
     (rows, cols), targets = supervised_positions(labels)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter

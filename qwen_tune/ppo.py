@@ -54,8 +54,8 @@ from .ppo_math import (
     value_loss,
 )
 from .report import write_run_report
-from .sft import how_to_load
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
+from .training import how_to_load
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
@@ -448,7 +448,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     actor.eval()  # no dropout: rollout and update log-probabilities must come from the same function
     reward_model = None
     if args.reward_model:
-        from .score import load_reward_model, score_token_ids
+        from .reward_model import load_reward_model, score_token_ids
 
         reward_model, _ = load_reward_model(args.reward_model)
         reward_model = to_device(reward_model, device).requires_grad_(False)

@@ -221,7 +221,7 @@ def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bo
         "",
         "## Data",
         *_data_section(data_files or {}, data_reports or {}),
-        *([f"", f"Format: {chat_format}. The saved tokenizer's chat template renders exactly what was trained: "
+        *(["", f"Format: {chat_format}. The saved tokenizer's chat template renders exactly what was trained: "
            "serve with `tokenizer.apply_chat_template` (and the same system message)."] if chat_format else []),
         "",
         "## Hyper-parameters",

@@ -19,17 +19,23 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse,
+    resolve_learning_rate,
+)
 from .checkpointing import prepare_output_dir, safety_callbacks
-from .chat_format import check_renderable
-from .data import load_preference_pairs
 from .distributed import log
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
+from .pairs import encode_pairs
 from .report import report_callbacks, write_run_report
-from .score import load_reward_model
-from .sft import check_options, last_logged, train_dtype
+from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer
+from .training import check_options, how_to_load, last_logged, train_dtype
 
 
 @dataclass
@@ -42,57 +48,6 @@ class RewardTrainingArguments(TrainingArguments, RewardConfig):
 
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, RewardTrainingArguments)
-
-
-@dataclass
-class PairReport:
-    """What happened to the pairs of one data set: nothing is lost without being counted here."""
-
-    pairs: int = 0
-    kept: int = 0
-    dropped: list[str] = field(default_factory=list)  # ids longer than model_max_length on either side
-    tokens: int = 0
-
-    def summary(self, name: str) -> str:
-        line = f"{name}: {self.pairs} pairs, {self.kept} kept, {self.tokens} tokens; {len(self.dropped)} dropped"
-        if self.dropped:
-            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
-            line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {', '.join(self.dropped[:10])}{more}"
-        return line
-
-
-def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt: bool = False):
-    """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
-
-    Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
-    DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
-    Both are rendered by the run's chat template (`fmt`), as served.
-    """
-    from datasets import Dataset
-
-    pairs = load_preference_pairs(paths)
-    check_renderable(fmt, pairs)
-    report = PairReport()
-    rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
-    for pair in pairs:
-        report.pairs += 1
-        prompt, chosen = fmt.reply_ids(pair.prompt, pair.chosen, pair.tools)
-        _, rejected = fmt.reply_ids(pair.prompt, pair.rejected, pair.tools)
-        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
-            report.dropped.append(pair.id)
-            continue
-        rows["id"].append(pair.id)
-        report.tokens += 2 * len(prompt) + len(chosen) + len(rejected)  # both sides are full sequences to the model
-        if split_prompt:
-            rows["prompt_ids"].append(prompt)
-        else:
-            chosen, rejected = prompt + chosen, prompt + rejected
-        rows["chosen_ids"].append(chosen)
-        rows["rejected_ids"].append(rejected)
-    report.kept = len(rows["id"])
-    if margin:
-        rows["margin"] = [margin] * report.kept
-    return Dataset.from_dict(rows), report
 
 
 def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
@@ -171,18 +126,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                          model_path=base_path, kind="rm", adapter=lora_args.use_lora)
         if evaluation is not None:
             log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
-        log(how_to_load(args.output_dir, lora_args.use_lora))
+        log(how_to_load(args.output_dir, lora_args.use_lora, reward_model=True))
     return metrics
-
-
-def how_to_load(out: str, adapter: bool) -> str:
-    out = os.path.abspath(out)
-    cls, mod = ("AutoPeftModelForSequenceClassification", "peft") if adapter else ("AutoModelForSequenceClassification", "transformers")
-    return (
-        f"\nSaved the reward model to {out}\n"
-        f"Load it with:\n  from {mod} import {cls}\n  model = {cls}.from_pretrained({out!r}, num_labels=1)\n"
-        f"Score data with:  qwen-tune score --model {out} --data PAIRS.jsonl --out scores.jsonl\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:

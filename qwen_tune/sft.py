@@ -13,16 +13,24 @@ import os
 import torch
 from transformers import Trainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
+from .args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+    parse,
+    resolve_learning_rate,
+)
 from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
-from .distributed import log, print_zero3_partition
 from .dataset import SFTDataset, load_sft_dataset
+from .distributed import log, print_zero3_partition
 from .errors import UserError
 from .loss import causal_lm_loss_sum
 from .model import add_lora, load_model, resolve_model_path
 from .report import report_callbacks, write_run_report
 from .tokenizer import load_tokenizer
+from .training import check_options, how_to_load, last_logged, train_dtype, unwrap
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
@@ -54,22 +62,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
         return loss.detach(), None, None
 
 
-def check_options(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-                  args: TrainingArguments) -> None:
-    """Mistakes users hit, each a clear message before anything heavy is loaded."""
-    if not data_args.data_path:
-        raise UserError("--data_path is required (a .json/.jsonl file or directory; see data/ for examples)")
-    if lora_args.q_lora and not lora_args.use_lora:
-        raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
-    if lora_args.q_lora:
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("--q_lora needs bitsandbytes: pip install bitsandbytes")
-    if args.fp16 and not torch.cuda.is_available():
-        raise UserError("--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16) or use --bf16 if your CPU supports it")
-    if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
+def resolve_sft_options(data_args: DataArguments, args: TrainingArguments) -> None:
+    """SFT's layout choices: the seed's pad-to-max turns packing off; unpacked batches group by length."""
     if data_args.pad_to_max_length and data_args.packing:
         data_args.packing = False  # the seed's layout was asked for explicitly
     if args.train_sampling_strategy == "auto":  # dynamic padding wastes little when lengths are alike
@@ -84,12 +78,9 @@ def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id
     return PaddedCollator(pad_token_id)
 
 
-def train_dtype(args: TrainingArguments) -> torch.dtype:
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments,
         callbacks: tuple = ()) -> dict:
+    resolve_sft_options(data_args, args)
     check_options(model_args, data_args, lora_args, args)
     prepare_output_dir(args)
     embedded = not model_args.model_name_or_path
@@ -148,28 +139,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                          data_reports={"train": train_report, **({"eval": eval_report} if eval_samples else {})})
         log(how_to_load(args.output_dir, lora_args.use_lora))
     return metrics
-
-
-def unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def last_logged(trainer: Trainer, key: str):
-    values = [h[key] for h in trainer.state.log_history if key in h]
-    return values[-1] if values else None
-
-
-def how_to_load(out: str, adapter: bool) -> str:
-    out = os.path.abspath(out)
-    cls = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
-    mod = "peft" if adapter else "transformers"
-    return (
-        f"\nSaved to {out}\n"
-        f"Load it with:\n"
-        f"  from {mod} import {cls}\n  from transformers import AutoTokenizer\n"
-        f"  model = {cls}.from_pretrained({out!r})\n  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
-        f"Chat with it:  qwen-tune chat --model {out}\n"
-    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -291,7 +291,7 @@ def test_shipped_tool_examples_agree_across_formats(tokenizer, template):
 
 
 def test_preference_pairs_with_tools_render_in_the_template(tokenizer, tmp_path):
-    from qwen_tune.reward import encode_pairs
+    from qwen_tune.pairs import encode_pairs
 
     tools = CONVERSATIONS["tool_call_only"]["tools"]
     call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": tools[0]["function"]["name"], "arguments": {}}}]}

@@ -4,6 +4,7 @@ full model, and the errors for common mistakes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -180,3 +181,22 @@ def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory():
     for option in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--gradient_checkpointing",
                    "--use_lora", "--q_lora", "--model_max_length", "ZeRO-3", "offload"):
         assert option in OOM_ADVICE
+
+
+def test_every_shipped_yaml_parses_with_its_command():
+    """Each recipes/*.yaml is read by the command its recipe runs; an unknown or misspelled key fails here."""
+    import glob
+
+    from qwen_tune import dpo, reward, sft
+    from qwen_tune.args import LoraArguments, parse
+    from qwen_tune.ppo import PPOArguments
+
+    commands = {"finetune": sft.ARGUMENTS, "train_reward": reward.ARGUMENTS, "train_dpo": dpo.ARGUMENTS,
+                "train_ppo": (PPOArguments, LoraArguments)}
+    configs = sorted(glob.glob(f"{ROOT}/recipes/*.yaml"))
+    assert len(configs) == 6
+    for config in configs:
+        name = os.path.basename(config)[: -len(".yaml")]
+        arguments = next(v for k, v in commands.items() if name.startswith(k))
+        parsed = parse(arguments, ["--config", config, "--bf16", "False"] if "bf16" in open(config).read() else ["--config", config])
+        assert len(parsed) == len(arguments), config

@@ -16,7 +16,7 @@ def logprob_margins(model, tokenizer, data: str) -> torch.Tensor:
     import copy
 
     from qwen_tune.chat_format import resolve_format
-    from qwen_tune.reward import encode_pairs
+    from qwen_tune.pairs import encode_pairs
 
     pairs, _ = encode_pairs(data, resolve_format(copy.copy(tokenizer), system_message=""), 512, split_prompt=True)
 

@@ -18,7 +18,8 @@ from qwen_tune.dataset import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
 from qwen_tune.loss import causal_lm_loss_sum
 from qwen_tune.model import add_lora, load_model
-from qwen_tune.sft import ARGUMENTS, SFTTrainer, check_options, collator_for
+from qwen_tune.sft import ARGUMENTS, SFTTrainer, collator_for, resolve_sft_options
+from qwen_tune.training import check_options
 
 from helpers import DATA, run_cli
 
@@ -105,6 +106,7 @@ def test_pad_id_equal_to_im_end_keeps_end_of_turn_labels(samples):
 
 def parsed(*argv):
     model_args, data_args, lora_args, args = parse(ARGUMENTS, ["--data_path", "x.json", "--report_to", "none", *argv])
+    resolve_sft_options(data_args, args)
     check_options(model_args, data_args, lora_args, args)
     return data_args, args
 

@@ -1,0 +1,59 @@
+"""Preference pairs -> token ids in the served format, for the reward model and DPO (one encoder, one report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .chat_format import check_renderable
+from .data import load_preference_pairs
+
+
+@dataclass
+class PairReport:
+    """What happened to the pairs of one data set: nothing is lost without being counted here."""
+
+    pairs: int = 0
+    kept: int = 0
+    dropped: list[str] = field(default_factory=list)  # ids longer than model_max_length on either side
+    tokens: int = 0
+
+    def summary(self, name: str) -> str:
+        line = f"{name}: {self.pairs} pairs, {self.kept} kept, {self.tokens} tokens; {len(self.dropped)} dropped"
+        if self.dropped:
+            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
+            line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {', '.join(self.dropped[:10])}{more}"
+        return line
+
+
+def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt: bool = False):
+    """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
+
+    Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
+    DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
+    Both are rendered by the run's chat template (`fmt`), as served.
+    """
+    from datasets import Dataset
+
+    pairs = load_preference_pairs(paths)
+    check_renderable(fmt, pairs)
+    report = PairReport()
+    rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
+    for pair in pairs:
+        report.pairs += 1
+        prompt, chosen = fmt.reply_ids(pair.prompt, pair.chosen, pair.tools)
+        _, rejected = fmt.reply_ids(pair.prompt, pair.rejected, pair.tools)
+        if len(prompt) + max(len(chosen), len(rejected)) > max_length:
+            report.dropped.append(pair.id)
+            continue
+        rows["id"].append(pair.id)
+        report.tokens += 2 * len(prompt) + len(chosen) + len(rejected)  # both sides are full sequences to the model
+        if split_prompt:
+            rows["prompt_ids"].append(prompt)
+        else:
+            chosen, rejected = prompt + chosen, prompt + rejected
+        rows["chosen_ids"].append(chosen)
+        rows["rejected_ids"].append(rejected)
+    report.kept = len(rows["id"])
+    if margin:
+        rows["margin"] = [margin] * report.kept
+    return Dataset.from_dict(rows), report
