@@ -9,7 +9,6 @@ In the REPL: /reset forgets the conversation, /system TEXT sets the system messa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .errors import UserError
@@ -22,10 +21,10 @@ def load_for_inference(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .model import resolve_model_path
+    from .model import is_adapter, resolve_model_path
     from .tokenizer import load_tokenizer
 
-    if path and os.path.exists(os.path.join(path, "adapter_config.json")):
+    if is_adapter(path):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(path)

@@ -231,6 +231,7 @@ class ChatFormat:
         return self.encode_many([(messages, tools)], max_length=max_length)[0]
 
     def _label(self, sample_id, pieces, encoded_texts, messages, max_length) -> Encoded:
+        """Join the pieces' ids with their character spans in the rendered text; supervise what overlaps an assistant body."""
         input_ids, starts, ends = [], [], []
         text, pos = [], 0
         for i, piece in enumerate(pieces):

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from .errors import UserError
+from .model import is_adapter
 
 
 def merge(adapter: str, out: str) -> str:
@@ -13,7 +14,7 @@ def merge(adapter: str, out: str) -> str:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    if not os.path.exists(os.path.join(adapter, "adapter_config.json")):
+    if not is_adapter(adapter):
         raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")
     model = AutoPeftModelForCausalLM.from_pretrained(adapter)
     merged = model.merge_and_unload()
