@@ -16,14 +16,7 @@ from dataclasses import dataclass, field
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from .args import (
-    DataArguments,
-    LoraArguments,
-    ModelArguments,
-    TrainingArguments,
-    parse,
-    resolve_learning_rate,
-)
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
 from .checkpointing import prepare_output_dir, safety_callbacks
 from .distributed import log
 from .errors import UserError

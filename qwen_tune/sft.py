@@ -13,14 +13,7 @@ import os
 import torch
 from transformers import Trainer
 
-from .args import (
-    DataArguments,
-    LoraArguments,
-    ModelArguments,
-    TrainingArguments,
-    parse,
-    resolve_learning_rate,
-)
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
 from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
 from .collate import PackedCollator, PaddedCollator
 from .dataset import SFTDataset, load_sft_dataset
