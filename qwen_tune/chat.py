@@ -40,8 +40,10 @@ class Chat:
     """One conversation: its messages, the system message, and how to answer the next user turn."""
 
     def __init__(self, model, tokenizer, fmt, max_new_tokens: int, temperature: float):
+        from .tokenizer import ENDOFTEXT, IM_END
+
         self.model, self.tokenizer, self.format = model, tokenizer, fmt
-        self.stop_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+        self.stop_ids = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.messages: list[dict] = []
 

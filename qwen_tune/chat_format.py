@@ -202,15 +202,15 @@ class ChatFormat:
 
         One batched tokenizer call for all text pieces; samples longer than `max_length` keep their head (flagged).
         """
-        rendered = [self._pieces(*_messages_tools(c), add_generation_prompt=False) for c in conversations]
+        items = [_messages_tools(c) for c in conversations]
+        rendered = [self._pieces(messages, tools, add_generation_prompt=False) for messages, tools in items]
         encodings = self._encode_text([p for pieces in rendered for p in pieces[0::2]])
         out, k = [], 0
         for i, pieces in enumerate(rendered):
             n = (len(pieces) + 1) // 2
             encoded_texts = [(e.ids, e.offsets) for e in encodings[k:k + n]]
             k += n
-            sample_id = ids[i] if ids else str(i)
-            out.append(self._label(sample_id, pieces, encoded_texts, _messages_tools(conversations[i])[0], max_length))
+            out.append(self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0], max_length))
         return out
 
     def _encode_text(self, texts: list[str]):

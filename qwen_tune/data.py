@@ -275,6 +275,7 @@ def _turns(value, field: str, seed: bool, errs: list[str]) -> list[dict]:
         errs.append(f"{field} is {_show(value)}; expected a non-empty list of turns")
         return []
     out: list[dict] = []
+    where: list[str] = []  # where each message came from, for the order checks
     for i, turn in enumerate(value):
         at = f"{field}[{i}]"
         example = f'{{"{role_key}": "user", "{content_key}": "..."}}'
@@ -290,19 +291,15 @@ def _turns(value, field: str, seed: bool, errs: list[str]) -> list[dict]:
             out += _seed_turns(turn, at, out[-1] if out else None, errs)
         else:
             out.append(_message(turn, at, errs))
-        for m in out[-1:]:
-            m.setdefault("_at", at)
-    _check_order(out, errs)
-    for m in out:
-        m.pop("_at", None)
+        where += [at] * (len(out) - len(where))
+    _check_order(out, where, errs)
     return out
 
 
-def _check_order(messages: list[dict], errs: list[str]) -> None:
+def _check_order(messages: list[dict], where: list[str], errs: list[str]) -> None:
     """One system turn, first; a tool result only answers a tool call made before it."""
     calls_open = False
-    for i, m in enumerate(messages):
-        at = m.get("_at", f"turn {i}")
+    for i, (m, at) in enumerate(zip(messages, where)):
         if m["role"] == "system" and i > 0:
             first_system = messages[0]["role"] == "system"
             errs.append(f"{at} is a second system turn; only one is allowed, as the first turn" if first_system
