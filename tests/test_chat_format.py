@@ -310,3 +310,25 @@ def test_preference_pairs_with_tools_render_in_the_template(tokenizer, tmp_path)
     assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
     with pytest.raises(DataError, match="tool calls"):
         encode_pairs(str(path), fmt_for(tokenizer), 2048)
+
+
+def test_a_template_that_refuses_a_conversation_is_a_user_error(tokenizer, tmp_path):
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m.role == 'user' and 'forbidden' in m.content %}"
+                      "{{ raise_exception('no forbidden words') }}{% endif %}"
+                      "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    fmt = fmt_for(tokenizer, str(strict))
+    with pytest.raises(UserError, match="refused a conversation: no forbidden words"):
+        fmt.encode([{"role": "user", "content": "a forbidden word"}, {"role": "assistant", "content": "ok"}])
+
+
+def test_template_switch_options_are_checked(tokenizer):
+    from qwen_tune.args import FormatArguments
+
+    with pytest.raises(UserError, match="--chat_template_kwargs is not valid JSON"):
+        FormatArguments(chat_template_kwargs="{preserve_thinking: true}").chat_format(copy.copy(tokenizer))
+    fmt = FormatArguments(chat_template="qwen3", enable_thinking=False,
+                          chat_template_kwargs='{"preserve_thinking": true}').chat_format(copy.copy(tokenizer))
+    assert fmt.template_kwargs == {"preserve_thinking": True, "enable_thinking": False}
+    prompt = tokenizer.decode(fmt.prompt_ids([{"role": "user", "content": "Hi"}]))
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
