@@ -117,13 +117,3 @@ def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> 
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load a tokenizer from {path!r}: {e}") from e
     return _finish(tok)
-
-
-def encode_plain(tok: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Encode texts as plain text: `<|im_end|>` typed by a user stays the characters, not the control token.
-
-    One batched call into the Rust tokenizer: tiktoken-class speed, no per-string Python work.
-    """
-    if not texts:
-        return []
-    return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]

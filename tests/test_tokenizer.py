@@ -2,7 +2,12 @@
 
 import shutil
 
-from qwen_tune.tokenizer import embedded_rank_file, encode_plain, load_tokenizer
+from qwen_tune.tokenizer import embedded_rank_file, load_tokenizer
+
+
+def encode_plain(tok, texts):
+    """Texts as plain text: a typed <|im_end|> stays characters."""
+    return tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def test_qwen_v1_rank_file_loads_without_remote_code(tmp_path, tokenizer):
