@@ -142,7 +142,7 @@ def child_loss(kind: str, a) -> dict:
     from qwen_tune.collate import PackedCollator
     from qwen_tune.chat_format import resolve_format
     from qwen_tune.dataset import load_sft_dataset
-    from qwen_tune.loss import causal_lm_loss_sum
+    from qwen_tune.train.loss import causal_lm_loss_sum
     from qwen_tune.model import load_model, resolve_model_path
     from qwen_tune.tokenizer import load_tokenizer
 
@@ -174,7 +174,7 @@ def child_loss(kind: str, a) -> dict:
 
 def plain_loss(model, batch: dict):
     """The seed's loss: fp32 logits at every position, then cross-entropy (what qwen-tune's chunked loss replaces)."""
-    from qwen_tune.loss import plain_cross_entropy_sum
+    from qwen_tune.train.loss import plain_cross_entropy_sum
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     return plain_cross_entropy_sum(model(**inputs, use_cache=False).logits, batch["labels"])

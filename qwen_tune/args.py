@@ -10,6 +10,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field
 
+import torch
 import transformers
 from transformers import HfArgumentParser
 
@@ -170,18 +171,46 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     max_bad_steps: int = field(default=0, metadata={"help": "Skip up to N steps with a non-finite loss/gradient instead of stopping."})
 
+    checkpoint_limit: int | None = field(default=None, init=False)  # --save_total_limit, enforced by train.checkpoints
+
     def __post_init__(self):
-        if self.learning_rate is None:
-            self.learning_rate = SEED_LR_FULL  # resolved for real by resolve_learning_rate()
-            self._learning_rate_was_default = True
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
+        # Rotation counts complete checkpoints only (train/checkpoints.py); the Trainer's own would delete the
+        # previous checkpoint before the new one is marked complete, so it gets no limit.
+        self.checkpoint_limit, self.save_total_limit = self.save_total_limit, None
 
 
-def resolve_learning_rate(args: TrainingArguments, *, lora: bool, embedded: bool) -> None:
-    if getattr(args, "_learning_rate_was_default", False):
-        args.learning_rate = EMBEDDED_LR if embedded else (SEED_LR_LORA if lora else SEED_LR_FULL)
+def resolve_options(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+                    args: TrainingArguments) -> None:
+    """Check the options and decide every default that depends on others, once, before any data or model
+    is loaded; the run reads them and changes nothing afterwards. Also checks the output directory and
+    resolves `--resume_from_checkpoint auto`."""
+    from .train.output_dir import prepare_output_dir
+
+    if not data_args.data_path:
+        raise UserError("--data_path is required (a .json/.jsonl file or directory; see data/ for examples)")
+    if lora_args.q_lora and not lora_args.use_lora:
+        raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
+    if lora_args.q_lora and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--q_lora needs bitsandbytes: pip install bitsandbytes")
+    if args.fp16 and not torch.cuda.is_available():
+        raise UserError("--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16) or use --bf16 if your CPU supports it")
+    if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
+    if args.train_sampling_strategy == "auto":  # SFT decides it from its layout before calling this
+        args.train_sampling_strategy = "random"
+    if args.learning_rate is None:
+        embedded = not model_args.model_name_or_path
+        args.learning_rate = EMBEDDED_LR if embedded else (SEED_LR_LORA if lora_args.use_lora else SEED_LR_FULL)
+    if "trust_remote_code" in getattr(args, "__dataclass_fields__", {}):  # TRL configs read it from their own args
+        args.trust_remote_code = model_args.trust_remote_code
+    prepare_output_dir(args)
+
+
+def train_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 # Spellings from the seed's scripts and transformers 4 that we keep accepting.
@@ -225,7 +254,7 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     """Parse argv into the dataclasses; bad values become a UserError (no traceback)."""
     argv = expand_argv(sys.argv[1:] if argv is None else argv)
     from .cli import HelpFormatter
-    from .distributed import prepare_cpu_deepspeed
+    from .train.distributed import prepare_cpu_deepspeed
 
     takes_accelerator_config = any("accelerator_config" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types)
     if prepare_cpu_deepspeed(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from .distributed import finish as finish_distributed
+from .train.distributed import finish as finish_distributed
 from .errors import UserError
 
 # subcommand -> (module with `main(argv)`, one-line description)
@@ -60,7 +60,8 @@ def usage() -> str:
             + "\n`python finetune.py ...` is the same as `qwen-tune sft ...`.")
 
 
-def entry(prefix: list[str] | None = None) -> None:
+def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
+    """`callbacks` go to the training commands' Trainer (tests trace batches and inject faults with them)."""
     argv = (prefix or []) + sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -77,7 +78,7 @@ def entry(prefix: list[str] | None = None) -> None:
         print(f"qwen-tune: {name} is not available in this version", file=sys.stderr)
         sys.exit(2)
     try:
-        module.main(rest)
+        module.main(rest, callbacks=callbacks) if callbacks else module.main(rest)
         finish_distributed()  # returns at once in a single process
     except UserError as e:
         print(f"qwen-tune {name}: error: {e}", file=sys.stderr)

@@ -9,22 +9,20 @@ same model with the adapter disabled (no second copy in memory).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
-from .checkpointing import prepare_output_dir, safety_callbacks
-from .distributed import log
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .errors import UserError
 from .model import load_model, lora_config, resolve_model_path
 from .pairs import encode_pairs
-from .report import report_callbacks, write_run_report
+from .report import report_callbacks
 from .tokenizer import load_tokenizer
-from .training import check_options, how_to_load, last_logged, train_dtype, unwrap
+from .train.distributed import log
+from .train.guards import ObservedSteps, safety_callbacks
+from .train.outputs import finish_run, last_logged
 
 
 @dataclass
@@ -40,25 +38,27 @@ class DPOTrainingArguments(TrainingArguments, DPOConfig):
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, DPOTrainingArguments)
 
 
-class PretokenizedDPOTrainer(DPOTrainer):
-    """DPOTrainer fed our own tokens: the data is already prompt_ids/chosen_ids/rejected_ids."""
+class PretokenizedDPOTrainer(ObservedSteps, DPOTrainer):
+    """DPOTrainer fed our own tokens: the data is already prompt_ids/chosen_ids/rejected_ids.
+
+    TRL 1.16 has no public switch for pre-tokenized DPO data (RewardTrainer has one), so this is the
+    one private override left; tests/test_dpo.py checks that the trained tokens are ours."""
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # TRL would re-tokenize; ours are the served-format tokens SFT trains on
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments) -> dict:
-    check_options(model_args, data_args, lora_args, args)
-    args.trust_remote_code = model_args.trust_remote_code
-    prepare_output_dir(args)
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments,
+        callbacks: tuple = ()) -> dict:
+    """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
+    resolve_options(model_args, data_args, lora_args, args)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
     train, train_report = encode_pairs(data_args.data_path, fmt, args.model_max_length, split_prompt=True)
     log(train_report.summary("train"))
-    evaluation = None
+    evaluation, eval_report = None, None
     if data_args.eval_data_path:
         evaluation, eval_report = encode_pairs(data_args.eval_data_path, fmt, args.model_max_length, split_prompt=True)
         log(eval_report.summary("eval"))
@@ -77,7 +77,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
-        callbacks=safety_callbacks(args) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
     if lora_args.use_lora:
         trainer.model.print_trainable_parameters()
@@ -87,20 +87,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # eval_rewards/margins, eval_rewards/accuracies, ...
 
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        unwrap(trainer.model).generation_config.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
-            json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report}, chat_format=fmt.description,
-                         model_path=model_path, kind="dpo", adapter=lora_args.use_lora)
-        if evaluation is not None:
-            log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
-                f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
-        log(how_to_load(args.output_dir, lora_args.use_lora))
+    if evaluation is not None:
+        log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
+            f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
+    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
+               kind="dpo", model_path=model_path, chat_format=fmt.description, adapter=lora_args.use_lora,
+               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path})
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune dpo"))
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune dpo"), callbacks=callbacks)

@@ -19,7 +19,7 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
     from .collate import PaddedCollator
     from .dataset import load_sft_dataset
     from .errors import UserError
-    from .loss import causal_lm_loss_sum
+    from .train.loss import causal_lm_loss_sum
 
     samples, report = load_sft_dataset(data, fmt, model_max_length)
     if not samples:

@@ -175,6 +175,11 @@ def load_model(
     return model
 
 
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_adapter(path: str | os.PathLike | None) -> bool:
     """A PEFT adapter directory (adapter_config.json and no full model beside it)."""
     return bool(path) and (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()

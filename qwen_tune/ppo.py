@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +35,8 @@ import torch
 
 from .args import FormatArguments, LoraArguments, parse
 from .chat_format import check_renderable
-from .checkpointing import prepare_output_dir
 from .data import load_prompts
-from .distributed import log, print_zero3_partition
 from .errors import UserError
-from .loss import _backbone_and_head
 from .model import add_lora, is_adapter, load_model
 from .ppo_math import (
     AdaptiveKLController,
@@ -54,8 +50,23 @@ from .ppo_math import (
     value_loss,
 )
 from .report import write_run_report
+from .reward_functions import call_reward_fn, load_reward_fn
+from .rollouts import Rollout, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
-from .training import how_to_load
+from .train.deepspeed_loop import (
+    fill_deepspeed_config,
+    gather_over_ranks,
+    gathered,
+    init_distributed,
+    mean_over_ranks,
+    read_deepspeed_config,
+    to_device,
+)
+from .train.distributed import log, print_zero3_partition
+from .train.loop_state import StopSignal, load_loop_checkpoint, save_loop_checkpoint
+from .train.loss import backbone_and_head
+from .train.output_dir import prepare_output_dir
+from .train.outputs import how_to_load
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
@@ -70,6 +81,9 @@ class PPOArguments(FormatArguments):
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
+    save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none; single process)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N complete checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "auto (the newest complete checkpoint in output_dir) or a checkpoint directory."})
     max_prompt_length: int = field(default=1024, metadata={"help": "Prompts longer than this many tokens are skipped (and counted)."})
     # training, as in finetune.py
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompt set."})
@@ -117,6 +131,8 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         raise UserError(f"--critic {args.critic}: expected head or reward_model")
     if args.critic == "reward_model" and not args.reward_model:
         raise UserError("--critic reward_model needs --reward_model")
+    if args.deepspeed and (args.resume_from_checkpoint or "").lower() not in ("", "false", "no", "none"):
+        raise UserError("ppo under --deepspeed cannot resume yet; resume runs in a single process")
     if args.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"--kl_estimator {args.kl_estimator}: expected k1, k2 or k3")
     if args.deepspeed and not Path(args.deepspeed).is_file():
@@ -131,39 +147,6 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_dir():
             raise UserError(f"--{name} {path}: no such directory")
-
-
-def load_reward_fn(spec: str):
-    """`module:function` or `path/to/file.py:function` -> the callable."""
-    target, _, name = spec.rpartition(":")
-    if not target or not name:
-        raise UserError(f"--reward_fn {spec}: expected module:function or file.py:function")
-    try:
-        if target.endswith(".py"):
-            if not Path(target).is_file():
-                raise UserError(f"--reward_fn {spec}: no such file {target}")
-            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ImportError as e:
-        raise UserError(f"--reward_fn {spec}: cannot import {target}: {e}") from e
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise UserError(f"--reward_fn {spec}: {target} has no function {name}")
-    return fn
-
-
-def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: str) -> float:
-    value = fn(messages, text)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not math.isfinite(value):
-        raise UserError(f"--reward_fn {spec} returned {value!r} for prompt {prompt_id}; it must return a finite number")
-    return value
 
 
 # ---------------------------------------------------------------- models
@@ -240,38 +223,6 @@ class RewardModelCritic(torch.nn.Module):
 # ---------------------------------------------------------------- rollouts and forward passes
 
 
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor       # [B, P + R]: left-padded prompt, then the reply, right-padded
-    attention_mask: torch.Tensor  # [B, P + R]
-    prompt_width: int             # P
-    mask: torch.Tensor            # [B, R] float: 1 on reply tokens up to and including the stop token
-    ended: torch.Tensor           # [B] bool: the reply stopped by itself (<|im_end|> / <|endoftext|>)
-
-
-@torch.no_grad()
-def sample(actor, prompt_ids: list[list[int]], args: PPOArguments, stop_ids: list[int], pad_id: int, synced: bool = False) -> Rollout:
-    """Sample one reply per prompt from the actor, exactly from its distribution at `temperature`."""
-    width = max(map(len, prompt_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, ids in enumerate(prompt_ids):
-        input_ids[i, width - len(ids):] = torch.tensor(ids)
-        attention_mask[i, width - len(ids):] = 1
-    device = next(actor.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    out = actor.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=args.temperature,
-                         top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0, max_new_tokens=args.max_new_tokens,
-                         eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
-                         synced_gpus=synced)  # ZeRO-3: ranks keep stepping together, each gathering the shards
-    reply = out[:, width:]
-    is_stop = torch.isin(reply, torch.tensor(stop_ids, device=device))
-    ended = is_stop.any(dim=1)
-    length = torch.where(ended, is_stop.float().argmax(dim=1) + 1, torch.full_like(ended, reply.shape[1], dtype=torch.long))
-    mask = (torch.arange(reply.shape[1], device=device)[None, :] < length[:, None]).float()
-    return Rollout(out, torch.cat([attention_mask, mask.long()], dim=1), width, mask, ended)
-
-
 def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy: bool = False):
     """Log-probabilities of the reply tokens (and values, entropy) for rollout rows `rows`.
 
@@ -280,7 +231,7 @@ def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy
     """
     input_ids, attention_mask, mask = roll.input_ids[rows], roll.attention_mask[rows], roll.mask[rows]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    decoder, head = _backbone_and_head(model)
+    decoder, head = backbone_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     P = roll.prompt_width
     states = hidden[:, P - 1 : -1]  # the state before each reply token
@@ -301,100 +252,12 @@ def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy
     return logprobs, values, entropy
 
 
-# ---------------------------------------------------------------- DeepSpeed
-
-
-def init_distributed(args: PPOArguments) -> tuple[int, int, torch.device]:
-    """(rank, world size, this rank's device). Under --deepspeed join the process group
-    (nccl on GPUs, gloo on CPU ranks); each rank uses the GPU of its LOCAL_RANK."""
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)  # also where bitsandbytes puts a 4-bit model
-    if not args.deepspeed:
-        return 0, 1, device
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def to_device(model, device: torch.device):
-    """Move a model to this rank's device; a bitsandbytes 4-bit model is already placed at load."""
-    return model if getattr(model, "is_loaded_in_4bit", False) else model.to(device)
-
-
-def read_deepspeed_config(path: str) -> dict:
-    """The user's DeepSpeed JSON, checked before any model is loaded."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"{path}: zero_optimization.stage {stage}: expected 0, 1, 2 or 3")
-    if "optimizer" in config or "scheduler" in config:
-        raise UserError(f"{path}: drop the optimizer/scheduler block; ppo uses AdamW with a constant --learning_rate")
-    return config
-
-
-def fill_deepspeed_config(config: dict, micro_batch: int, world: int, max_grad_norm: float, dtype, trainable: int,
-                          hidden_size: int) -> dict:
-    """Replace the HF-style "auto" values (no Trainer does it for us here)."""
-    fill = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-            "train_batch_size": micro_batch * world, "gradient_clipping": max_grad_norm}
-    for key, value in fill.items():
-        if config.get(key, "auto") == "auto":
-            config[key] = value
-    for key, wanted in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        if config.get(key, {}).get("enabled") == "auto":
-            config[key]["enabled"] = dtype == wanted
-    zero = config.get("zero_optimization", {})
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
-        if zero.get(key) == "auto":
-            zero[key] = min(trainable, 500_000_000)  # small models: one bucket
-    if zero.get("stage3_param_persistence_threshold") == "auto":
-        zero["stage3_param_persistence_threshold"] = 10 * hidden_size  # as the HF Trainer fills it
-    return config
-
-
 class ActorCritic(torch.nn.Module):
     """One module for `deepspeed.initialize`: the trainable actor and critic, updated together."""
 
     def __init__(self, actor, critic):
         super().__init__()
         self.actor, self.critic = actor, critic
-
-
-def gathered(engine):
-    """ZeRO-3: the full parameters on every rank for the duration (saving); otherwise nothing to do."""
-    if engine is None or engine.zero_optimization_stage() != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-
-
-def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)  # nccl needs GPU tensors
-    dist.all_reduce(t)
-    return dict(zip(values, (t / world).tolist()))
-
-
-def gather_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return t
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 # ---------------------------------------------------------------- the loop
@@ -425,7 +288,7 @@ def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int, rank: i
 def run(args: PPOArguments, lora: LoraArguments) -> dict:
     check_options(args, lora)
     ds_config = read_deepspeed_config(args.deepspeed) if args.deepspeed else None
-    rank, world, device = init_distributed(args)
+    rank, world, device = init_distributed(bool(args.deepspeed))
     conversations = load_prompts(args.prompts)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     prepare_output_dir(args)
@@ -483,11 +346,22 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     log_path = os.path.join(args.output_dir, "ppo_log.jsonl")
     log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B * world} rollouts, lr {lr:g}, "
         f"{n_trainable:,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
-    history, start = [], time.time()
-    with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file:
+    history, start, resumed_step = [], time.time(), 0
+    trained = {"actor": actor, "critic": critic}
+    if args.resume_from_checkpoint:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
+        state = load_loop_checkpoint(args.resume_from_checkpoint, trained, optimizer)
+        resumed_step, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
+        log(f"ppo: resumed from {args.resume_from_checkpoint} after step {resumed_step}")
+    checkpoints_on = engine is None and args.save_steps > 0  # under DeepSpeed: not yet (see check_options)
+    with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file, StopSignal(checkpoints_on) as stop:
+        for row in history if log_file is not None else ():
+            log_file.write(json.dumps(row) + "\n")
         for step, batch in enumerate(prompt_batches(len(prompt_ids), B, total_steps, args.seed, rank, world), start=1):
+            if step <= resumed_step:
+                continue
             # 1. rollouts
-            roll = sample(actor, [prompt_ids[i] for i in batch], args, stop_ids, pad_id, synced=zero3)
+            roll = sample(actor, [prompt_ids[i] for i in batch], temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                          stop_ids=stop_ids, pad_id=pad_id, synced=zero3)
             mask, rows = roll.mask, torch.arange(len(batch), device=device)
             replies = [roll.input_ids[i, roll.prompt_width:][mask[i].bool()].tolist() for i in range(len(batch))]
             if reward_model is not None:
@@ -559,6 +433,16 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
             log(f"ppo step {step}/{total_steps}  reward {row['reward_mean']:+.3f}  kl {row['kl']:.3f}  entropy {row['entropy']:.3f}  "
                 f"len {row['response_len_mean']:.1f}  policy_loss {row['policy_loss']:+.4f}  value_loss {row['value_loss']:.4f}  "
                 f"({row['elapsed_s']:.0f}s)")
+
+            # 5. checkpoint (every --save_steps, and on SIGTERM/SIGINT before exiting)
+            if checkpoints_on and step < total_steps and (step % args.save_steps == 0 or stop.signum):
+                save_loop_checkpoint(args.output_dir, step, trained, optimizer, {"history": history, "kl_coef": kl_ctl.value},
+                                     args.save_total_limit)
+            if stop.signum and step < total_steps:
+                name = signal.Signals(stop.signum).name
+                log(f"{name}: stopped after step {step} and saved {os.path.join(args.output_dir, f'checkpoint-{step}')}. "
+                    f"Continue with the same command plus --resume_from_checkpoint auto")
+                raise SystemExit(128 + stop.signum)
 
     adapter = hasattr(actor, "peft_config")
     with gathered(engine):  # every rank holds the full weights now; rank 0 writes them

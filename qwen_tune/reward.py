@@ -12,23 +12,22 @@ comparisons) are two runs: the second one's `--model_name_or_path` is the first 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl import RewardConfig, RewardTrainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
-from .checkpointing import prepare_output_dir, safety_callbacks
-from .distributed import log
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .pairs import encode_pairs
-from .report import report_callbacks, write_run_report
+from .report import report_callbacks
 from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer
-from .training import check_options, how_to_load, last_logged, train_dtype
+from .train.distributed import log
+from .train.guards import ObservedSteps, safety_callbacks
+from .train.outputs import finish_run, last_logged
 
 
 @dataclass
@@ -41,6 +40,10 @@ class RewardTrainingArguments(TrainingArguments, RewardConfig):
 
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, RewardTrainingArguments)
+
+
+class ObservedRewardTrainer(ObservedSteps, RewardTrainer):
+    """TRL's RewardTrainer whose micro-batches the NaN guard (and tests) can see."""
 
 
 def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
@@ -64,12 +67,11 @@ def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, a
     return model, path
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: RewardTrainingArguments) -> dict:
-    check_options(model_args, data_args, lora_args, args)
-    args.trust_remote_code = model_args.trust_remote_code
-    prepare_output_dir(args)
+def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: RewardTrainingArguments,
+        callbacks: tuple = ()) -> dict:
+    """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
+    resolve_options(model_args, data_args, lora_args, args)
     start = model_args.model_name_or_path
-    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=not start)
     tokenizer = load_tokenizer(start if start and os.path.isdir(start) else resolve_model_path(start),
                                trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=start or "the embedded model")
@@ -89,13 +91,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if lora_args.use_lora:
         model.print_trainable_parameters()
 
-    trainer = RewardTrainer(
+    trainer = ObservedRewardTrainer(
         model=model,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
     if lora_args.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
         for name, param in model.named_parameters():
@@ -109,19 +111,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # eval_accuracy, eval_margin (mean r_chosen - r_rejected)
 
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
-            reports = {"train": train_report.__dict__, **({"eval": eval_report.__dict__} if eval_report else {})}
-            json.dump({**metrics, "data": reports}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, data_reports={"train": train_report}, chat_format=fmt.description,
-                         model_path=base_path, kind="rm", adapter=lora_args.use_lora)
-        if evaluation is not None:
-            log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
-        log(how_to_load(args.output_dir, lora_args.use_lora, reward_model=True))
+    if evaluation is not None:
+        log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
+    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
+               kind="rm", model_path=base_path, chat_format=fmt.description, adapter=lora_args.use_lora,
+               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, reward_model=True)
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune rm"))
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune rm"), callbacks=callbacks)

@@ -7,28 +7,25 @@ come from it), save a standard Hugging Face directory and say how to load it.
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from transformers import Trainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_learning_rate
-from .checkpointing import SafeCheckpointsMixin, prepare_output_dir, safety_callbacks
+from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .collate import PackedCollator, PaddedCollator
 from .dataset import SFTDataset, load_sft_dataset
-from .distributed import log, print_zero3_partition
 from .errors import UserError
-from .loss import causal_lm_loss_sum
 from .model import add_lora, load_model, resolve_model_path
-from .report import report_callbacks, write_run_report
+from .report import report_callbacks
 from .tokenizer import load_tokenizer
-from .training import check_options, how_to_load, last_logged, train_dtype, unwrap
+from .train.distributed import log, print_zero3_partition
+from .train.guards import ObservedSteps, safety_callbacks
+from .train.loss import causal_lm_loss_sum
+from .train.outputs import finish_run, last_logged
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
 
-class SFTTrainer(SafeCheckpointsMixin, Trainer):
+class SFTTrainer(ObservedSteps, Trainer):
     """HF Trainer whose loss is the mean over the supervised tokens of the whole optimizer step.
 
     The Trainer counts the step's supervised tokens across micro-batches and ranks
@@ -56,7 +53,8 @@ class SFTTrainer(SafeCheckpointsMixin, Trainer):
 
 
 def resolve_sft_options(data_args: DataArguments, args: TrainingArguments) -> None:
-    """SFT's layout choices: the seed's pad-to-max turns packing off; unpacked batches group by length."""
+    """SFT's layout choices, made before `resolve_options`: the seed's pad-to-max turns packing off;
+    unpacked batches group by length."""
     if data_args.pad_to_max_length and data_args.packing:
         data_args.packing = False  # the seed's layout was asked for explicitly
     if args.train_sampling_strategy == "auto":  # dynamic padding wastes little when lengths are alike
@@ -73,19 +71,17 @@ def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments,
         callbacks: tuple = ()) -> dict:
+    """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
     resolve_sft_options(data_args, args)
-    check_options(model_args, data_args, lora_args, args)
-    prepare_output_dir(args)
-    embedded = not model_args.model_name_or_path
+    resolve_options(model_args, data_args, lora_args, args)
     model_path = resolve_model_path(model_args.model_name_or_path)
-    resolve_learning_rate(args, lora=lora_args.use_lora, embedded=embedded)
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
     train_samples, train_report = load_sft_dataset(data_args.data_path, fmt, args.model_max_length)
     log(train_report.summary("train"))
-    eval_samples = None
+    eval_samples, eval_report = None, None
     if data_args.eval_data_path:
         eval_samples, eval_report = load_sft_dataset(data_args.eval_data_path, fmt, args.model_max_length)
         log(eval_report.summary("eval"))
@@ -111,7 +107,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         eval_dataset=SFTDataset(eval_samples) if eval_samples else None,
         data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args) + report_callbacks(args) + list(callbacks),
+        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
@@ -120,19 +116,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if eval_samples:
         metrics.update(trainer.evaluate())
 
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(args.output_dir)
-        (unwrap(model)).generation_config.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "train_metrics.json"), "w") as f:
-            json.dump({**metrics, "data": train_report.__dict__}, f, indent=2, default=str)
-        write_run_report(args.output_dir, trainer=trainer, metrics=metrics, model_path=model_path, kind="sft", chat_format=fmt.description,
-                         adapter=lora_args.use_lora,
-                         data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
-                         data_reports={"train": train_report, **({"eval": eval_report} if eval_samples else {})})
-        log(how_to_load(args.output_dir, lora_args.use_lora))
+    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
+               kind="sft", model_path=model_path, chat_format=fmt.description, adapter=lora_args.use_lora,
+               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path})
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune sft"))
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune sft"), callbacks=callbacks)

@@ -1,7 +1,7 @@
 """Crash safety, proven by faults injected into real `qwen-tune sft` processes on the embedded model.
 
-Kills are real signals to real processes. Which samples each step saw is recorded through the
-QWEN_TUNE_TRACE_SAMPLE_IDS test hook; a NaN is injected with QWEN_TUNE_TEST_NAN_AT_STEP.
+Kills are real signals to real processes. Which samples each step saw is recorded, and a NaN is
+injected, by callbacks that `tests/faults.py` hands to the trainer.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import time
 
 import pytest
 import torch
+from helpers import DATA, ROOT, fresh_env
 from safetensors.torch import load_file
 
-from helpers import DATA, ROOT, fresh_env
 from qwen_tune.args import TrainingArguments
-from qwen_tune.checkpointing import (COMPLETE, check_free_space, latest_complete_checkpoint, prepare_output_dir,
-                                     rotate_checkpoints)
 from qwen_tune.errors import UserError
+from qwen_tune.train.checkpoints import COMPLETE, latest_complete_checkpoint, rotate_checkpoints
+from qwen_tune.train.guards import check_free_space
+from qwen_tune.train.output_dir import prepare_output_dir
 
 MAX_STEPS, SAVE_STEPS = 8, 2  # 12 samples, batch 2: 6 steps per epoch, so resuming also crosses an epoch
 TRAIN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--max_steps", str(MAX_STEPS),
@@ -31,10 +32,14 @@ TRAIN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--max_st
          "--model_max_length", "64", "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True"]
 
 
-def start(out: str, trace: str, *extra: str, **env) -> subprocess.Popen:
+FAULTS = os.path.join(ROOT, "tests", "faults.py")
+
+
+def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN) -> subprocess.Popen:
     log = open(out + ".log", "a")
-    return subprocess.Popen([sys.executable, "-m", "qwen_tune", *TRAIN, "--output_dir", out, *extra], cwd=ROOT,
-                            env=fresh_env(QWEN_TUNE_TRACE_SAMPLE_IDS=trace, **env), stdout=log, stderr=subprocess.STDOUT)
+    faults = ["--trace", trace] + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
+    return subprocess.Popen([sys.executable, FAULTS, *faults, *command, "--output_dir", out, *extra], cwd=ROOT,
+                            env=fresh_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, out: str) -> tuple[int, str]:
@@ -85,10 +90,11 @@ def reference(tmp_path_factory):
 def test_uninterrupted_run_keeps_only_complete_checkpoints_and_no_pickles(reference):
     out = reference["out"]
     assert sorted(reference["steps"]) == list(range(1, MAX_STEPS + 1))
-    assert sorted(d for d in os.listdir(out) if d.startswith(("checkpoint", ".tmp"))) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-6", "checkpoint-8"]
     assert all(os.path.isfile(os.path.join(out, d, COMPLETE)) for d in ("checkpoint-6", "checkpoint-8"))
     assert [f for _, _, files in os.walk(out) for f in files if f == "training_args.bin"] == []
-    assert json.load(open(os.path.join(out, "training_args.json")))["max_steps"] == MAX_STEPS
+    saved_args = json.load(open(os.path.join(out, "training_args.json")))
+    assert saved_args["max_steps"] == MAX_STEPS and saved_args["save_total_limit"] == 2  # as given, though we rotate
 
 
 @pytest.mark.slow
@@ -101,9 +107,8 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
     assert proc.wait() == -signal.SIGKILL
     resumed_from = latest_complete_checkpoint(out)
     step = int(resumed_from.rsplit("-", 1)[1])
-    # What a kill while writing a checkpoint leaves: a staging directory, and (from a plain HF Trainer,
-    # which writes in place) a newer checkpoint without the completion marker. Neither may be resumed.
-    os.makedirs(os.path.join(out, ".tmp-checkpoint-99", "checkpoint-99"))
+    # What a kill while writing a checkpoint leaves: a newer checkpoint without the completion marker.
+    # It may not be resumed, and must not stay (the resumed run would write into it).
     half = os.path.join(out, "checkpoint-98")
     shutil.copytree(resumed_from, half)
     os.remove(os.path.join(half, COMPLETE))
@@ -112,8 +117,8 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
 
     rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto"), out)
     assert rc == 0, log
-    assert f"resuming from {resumed_from}" in log and f"ignoring {half}" in log
-    assert not os.path.exists(os.path.join(out, ".tmp-checkpoint-99"))
+    assert f"resuming from {resumed_from}" in log and f"ignoring and removing {half}" in log
+    assert not os.path.exists(half)
     first, second = traced_steps(trace1), traced_steps(trace2)
     assert min(second) == step + 1, f"killed at step {kill_at}, resumed from {step}"
     seen = {s: ids for s, ids in first.items() if s <= step} | second
@@ -145,7 +150,7 @@ def test_sigterm_saves_exits_143_and_resume_continues_exactly(reference, tmp_pat
 @pytest.mark.slow
 def test_nan_stops_naming_step_and_samples_and_keeps_last_checkpoint(tmp_path):
     out, trace = str(tmp_path / "out"), str(tmp_path / "t.jsonl")
-    rc, log = finish(start(out, trace, QWEN_TUNE_TEST_NAN_AT_STEP="3"), out)
+    rc, log = finish(start(out, trace, nan_at_step=3), out)
     assert rc == 2, log
     assert "Traceback" not in log
     ids = traced_steps(trace)[3]
@@ -160,11 +165,39 @@ def test_nan_stops_naming_step_and_samples_and_keeps_last_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_max_bad_steps_skips_the_step_without_touching_weights(tmp_path):
     out, trace = str(tmp_path / "out"), str(tmp_path / "t.jsonl")
-    rc, log = finish(start(out, trace, "--max_steps", "3", "--max_bad_steps", "1", QWEN_TUNE_TEST_NAN_AT_STEP="3"), out)
+    rc, log = finish(start(out, trace, "--max_steps", "3", "--max_bad_steps", "1", nan_at_step=3), out)
     assert rc == 0, log
     assert "step 3: non-finite loss nan" in log and "skipping this step (1 of --max_bad_steps 1)" in log
     # step 3 was skipped, so the final weights are exactly those after step 2
     assert_same_weights(weights(out), weights(os.path.join(out, "checkpoint-2")))
+
+
+PAIRS = ["--data_path", os.path.join(DATA, "preference_example.json"), "--max_steps", "6", "--save_steps", "2",
+         "--save_total_limit", "1", "--per_device_train_batch_size", "2", "--model_max_length", "128",
+         "--learning_rate", "1e-3", "--report_to", "none", "--disable_tqdm", "True"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rm", "dpo"])
+def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tmp_path):
+    """rm and dpo get sft's safety from the same callbacks: marked checkpoints, exact resume, no pickles."""
+    command = [method, *PAIRS]
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
+    assert rc == 0, log
+    proc = start(killed, str(tmp_path / "k1.jsonl"), command=command)
+    wait_until_step(proc, str(tmp_path / "k1.jsonl"), 4, killed)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    resumed_from = latest_complete_checkpoint(killed)
+    rc, log = finish(start(killed, str(tmp_path / "k2.jsonl"), "--resume_from_checkpoint", "auto", command=command), killed)
+    assert rc == 0, log
+    assert f"resuming from {resumed_from}" in log
+    assert min(traced_steps(str(tmp_path / "k2.jsonl"))) == int(resumed_from.rsplit("-", 1)[1]) + 1
+    assert_same_weights(weights(killed), weights(reference))
+    assert [d for d in os.listdir(killed) if d.startswith("checkpoint-")] == ["checkpoint-6"]  # limit 1, complete
+    assert os.path.isfile(os.path.join(killed, "checkpoint-6", COMPLETE))
+    assert [f for _, _, files in os.walk(killed) for f in files if f.endswith((".bin", ".pkl"))] == []
 
 
 def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):

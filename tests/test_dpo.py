@@ -42,7 +42,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tmp_path, 
                    "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--beta", "0.1",
                    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1")
     assert "AutoModelForCausalLM" in proc.stderr
-    assert json.loads((out / "train_metrics.json").read_text())["data"]["kept"] == 24
+    assert json.loads((out / "train_metrics.json").read_text())["data"]["train"]["kept"] == 24
 
     after = logprob_margins(AutoModelForCausalLM.from_pretrained(str(out)).eval(), tokenizer, held_out)
     print(f"held-out log-prob margin: {before.mean():.2f} before DPO, {after.mean():.2f} after")

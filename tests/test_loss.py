@@ -10,7 +10,7 @@ import torch
 
 from qwen_tune.dataset import load_sft_dataset
 from qwen_tune.chat_format import IGNORE
-from qwen_tune.loss import causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
+from qwen_tune.train.loss import causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
 from qwen_tune.model import load_model
 
 from helpers import DATA
@@ -52,8 +52,9 @@ def grads_of(loss, *tensors):
     return torch.autograd.grad(loss, tensors)
 
 
-def assert_same_gradient(got, want, tol=1e-5, name=""):
-    """Relative error of the whole tensor: fp32 sums in another order differ by ~1e-6, a wrong loss by far more."""
+def assert_same_gradient(got, want, tol=5e-5, name=""):
+    """Relative error of the whole tensor: fp32 sums over the 151,936-word softmax in another order differ by
+    ~1e-5 (logits up to ~10 on the embedded model), a wrong loss by orders of magnitude more."""
     assert got.shape == want.shape and got.dtype == want.dtype, name
     err = ((got.float() - want.float()).norm() / want.float().norm()).item()
     assert err < tol, f"{name}: relative gradient error {err:.2e} >= {tol:.0e}"

@@ -8,20 +8,19 @@ LoRA, and the flash-attention message.
 
 import importlib.util
 import json
+import tempfile
 
 import pytest
 import torch
+from helpers import DATA, run_cli
 
-from qwen_tune.args import parse
+from qwen_tune.args import parse, resolve_options
 from qwen_tune.collate import PackedCollator, PaddedCollator
 from qwen_tune.dataset import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
-from qwen_tune.loss import causal_lm_loss_sum
 from qwen_tune.model import add_lora, load_model
 from qwen_tune.sft import ARGUMENTS, SFTTrainer, collator_for, resolve_sft_options
-from qwen_tune.training import check_options
-
-from helpers import DATA, run_cli
+from qwen_tune.train.loss import causal_lm_loss_sum
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +104,10 @@ def test_pad_id_equal_to_im_end_keeps_end_of_turn_labels(samples):
 
 
 def parsed(*argv):
-    model_args, data_args, lora_args, args = parse(ARGUMENTS, ["--data_path", "x.json", "--report_to", "none", *argv])
+    out = tempfile.mkdtemp(prefix="qwen-tune-options-")
+    model_args, data_args, lora_args, args = parse(ARGUMENTS, ["--data_path", "x.json", "--output_dir", out, "--report_to", "none", *argv])
     resolve_sft_options(data_args, args)
-    check_options(model_args, data_args, lora_args, args)
+    resolve_options(model_args, data_args, lora_args, args)
     return data_args, args
 
 

@@ -9,17 +9,17 @@ and the saved policy must reload in a fresh offline process and say A.
 from __future__ import annotations
 
 import copy
-
 import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-
 from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
@@ -176,8 +176,12 @@ def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompt
     with open(os.path.join(out, "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == os.path.abspath(sft_policy)
     assert abs(ppo_log(out)[0]["kl"]) < 1e-4  # first rollout: the actor is still the reference
+    from safetensors.torch import load_file
+
+    lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: the step trained the adapter
     [reply] = generate_in_fresh_process(out, [PROMPT], adapter=True)
-    assert "prefer" in reply
+    assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # still the SFT policy's answers
 
 
 def ppo_on_two_ranks(config: str, *args: str) -> subprocess.CompletedProcess:
@@ -224,7 +228,46 @@ def test_ppo_under_zero3_shards_generates_and_saves_complete_weights(sft_policy,
     assert res.returncode == 0, res.stderr[-3000:]
     assert int(res.stdout.split()[-3]) > 0, res.stdout  # trained, and saved complete (no empty shards)
     [reply] = generate_in_fresh_process(out, [PROMPT], adapter=False)
-    assert "prefer" in reply
+    assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # a gathered, working policy
+
+
+@pytest.mark.slow
+def test_ppo_killed_then_resumed_matches_an_uninterrupted_run(sft_policy, prompts, workdir, tmp_path):
+    """SIGTERM saves and exits; on resume policy, value head, AdamW, KL coefficient, prompt order and RNG come back:
+    the same weights and log as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from qwen_tune.train.checkpoints import COMPLETE, latest_complete_checkpoint
+
+    reward_py = tmp_path / "reward.py"
+    reward_py.write_text(REWARD_FN)
+    ppo = [sys.executable, "-m", "qwen_tune", "ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats",
+           "--prompts", prompts, "--num_train_epochs", "3", "--per_device_train_batch_size", "4", "--max_new_tokens", "8",
+           "--ppo_epochs", "2", "--adaptive_kl", "True", "--save_steps", "2", "--save_total_limit", "1"]
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    subprocess.run(ppo + ["--output_dir", reference], cwd=ROOT, env=fresh_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(ppo + ["--output_dir", killed], cwd=ROOT, env=fresh_env(), stderr=subprocess.PIPE, text=True)
+    while latest_complete_checkpoint(killed) is None:  # step 2 saved: stop it during step 3
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # finishes the step (3, unless the machine is slow), saves it, exits 143
+    assert proc.wait(timeout=300) == 143
+    stopped = re.search(r"SIGTERM: stopped after step (\d) and saved", proc.stderr.read())
+    resumed_from = latest_complete_checkpoint(killed)
+    assert stopped and int(stopped.group(1)) < 6 and resumed_from.endswith(f"checkpoint-{stopped.group(1)}")
+    assert [d for d in os.listdir(killed) if d.startswith("checkpoint-")] == [os.path.basename(resumed_from)]  # limit 1
+    assert os.path.isfile(os.path.join(resumed_from, COMPLETE)) and not os.path.exists(os.path.join(killed, "model.safetensors"))
+    res = subprocess.run(ppo + ["--output_dir", killed, "--resume_from_checkpoint", "auto"], cwd=ROOT, env=fresh_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {resumed_from}" in res.stderr and "ppo step 6/6" in res.stderr
+    for name in ("model.safetensors", "value_head.safetensors"):
+        want, got = load_file(os.path.join(reference, name)), load_file(os.path.join(killed, name))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(ppo_log(killed)) == strip(ppo_log(reference))
+    checkpoint_files = [f for _, _, files in os.walk(killed) for f in files]
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in checkpoint_files)  # no pickles anywhere
 
 
 def test_bad_options_are_clear_errors(prompts, tmp_path):

@@ -8,10 +8,9 @@ respect to the hidden states and the output weight, so no logits are kept for ba
 
 from __future__ import annotations
 
-
 import torch
 
-from .chat_format import IGNORE
+from ..chat_format import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -82,7 +81,7 @@ def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss, n
 
 
-def _backbone_and_head(model):
+def backbone_and_head(model):
     """The decoder (hidden states) and output projection under any PEFT / DeepSpeed / DDP wrapping."""
     inner = model
     while hasattr(inner, "module"):  # DeepSpeedEngine, DistributedDataParallel
@@ -102,7 +101,7 @@ def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torc
     """
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    decoder, head = _backbone_and_head(model)
+    decoder, head = backbone_and_head(model)
     (rows, cols), targets = supervised_positions(labels)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)

@@ -1,0 +1,139 @@
+"""Checkpoints every trainer can trust: a completion marker, no pickled arguments, rotation of complete ones only.
+
+The HF Trainer writes `checkpoint-N` in place; `CheckpointSafety.on_save` (a public callback hook,
+run after every rank has written its part) flushes it to disk, replaces the pickled
+`training_args.bin` with `training_args.json`, writes `checkpoint_complete.json` last and only then
+rotates. A checkpoint without the marker was cut short: resume ignores it, and rotation never
+counts it, so the newest complete checkpoint always survives a kill at any moment.
+
+Rotation is ours (the Trainer's would delete the previous checkpoint before the new one is marked):
+`--save_total_limit` is read here and the Trainer is given none (see `TrainingArguments`).
+
+Resuming relies on the HF Trainer, which restores model, optimizer, scheduler, RNG states and the
+position in the data order; transformers 5.23 loads the optimizer/scheduler/RNG files with
+`torch.load(weights_only=True)`, so no arbitrary pickle is executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import UserError
+
+COMPLETE = "checkpoint_complete.json"  # written last, after every file of the checkpoint is on disk
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteError(UserError):
+    """A step's loss, gradient or weights were NaN/Inf: stop before anything spoiled is saved."""
+
+
+def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, path, complete) of every `checkpoint-N` directory, oldest step first."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            m = CHECKPOINT_RE.match(name)
+            path = os.path.join(output_dir, name)
+            if m and os.path.isdir(path):
+                found.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, COMPLETE))))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint that was completely written (has the completion marker)."""
+    complete = [path for _, path, ok in checkpoints(output_dir) if ok]
+    return complete[-1] if complete else None
+
+
+def rotate_checkpoints(run_dir: str, limit: int | None, keep: set) -> None:
+    """Delete the oldest complete checkpoints beyond `limit`; never one in `keep`, never an incomplete one."""
+    if not limit or limit <= 0:
+        return
+    complete = [path for _, path, ok in checkpoints(run_dir) if ok]
+    excess = len(complete) - max(limit, len(keep & set(complete)))
+    for path in complete:
+        if excess <= 0:
+            break
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            excess -= 1
+
+
+def is_finite_model(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+
+
+def write_arguments_as_json(directory: str, args) -> None:
+    """The Trainer pickles its arguments (`training_args.bin`); keep them as JSON instead."""
+    pickle = os.path.join(directory, "training_args.bin")
+    if os.path.exists(pickle):
+        os.remove(pickle)
+    values = json.loads(args.to_json_string())
+    values["save_total_limit"] = getattr(args, "checkpoint_limit", values.get("save_total_limit"))  # what was asked
+    with open(os.path.join(directory, "training_args.json"), "w") as f:
+        json.dump(values, f, indent=2)
+
+
+def mark_complete(path: str, step: int) -> None:
+    """Flush every file of the checkpoint to disk, then write the marker (power loss, not just kills)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    with open(os.path.join(path, COMPLETE), "w") as f:
+        json.dump({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wait_for_every_rank() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CheckpointSafety(TrainerCallback):
+    """Refuse to save non-finite weights; mark each finished checkpoint complete; rotate complete ones."""
+
+    def __init__(self, save_total_limit: int | None):
+        self.save_total_limit = save_total_limit
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save and model is not None and not is_finite_model(model):
+            raise NonFiniteError(f"step {state.global_step}: the weights hold NaN/Inf; refusing to save them. The last "
+                                 f"complete checkpoint is {latest_complete_checkpoint(args.output_dir) or 'none'}")
+
+    def on_save(self, args, state, control, **kwargs):
+        _wait_for_every_rank()  # under DeepSpeed every rank writes its own optimizer shard
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if args.should_save and os.path.isdir(path):
+            write_arguments_as_json(path, args)
+            mark_complete(path, state.global_step)
+            rotate_checkpoints(args.output_dir, self.save_total_limit, keep={path, state.best_model_checkpoint})
+        _wait_for_every_rank()
+
+
+def save_final_model(trainer, output_dir: str) -> None:
+    """The trained weights as safetensors (refused when non-finite) with the arguments as JSON."""
+    if not is_finite_model(trainer.model):
+        raise NonFiniteError(f"refusing to save non-finite (NaN/Inf) weights to {output_dir}; the last complete "
+                             f"checkpoint is {latest_complete_checkpoint(trainer.args.output_dir) or 'none'}")
+    trainer.save_model(output_dir)
+    if trainer.args.should_save:
+        write_arguments_as_json(output_dir, trainer.args)

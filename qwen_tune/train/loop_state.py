@@ -1,0 +1,109 @@
+"""Checkpoints for a hand-written training loop (PPO): everything needed to continue exactly, without pickles.
+
+`checkpoint-N/` holds `trainable.safetensors` (each module's trainable tensors, e.g. the actor's
+LoRA weights and the value head), `optimizer.safetensors` + `optimizer.json` (AdamW's moments and
+its hyper-parameters), `rng.safetensors` (CPU and CUDA generator states) and `trainer_state.json`
+(the step and whatever else the loop keeps: its log, the KL coefficient). It is marked complete
+like every other checkpoint (`train/checkpoints.py`), so `--resume_from_checkpoint auto` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+from .checkpoints import NonFiniteError, latest_complete_checkpoint, mark_complete, rotate_checkpoints
+
+STATE = "trainer_state.json"
+
+
+def trainable_tensors(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": p.detach().cpu().contiguous()
+            for name, module in modules.items() for key, p in module.named_parameters() if p.requires_grad}
+
+
+def save_loop_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                         state: dict, limit: int | None) -> str:
+    """Write `out/checkpoint-{step}`, mark it complete, then rotate to `limit` complete checkpoints."""
+    weights = trainable_tensors(modules)
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+        raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
+                             f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
+    path = os.path.join(out, f"checkpoint-{step}")
+    os.makedirs(path, exist_ok=True)
+    save_file(weights, os.path.join(path, "trainable.safetensors"))
+    optim = optimizer.state_dict()
+    save_file({f"{index}.{key}": value.detach().cpu().contiguous() for index, values in optim["state"].items()
+               for key, value in values.items()}, os.path.join(path, "optimizer.safetensors"))
+    with open(os.path.join(path, "optimizer.json"), "w") as f:
+        json.dump(optim["param_groups"], f)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, os.path.join(path, "rng.safetensors"))
+    with open(os.path.join(path, STATE), "w") as f:
+        json.dump({"step": step, **state}, f)
+    mark_complete(path, step)
+    rotate_checkpoints(out, limit, keep={path})
+    return path
+
+
+def load_loop_checkpoint(path: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what `save_loop_checkpoint` wrote into the same modules and optimizer; returns the loop's state."""
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    for name, module in modules.items():
+        own = {key[len(name) + 1:]: value for key, value in weights.items() if key.startswith(name + ".")}
+        expected = {key for key, p in module.named_parameters() if p.requires_grad}
+        if set(own) != expected:
+            raise UserError(f"{path} was written by a different setup ({name}: {len(own)} tensors saved, "
+                            f"{len(expected)} trainable now); resume with the options of the interrupted run")
+        with torch.no_grad():
+            params = dict(module.named_parameters())
+            for key, value in own.items():
+                params[key].copy_(value)
+    moments = load_file(os.path.join(path, "optimizer.safetensors"))
+    with open(os.path.join(path, "optimizer.json")) as f:
+        groups = json.load(f)
+    state: dict = {}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT while a loop runs: note it, so the loop can finish its step, save and exit 143/130.
+    A second signal acts at once. Inactive (signals act at once) when the loop cannot save."""
+
+    def __init__(self, active: bool = True):
+        self.active = active
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT) if self.active else ():
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                break
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False

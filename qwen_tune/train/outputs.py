@@ -1,0 +1,58 @@
+"""The end of every run, the same for each method: weights, tokenizer + template, metrics, card, how to load.
+
+The output directory is a plain Hugging Face directory (safetensors, or a PEFT adapter that records an
+absolute base path), with `train_metrics.json`, `training_args.json`, the loss plot and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import Trainer
+
+from ..report import write_run_report
+from .checkpoints import save_final_model
+from .distributed import log
+
+
+def last_logged(trainer: Trainer, key: str):
+    values = [h[key] for h in trainer.state.log_history if key in h]
+    return values[-1] if values else None
+
+
+def finish_run(trainer: Trainer, *, tokenizer, metrics: dict, data_reports: dict, kind: str, model_path: str,
+               chat_format: str, adapter: bool, data_files: dict | None = None, reward_model: bool = False) -> None:
+    """Save what `trainer` trained into its output directory and print how to load it."""
+    out = trainer.args.output_dir
+    data_reports = {name: report for name, report in data_reports.items() if report is not None}
+    save_final_model(trainer, out)
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(out)  # carries the chat template the run trained with
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    if not reward_model:
+        model.generation_config.save_pretrained(out)  # stops at <|im_end|>
+    reports = {name: report.__dict__ for name, report in data_reports.items()}
+    with open(os.path.join(out, "train_metrics.json"), "w") as f:
+        json.dump({**metrics, "data": reports}, f, indent=2, default=str)
+    write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=chat_format,
+                     adapter=adapter, data_files=data_files, data_reports=data_reports)
+    log(how_to_load(out, adapter, reward_model=reward_model))
+
+
+def how_to_load(out: str, adapter: bool, reward_model: bool = False) -> str:
+    """The lines printed at the end of a run: where the result is, the class that loads it, what to do next."""
+    out = os.path.abspath(out)
+    kind = "SequenceClassification" if reward_model else "CausalLM"
+    cls, mod = (f"AutoPeftModelFor{kind}", "peft") if adapter else (f"AutoModelFor{kind}", "transformers")
+    labels = ", num_labels=1" if reward_model else ""
+    then = (f"Score data with:  qwen-tune score --model {out} --data PAIRS.jsonl --out scores.jsonl\n" if reward_model
+            else f"Chat with it:  qwen-tune chat --model {out}\n")
+    return (
+        f"\nSaved {'the reward model ' if reward_model else ''}to {out}\n"
+        f"Load it with:\n"
+        f"  from {mod} import {cls}\n  from transformers import AutoTokenizer\n"
+        f"  model = {cls}.from_pretrained({out!r}{labels})\n  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
+        + then
+    )

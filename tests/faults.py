@@ -1,0 +1,48 @@
+"""`python tests/faults.py [--trace FILE] [--nan_at_step N] COMMAND ARGS...`: qwen-tune COMMAND with test callbacks.
+
+--trace FILE      appends one JSON line per micro-batch: {"step", "rank", "ids"} (which samples each step saw)
+--nan_at_step N   makes step N's loss and gradients NaN, as a diverging batch would
+
+They reach the trainer as ordinary callbacks (`main(argv, callbacks=...)`), so shipped code has no test switch.
+"""
+
+import json
+import os
+import sys
+
+from qwen_tune.cli import entry
+from qwen_tune.train.guards import BatchObserver
+
+
+class TraceSampleIds(BatchObserver):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_micro_batch(self, step, sample_ids, loss, model):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "rank": int(os.environ.get("RANK", "0")), "ids": sample_ids}) + "\n")
+
+
+class NaNAtStep(BatchObserver):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_micro_batch(self, step, sample_ids, loss, model):
+        if step == self.step:
+            loss.mul_(float("nan"))
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(float("nan"))
+
+
+def main() -> None:
+    argv, callbacks = sys.argv[1:], []
+    while argv and argv[0] in ("--trace", "--nan_at_step"):
+        flag, value, argv = argv[0], argv[1], argv[2:]
+        callbacks.append(TraceSampleIds(value) if flag == "--trace" else NaNAtStep(int(value)))
+    sys.argv = [sys.argv[0], *argv]
+    entry(callbacks=tuple(callbacks))
+
+
+if __name__ == "__main__":
+    main()
