@@ -106,12 +106,28 @@ def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch
     from qwen_tune.args import parse
     from qwen_tune.sft import ARGUMENTS
 
-    # --bf16 False: the recipes are for GPUs; this machine has none.
-    model, data, l, t = parse(ARGUMENTS, ["--config", f"{ROOT}/recipes/{recipe}.yaml", "--bf16", "False"])
+    # --bf16/--fp16 False: the recipes are for GPUs; this machine has none.
+    model, data, l, t = parse(ARGUMENTS, ["--config", f"{ROOT}/recipes/{recipe}.yaml", "--bf16", "False", "--fp16", "False"])
     assert (l.use_lora, l.q_lora, t.learning_rate) == (lora, q_lora, lr)
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
     assert (t.num_train_epochs, t.weight_decay, t.adam_beta2, t.model_max_length) == (5, 0.1, 0.95, 512)
     assert t.lr_scheduler_type == "cosine" and t.gradient_checkpointing
+
+
+def test_finetune_recipes_take_every_hyper_parameter_from_their_yaml():
+    """The .sh files pass only where things are (model, data, output, DeepSpeed config) and the precision the
+    machine allows; so a recipe and its YAML cannot drift apart."""
+    import re
+
+    yaml_of = {"finetune_lora_single_gpu.sh": "finetune_lora.yaml", "finetune_lora_ds.sh": "finetune_lora.yaml",
+               "finetune_qlora_single_gpu.sh": "finetune_qlora.yaml", "finetune_qlora_ds.sh": "finetune_qlora.yaml",
+               "finetune_ds.sh": "finetune_full.yaml"}
+    for script, config in yaml_of.items():
+        text = "\n".join(line for line in open(f"{ROOT}/recipes/{script}").read().splitlines() if not line.startswith("#"))
+        assert f'--config "$ROOT/recipes/{config}"' in text, script
+        flags = set(re.findall(r"(?<![\w-])--(\w+)", text))
+        assert flags <= {"config", "model_name_or_path", "data_path", "output_dir", "bf16", "fp16", "deepspeed",
+                         "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}, (script, flags)
 
 
 def test_a_bad_config_is_a_clear_error(tmp_path):

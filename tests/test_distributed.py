@@ -55,16 +55,16 @@ def test_zero3_full_partitions_saves_complete_and_reloads(tmp_path, base_model_p
     )
     res = subprocess.run([sys.executable, "-c", check, out, base_model_path], env=fresh_env(), capture_output=True, text=True)
     assert res.returncode == 0 and "complete" in res.stdout, res.stderr[-3000:]
-    answer = generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=False)
-    assert isinstance(answer[0], str)
 
 
 def test_zero2_lora_adapter_reloads_with_autopeft(tmp_path):
     out = str(tmp_path / "z2lora")
     recipe("finetune_lora_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", "1", *FEW_STEPS)
-    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
-    answer = generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=True)
-    assert isinstance(answer[0], str)
+    from safetensors.torch import load_file
+
+    lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: every adapter matrix was trained and saved
+    generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=True)  # AutoPeft reloads it offline
 
 
 def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
@@ -81,6 +81,9 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
     assert len(a) == len(b) == 3
     assert a == pytest.approx(b, rel=1e-4), (a, b)
     assert a[0] != a[-1]  # the steps really differ, so equality is not a coincidence of one value
+    # the ZeRO-3 save reloads to the same model as the single process's: the same greedy replies
+    prompts = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2+2?")]
+    assert generate_in_fresh_process(ranks, prompts, adapter=False) == generate_in_fresh_process(single, prompts, adapter=False)
 
 
 def test_two_nodes_on_localhost_train_and_save(tmp_path):
