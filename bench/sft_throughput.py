@@ -139,9 +139,9 @@ def child_loss(kind: str, a) -> dict:
     """One forward+backward of the loss on a 2,048-token packed row of real samples."""
     import torch
 
-    from qwen_tune.collate import PackedCollator
-    from qwen_tune.chat_format import resolve_format
-    from qwen_tune.dataset import load_sft_dataset
+    from qwen_tune.data.collate import PackedCollator
+    from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.data.dataset import load_sft_dataset
     from qwen_tune.train.loss import causal_lm_loss_sum
     from qwen_tune.model import load_model, resolve_model_path
     from qwen_tune.tokenizer import load_tokenizer

@@ -62,7 +62,7 @@ class FormatArguments:
         """The run's `ChatFormat`; the tokenizer then carries the template, so saving it serves what was trained."""
         import json
 
-        from .chat_format import resolve_format
+        from .data.chat_format import resolve_format
 
         try:
             kwargs = json.loads(self.chat_template_kwargs) if self.chat_template_kwargs else {}

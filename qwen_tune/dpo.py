@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .errors import UserError
 from .model import load_model, lora_config, resolve_model_path
-from .pairs import encode_pairs
+from .data.pairs import encode_pairs
 from .report import report_callbacks
 from .tokenizer import load_tokenizer
 from .train.distributed import log

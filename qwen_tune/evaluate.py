@@ -16,8 +16,8 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
     """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`)."""
     import torch
 
-    from .collate import PaddedCollator
-    from .dataset import load_sft_dataset
+    from .data.collate import PaddedCollator
+    from .data.dataset import load_sft_dataset
     from .errors import UserError
     from .train.loss import causal_lm_loss_sum
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
     add_format_arguments(p)  # defaults: the template saved with the model, as trained
     a = p.parse_args(argv)
-    from .data import load_conversations
+    from .data.read import load_conversations
 
     load_conversations(a.data)  # bad data fails here, with file and line, before the model loads
     model, tokenizer = load_for_inference(a.model)

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from .args import FormatArguments, LoraArguments, parse
-from .chat_format import check_renderable
-from .data import load_prompts
+from .data.chat_format import check_renderable
+from .data.read import load_prompts
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model
 from .ppo_math import (
@@ -70,7 +70,7 @@ from .train.outputs import how_to_load
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
-PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 1e-3, 100_000_000
+PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 3e-4, 100_000_000
 
 
 @dataclass

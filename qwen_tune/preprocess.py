@@ -12,8 +12,8 @@ import json
 import sys
 
 from .args import add_format_arguments, format_arguments
-from .chat_format import IGNORE
-from .dataset import load_sft_dataset
+from .data.chat_format import IGNORE
+from .data.dataset import load_sft_dataset
 from .tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"

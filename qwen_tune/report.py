@@ -159,7 +159,7 @@ def file_facts(path: Path) -> tuple[int, str]:
 
 
 def _data_section(data_files: dict, data_reports: dict) -> list[str]:
-    from .data import resolve_files
+    from .data.read import resolve_files
 
     lines = ["| split | file | samples | sha256 |", "|---|---|---|---|"]
     for split, paths in data_files.items():

@@ -21,7 +21,7 @@ from trl import RewardConfig, RewardTrainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
-from .pairs import encode_pairs
+from .data.pairs import encode_pairs
 from .report import report_callbacks
 from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer

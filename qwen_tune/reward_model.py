@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .chat_format import ChatFormat
+from .data.chat_format import ChatFormat
 from .errors import UserError
 from .model import is_adapter
 

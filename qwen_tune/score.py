@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .chat_format import check_renderable
+from .data.chat_format import check_renderable
 from .reward_model import last_reply_ids, load_reward_model, score_token_ids
 
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> dict:
     from .args import format_arguments
-    from .data import detect_kind, load_conversations, load_preference_pairs
+    from .data.read import detect_kind, load_conversations, load_preference_pairs
 
     args = parse_args(argv)
     kind = detect_kind(args.data)

@@ -11,8 +11,8 @@ import torch
 from transformers import Trainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
-from .collate import PackedCollator, PaddedCollator
-from .dataset import SFTDataset, load_sft_dataset
+from .data.collate import PackedCollator, PaddedCollator
+from .data.dataset import SFTDataset, load_sft_dataset
 from .errors import UserError
 from .model import add_lora, load_model, resolve_model_path
 from .report import report_callbacks

@@ -28,6 +28,6 @@ def chatml(tokenizer):
     """The embedded model's format: the seed's ChatML with 'You are a helpful assistant.' (on a copy of the tokenizer)."""
     import copy
 
-    from qwen_tune.chat_format import resolve_format
+    from qwen_tune.data.chat_format import resolve_format
 
     return resolve_format(copy.copy(tokenizer))

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_tune.chat_format import IGNORE, resolve_format
-from qwen_tune.data import load_conversations
-from qwen_tune.dataset import load_sft_dataset
+from qwen_tune.data.chat_format import IGNORE, resolve_format
+from qwen_tune.data.read import load_conversations
+from qwen_tune.data.dataset import load_sft_dataset
 from qwen_tune.errors import DataError, UserError
 from qwen_tune.tokenizer import DEFAULT_SYSTEM_MESSAGE, load_tokenizer
 
@@ -82,7 +82,7 @@ def test_golden_ids_labels_and_prompts(request, template, tokenizer_name, case):
 
 
 def test_every_official_template_is_covered():
-    from qwen_tune.chat_format import official_templates
+    from qwen_tune.data.chat_format import official_templates
 
     names = set(official_templates())
     assert set(TEMPLATES) <= names
@@ -291,7 +291,7 @@ def test_shipped_tool_examples_agree_across_formats(tokenizer, template):
 
 
 def test_preference_pairs_with_tools_render_in_the_template(tokenizer, tmp_path):
-    from qwen_tune.pairs import encode_pairs
+    from qwen_tune.data.pairs import encode_pairs
 
     tools = CONVERSATIONS["tool_call_only"]["tools"]
     call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": tools[0]["function"]["name"], "arguments": {}}}]}

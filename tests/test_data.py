@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_tune.data import (
+from qwen_tune.data.read import (
     PREFERENCE_FORMAT,
     PROMPT_FORMAT,
     SFT_FORMAT,

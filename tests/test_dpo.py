@@ -15,8 +15,8 @@ def logprob_margins(model, tokenizer, data: str) -> torch.Tensor:
     """Per pair: sum log p(chosen reply | prompt) - sum log p(rejected reply | prompt), on the tokens dpo trains on."""
     import copy
 
-    from qwen_tune.chat_format import resolve_format
-    from qwen_tune.pairs import encode_pairs
+    from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.data.pairs import encode_pairs
 
     pairs, _ = encode_pairs(data, resolve_format(copy.copy(tokenizer), system_message=""), 512, split_prompt=True)
 

@@ -15,8 +15,8 @@ import torch
 from helpers import DATA, run_cli
 
 from qwen_tune.args import parse, resolve_options
-from qwen_tune.collate import PackedCollator, PaddedCollator
-from qwen_tune.dataset import SFTDataset, load_sft_dataset
+from qwen_tune.data.collate import PackedCollator, PaddedCollator
+from qwen_tune.data.dataset import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
 from qwen_tune.model import add_lora, load_model
 from qwen_tune.sft import ARGUMENTS, SFTTrainer, collator_for, resolve_sft_options

@@ -85,7 +85,7 @@ def reward_model(workdir, base_model_path, tokenizer) -> str:
     """A tiny Bradley-Terry reward model (the embedded model + a score head) that prefers A over B."""
     from transformers import AutoModelForSequenceClassification
 
-    from qwen_tune.chat_format import resolve_format
+    from qwen_tune.data.chat_format import resolve_format
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)

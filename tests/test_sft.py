@@ -129,13 +129,13 @@ def test_bad_data_is_reported_with_file_and_line_before_any_model_loads(tmp_path
 def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, tmp_path):
     import copy
 
-    from qwen_tune.chat_format import resolve_format
+    from qwen_tune.data.chat_format import resolve_format
 
     """4 micro-batches of 1 give the same update as one batch of 4: the loss is the mean over the step's tokens."""
     from qwen_tune.args import TrainingArguments
-    from qwen_tune.collate import PackedCollator
-    from qwen_tune.dataset import SFTDataset, encode_conversations
-    from qwen_tune.data import Conversation
+    from qwen_tune.data.collate import PackedCollator
+    from qwen_tune.data.dataset import SFTDataset, encode_conversations
+    from qwen_tune.data.read import Conversation
     from qwen_tune.model import load_model
     from qwen_tune.sft import SFTTrainer
 
@@ -187,7 +187,7 @@ def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path)
 
     from helpers import fresh_env
 
-    from qwen_tune.chat_format import official_templates
+    from qwen_tune.data.chat_format import official_templates
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]

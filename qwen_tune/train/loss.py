@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..chat_format import IGNORE
+from ..data.chat_format import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat_format import check_renderable
-from .data import load_preference_pairs
+from .read import load_preference_pairs
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat_format import ChatFormat, Encoded, check_renderable
-from .data import load_conversations
+from .read import load_conversations
 
 
 @dataclass

@@ -23,8 +23,8 @@ from pathlib import Path
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from .errors import UserError
-from .tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
+from ..errors import UserError
+from ..tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
 
 IGNORE = -100
 ASSISTANT = "assistant\n"  # what follows a template's <|im_start|> in an assistant turn
@@ -335,7 +335,7 @@ def _reasoning_not_trained(messages: list[dict], bodies: list[str]) -> int:
 
 def check_renderable(fmt: ChatFormat, samples, max_problems: int = 20) -> None:
     """Every sample (with `.messages`/`.prompt`+replies, `.tools`, `.source`) renders in full, or one DataError naming each."""
-    from .errors import DataError
+    from ..errors import DataError
 
     found = []
     for s in samples:

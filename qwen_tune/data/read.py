@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, UserError
+from ..errors import DataError, UserError
 
 SFT_FORMAT = (
     'expected SFT data like {"conversations": [{"from": "user", "value": "..."}, '
