@@ -82,6 +82,19 @@ def add_format_arguments(parser) -> None:
         parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
 
 
+def inference_parser(prog: str, description: str):
+    """The parser of a command that loads a trained model (chat, eval): --model and the format options."""
+    import argparse
+
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+    add_format_arguments(parser)  # defaults: the template saved with the model, as trained
+    return parser
+
+
 def format_arguments(namespace) -> FormatArguments:
     from dataclasses import fields
 
@@ -146,7 +159,7 @@ class TrainingArguments(transformers.TrainingArguments):
     _argument_group_name = "training (transformers TrainingArguments; DeepSpeed, logging, checkpoints)"
 
     output_dir: str = field(default="output_qwen", metadata={"help": "Where checkpoints and the result go."})
-    model_max_length: int = field(default=512, metadata={"help": "Longer samples are truncated (head kept) and counted."})
+    model_max_length: int = field(default=512, metadata={"help": "Longest sample in tokens. sft: longer samples keep their head and are counted; rm / dpo: longer pairs are dropped and named (a reply cut short has no end to score)."})
     learning_rate: float | None = field(
         default=None,
         metadata={"help": f"Peak learning rate (default: {SEED_LR_FULL} full, {SEED_LR_LORA} LoRA; {EMBEDDED_LR} on the embedded model)."},

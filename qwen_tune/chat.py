@@ -8,7 +8,6 @@ In the REPL: /reset forgets the conversation, /system TEXT sets the system messa
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .errors import UserError
@@ -99,15 +98,12 @@ def repl(chat: Chat) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .args import add_format_arguments, format_arguments
-    from .cli import HelpFormatter
+    from .args import format_arguments, inference_parser
 
-    p = argparse.ArgumentParser(prog="qwen-tune chat", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+    p = inference_parser("qwen-tune chat", __doc__)
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")
     p.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (deterministic)")
-    add_format_arguments(p)  # defaults: the template saved with the model, as trained
     a = p.parse_args(argv)
     if a.max_new_tokens < 1 or a.temperature < 0:
         raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")

@@ -90,9 +90,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if evaluation is not None:
         log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
             f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
-    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
-               kind="dpo", model_path=model_path, chat_format=fmt.description, adapter=lora_args.use_lora,
-               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path})
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="dpo", model_path=model_path, adapter=lora_args.use_lora)
     return metrics
 
 

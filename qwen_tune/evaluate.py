@@ -7,7 +7,6 @@ closing `<|im_end|>`, over the whole file (not a mean of per-batch means).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -37,16 +36,13 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .args import add_format_arguments, format_arguments
+    from .args import format_arguments, inference_parser
     from .chat import load_for_inference
-    from .cli import HelpFormatter
 
-    p = argparse.ArgumentParser(prog="qwen-tune eval", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", default=None, help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+    p = inference_parser("qwen-tune eval", __doc__)
     p.add_argument("--data", required=True, help="conversations: a .json/.jsonl file, a directory, or a comma-separated list")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
-    add_format_arguments(p)  # defaults: the template saved with the model, as trained
     a = p.parse_args(argv)
     from .data.read import load_conversations
 

@@ -22,7 +22,6 @@ generate in lockstep (`synced_gpus`) and gather the full weights to save.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -37,7 +36,6 @@ from .args import FormatArguments, LoraArguments, parse
 from .data.chat_format import check_renderable
 from .data.read import load_prompts
 from .errors import UserError
-from .model import add_lora, is_adapter, load_model
 from .ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
@@ -51,6 +49,7 @@ from .ppo_math import (
 )
 from .report import write_run_report
 from .reward_functions import call_reward_fn, load_reward_fn
+from .rl_models import RewardModelCritic, ValueHead, load_actor
 from .rollouts import Rollout, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 from .train.deepspeed_loop import (
@@ -147,77 +146,6 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_dir():
             raise UserError(f"--{name} {path}: no such directory")
-
-
-# ---------------------------------------------------------------- models
-
-
-def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device: torch.device):
-    """-> (actor, reference context). The reference is the frozen starting policy:
-    LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
-    of that adapter (PEFT multi-adapter); full training: a second, frozen model."""
-    if is_adapter(policy):
-        from peft import AutoPeftModelForCausalLM
-
-        actor = to_device(AutoPeftModelForCausalLM.from_pretrained(policy, is_trainable=lora.use_lora), device)
-        if lora.use_lora:  # keep training the SFT adapter; its starting point is the reference
-            actor.load_adapter(policy, adapter_name="reference", is_trainable=False)
-            actor.set_adapter("default")
-            return actor, _switch_adapter(actor)
-        actor = actor.merge_and_unload()  # full training of the merged SFT policy
-    else:
-        actor = to_device(load_model(policy, q_lora=lora.q_lora, trust_remote_code=trust_remote_code), device)
-        if lora.use_lora:
-            actor = add_lora(actor, q_lora=lora.q_lora, **lora.adapter_options())
-            return actor, _adapter_off(actor)
-    reference = copy.deepcopy(actor).eval().requires_grad_(False)
-    return actor, lambda: contextlib.nullcontext(reference)
-
-
-def _adapter_off(actor):
-    @contextlib.contextmanager
-    def use_reference():
-        with actor.disable_adapter():
-            yield actor
-    return use_reference
-
-
-def _switch_adapter(actor):
-    @contextlib.contextmanager
-    def use_reference():
-        actor.set_adapter("reference")
-        try:
-            yield actor
-        finally:
-            actor.set_adapter("default")  # also makes only "default" trainable again
-    return use_reference
-
-
-class ValueHead(torch.nn.Module):
-    """V(s_t) from the policy's last hidden state; starts at 0 so early advantages are the rewards."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.summary = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.summary.weight)
-        torch.nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden: torch.Tensor, **_) -> torch.Tensor:
-        return self.summary(hidden.float()).squeeze(-1)
-
-
-class RewardModelCritic(torch.nn.Module):
-    """V(s_t) = the reward model's score head read at every position (a trainable copy of the RM)."""
-
-    def __init__(self, reward_model):
-        super().__init__()
-        self.rm = copy.deepcopy(reward_model).train().requires_grad_(True)
-        inner = self.rm.get_base_model() if hasattr(self.rm, "get_base_model") else self.rm
-        self.backbone, self.head = getattr(inner, inner.base_model_prefix), inner.score
-
-    def forward(self, hidden: torch.Tensor, *, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        return self.head(h).float().squeeze(-1)
 
 
 # ---------------------------------------------------------------- rollouts and forward passes

@@ -113,9 +113,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
 
     if evaluation is not None:
         log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
-    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
-               kind="rm", model_path=base_path, chat_format=fmt.description, adapter=lora_args.use_lora,
-               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, reward_model=True)
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="rm", model_path=base_path, adapter=lora_args.use_lora, reward_model=True)
     return metrics
 
 

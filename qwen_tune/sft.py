@@ -116,9 +116,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     if eval_samples:
         metrics.update(trainer.evaluate())
 
-    finish_run(trainer, tokenizer=tokenizer, metrics=metrics, data_reports={"train": train_report, "eval": eval_report},
-               kind="sft", model_path=model_path, chat_format=fmt.description, adapter=lora_args.use_lora,
-               data_files={"train": data_args.data_path, "eval": data_args.eval_data_path})
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="sft", model_path=model_path, adapter=lora_args.use_lora)
     return metrics
 
 

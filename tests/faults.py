@@ -2,6 +2,7 @@
 
 --trace FILE      appends one JSON line per micro-batch: {"step", "rank", "ids"} (which samples each step saw)
 --nan_at_step N   makes step N's loss and gradients NaN, as a diverging batch would
+--oom_at_step N   raises CUDA's out-of-memory error in step N, as a too-large batch would
 
 They reach the trainer as ordinary callbacks (`main(argv, callbacks=...)`), so shipped code has no test switch.
 """
@@ -35,11 +36,26 @@ class NaNAtStep(BatchObserver):
                     p.grad.mul_(float("nan"))
 
 
+class OutOfMemoryAtStep(BatchObserver):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_micro_batch(self, step, sample_ids, loss, model):
+        if step == self.step:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+
+FAULTS = {"--trace": TraceSampleIds, "--nan_at_step": lambda v: NaNAtStep(int(v)),
+          "--oom_at_step": lambda v: OutOfMemoryAtStep(int(v))}
+
+
 def main() -> None:
     argv, callbacks = sys.argv[1:], []
-    while argv and argv[0] in ("--trace", "--nan_at_step"):
+    while argv and argv[0] in FAULTS:
         flag, value, argv = argv[0], argv[1], argv[2:]
-        callbacks.append(TraceSampleIds(value) if flag == "--trace" else NaNAtStep(int(value)))
+        callbacks.append(FAULTS[flag](value))
     sys.argv = [sys.argv[0], *argv]
     entry(callbacks=tuple(callbacks))
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from helpers import DATA, ROOT, run_cli
+from helpers import DATA, ROOT, fresh_env, run_cli
 
 TRAIN = [
     {"id": "c0", "conversations": [{"from": "user", "value": "What is the secret word?"},
@@ -186,7 +188,7 @@ def test_eval_on_wrong_data_fails_before_loading_the_model(tmp_path):
     assert proc.returncode == 2 and "preference_example.jsonl:" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory():
+def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory(tmp_path):
     import torch
 
     from qwen_tune.cli import OOM_ADVICE, is_out_of_memory
@@ -194,9 +196,16 @@ def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    # a training step that runs out of memory: the advice, exit 2, no traceback
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "faults.py"), "--oom_at_step", "1", "sft",
+                           "--data_path", os.path.join(ROOT, "data", "sft_example.json"), "--output_dir", str(tmp_path / "out"),
+                           "--max_steps", "2", "--model_max_length", "64", "--report_to", "none"],
+                          cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"qwen-tune sft: error: {OOM_ADVICE}" in proc.stderr and "Tried to allocate 2.00 GiB" in proc.stderr
     for option in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--gradient_checkpointing",
                    "--use_lora", "--q_lora", "--model_max_length", "ZeRO-3", "offload"):
-        assert option in OOM_ADVICE
+        assert option in proc.stderr
 
 
 def test_every_shipped_yaml_parses_with_its_command():

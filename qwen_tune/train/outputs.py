@@ -21,9 +21,10 @@ def last_logged(trainer: Trainer, key: str):
     return values[-1] if values else None
 
 
-def finish_run(trainer: Trainer, *, tokenizer, metrics: dict, data_reports: dict, kind: str, model_path: str,
-               chat_format: str, adapter: bool, data_files: dict | None = None, reward_model: bool = False) -> None:
-    """Save what `trainer` trained into its output directory and print how to load it."""
+def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dict, metrics: dict, kind: str,
+               model_path: str, adapter: bool, reward_model: bool = False) -> None:
+    """Save what `trainer` trained into its output directory and print how to load it.
+    `fmt`: the run's ChatFormat; `data_args`: where the data came from (for the card)."""
     out = trainer.args.output_dir
     data_reports = {name: report for name, report in data_reports.items() if report is not None}
     save_final_model(trainer, out)
@@ -36,8 +37,9 @@ def finish_run(trainer: Trainer, *, tokenizer, metrics: dict, data_reports: dict
     reports = {name: report.__dict__ for name, report in data_reports.items()}
     with open(os.path.join(out, "train_metrics.json"), "w") as f:
         json.dump({**metrics, "data": reports}, f, indent=2, default=str)
-    write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=chat_format,
-                     adapter=adapter, data_files=data_files, data_reports=data_reports)
+    write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=fmt.description,
+                     adapter=adapter, data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
+                     data_reports=data_reports)
     log(how_to_load(out, adapter, reward_model=reward_model))
 
 
