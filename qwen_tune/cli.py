@@ -16,6 +16,7 @@ COMMANDS = {
     "rm": ("qwen_tune.reward", "train a reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("qwen_tune.dpo", "Direct Preference Optimization on preference pairs"),
     "ppo": ("qwen_tune.ppo", "PPO on an SFT policy against a reward model or a reward function"),
+    "grpo": ("qwen_tune.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
     "score": ("qwen_tune.score", "score pairs or conversations with a reward model"),
     "merge": ("qwen_tune.export", "merge a LoRA adapter into its base and save a full model"),
     "chat": ("qwen_tune.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),

@@ -1,11 +1,15 @@
-"""Rewards computed by a user's Python function (`--reward_fn module:function` or `file.py:function`).
+"""Rewards computed by a user's Python function (`module:function` or `path/file.py:function`).
 
-Called as f(prompt_messages, response_text) -> float; anything that is not a finite number is an
-error naming the prompt, so a broken rule never trains the policy on NaN.
+Two conventions: ppo's `--reward_fn`, f(prompt_messages, response_text) -> float, one sample at a
+time; and TRL's, used by grpo's `--reward_funcs`: f(prompts, completions, **columns) -> list of
+float or None, on a batch, with every extra field of the prompts file as a keyword list. Anything
+that is not a finite number is an error naming the function and the prompt, so a broken rule never
+trains the policy on NaN.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -14,25 +18,25 @@ from pathlib import Path
 from .errors import UserError
 
 
-def load_reward_fn(spec: str):
+def load_reward_fn(spec: str, flag: str = "--reward_fn"):
     """`module:function` or `path/to/file.py:function` -> the callable."""
     target, _, name = spec.rpartition(":")
     if not target or not name:
-        raise UserError(f"--reward_fn {spec}: expected module:function or file.py:function")
+        raise UserError(f"{flag} {spec}: expected module:function or file.py:function")
     try:
         if target.endswith(".py"):
             if not Path(target).is_file():
-                raise UserError(f"--reward_fn {spec}: no such file {target}")
+                raise UserError(f"{flag} {spec}: no such file {target}")
             module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
     except ImportError as e:
-        raise UserError(f"--reward_fn {spec}: cannot import {target}: {e}") from e
+        raise UserError(f"{flag} {spec}: cannot import {target}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise UserError(f"--reward_fn {spec}: {target} has no function {name}")
+        raise UserError(f"{flag} {spec}: {target} has no function {name}")
     return fn
 
 
@@ -45,3 +49,37 @@ def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: st
     if not math.isfinite(value):
         raise UserError(f"--reward_fn {spec} returned {value!r} for prompt {prompt_id}; it must return a finite number")
     return value
+
+
+def checked_batch_reward(fn, spec: str):
+    """A reward function in TRL's convention, fn(prompts, completions, **columns) -> list[float | None], checked:
+    an exception, a wrong number of values or a non-finite value stops the run naming the function, the prompt id
+    and what it returned (None, "not applicable", is allowed: TRL leaves it out of the sum)."""
+
+    @functools.wraps(fn)
+    def reward(prompts, completions, **columns):
+        ids = columns.get("id") or ["?"] * len(completions)
+        try:
+            values = fn(prompts, completions, **columns)
+        except Exception as e:
+            raise UserError(f"--reward_funcs {spec} raised {type(e).__name__}: {e} (prompts {', '.join(dict.fromkeys(map(str, ids)))})") from e
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            raise UserError(f"--reward_funcs {spec} returned {str(values)[:80]} for {len(completions)} completions; "
+                            f"it must return a list with one number (or None) per completion")
+        out = []
+        for value, prompt_id in zip(values, ids):
+            number = None if value is None else _as_number(value)
+            if value is not None and not math.isfinite(number):
+                raise UserError(f"--reward_funcs {spec} returned {value!r} for prompt {prompt_id}; "
+                                f"expected a finite number (or None)")
+            out.append(number)
+        return out
+
+    return reward
+
+
+def _as_number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

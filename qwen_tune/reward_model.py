@@ -85,3 +85,15 @@ def score_token_ids(model, sequences: list[list[int]], batch_size: int = 16) -> 
         scores.append(logits[:, 0].float().cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def reward_model_function(model, fmt: ChatFormat):
+    """The reward model as a reward function in TRL's convention (for grpo): each conversational prompt plus its
+    completion, rendered in the run's format, scored at the completion's `<|im_end|>`, as rm trained it."""
+
+    def reward_model(prompts, completions, tools=None, **_):
+        tools = tools or [None] * len(prompts)
+        sequences = [last_reply_ids(fmt, list(p) + list(c), t) for p, c, t in zip(prompts, completions, tools)]
+        return score_token_ids(model, sequences).tolist()
+
+    return reward_model

@@ -52,3 +52,29 @@ def generate_in_fresh_process(out: str, conversations: list[list[dict]], adapter
                           env=fresh_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SAMPLE = r"""
+import json, sys, torch
+from transformers import AutoTokenizer
+out, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "adapter":
+    from peft import AutoPeftModelForCausalLM as Model
+else:
+    from transformers import AutoModelForCausalLM as Model
+torch.manual_seed(0)
+model = Model.from_pretrained(out).eval()
+tok = AutoTokenizer.from_pretrained(out)
+ids = tok.apply_chat_template(json.loads(sys.argv[4]), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+gen = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, num_return_sequences=n)
+print(json.dumps(tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+"""
+
+
+def sample_in_fresh_process(prompt: list[dict], out: str, n: int, adapter: bool = False) -> list[str]:
+    """Reload `out` offline in a new Python and sample n replies to `prompt` at temperature 1, rendered with
+    the chat template saved with the model."""
+    proc = subprocess.run([sys.executable, "-c", SAMPLE, out, "adapter" if adapter else "full", str(n), json.dumps(prompt)],
+                          env=fresh_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -212,14 +212,14 @@ def test_every_shipped_yaml_parses_with_its_command():
     """Each recipes/*.yaml is read by the command its recipe runs; an unknown or misspelled key fails here."""
     import glob
 
-    from qwen_tune import dpo, reward, sft
+    from qwen_tune import dpo, grpo, reward, sft
     from qwen_tune.args import LoraArguments, parse
     from qwen_tune.ppo import PPOArguments
 
     commands = {"finetune": sft.ARGUMENTS, "train_reward": reward.ARGUMENTS, "train_dpo": dpo.ARGUMENTS,
-                "train_ppo": (PPOArguments, LoraArguments)}
+                "train_ppo": (PPOArguments, LoraArguments), "train_grpo": grpo.ARGUMENTS}
     configs = sorted(glob.glob(f"{ROOT}/recipes/*.yaml"))
-    assert len(configs) == 6
+    assert len(configs) == 7
     for config in configs:
         name = os.path.basename(config)[: -len(".yaml")]
         arguments = next(v for k, v in commands.items() if name.startswith(k))

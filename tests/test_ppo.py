@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli
+from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
 PREFERRED, OTHER = "I prefer cats.", "I prefer dogs."
@@ -29,31 +29,6 @@ PREFERRED, OTHER = "I prefer cats.", "I prefer dogs."
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
-
-
-SAMPLE = r"""
-import json, sys, torch
-from transformers import AutoTokenizer
-out, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if kind == "adapter":
-    from peft import AutoPeftModelForCausalLM as Model
-else:
-    from transformers import AutoModelForCausalLM as Model
-torch.manual_seed(0)
-model = Model.from_pretrained(out).eval()
-tok = AutoTokenizer.from_pretrained(out)
-ids = tok.apply_chat_template(json.loads(sys.argv[4]), add_generation_prompt=True, return_tensors="pt", return_dict=True)
-gen = model.generate(**ids, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, num_return_sequences=n)
-print(json.dumps(tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
-"""
-
-
-def sample_in_fresh_process(out: str, n: int, adapter: bool = False) -> list[str]:
-    """Reload `out` offline in a new Python and sample n replies to PROMPT at temperature 1."""
-    proc = subprocess.run([sys.executable, "-c", SAMPLE, out, "adapter" if adapter else "full", str(n), json.dumps(PROMPT)],
-                          env=fresh_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def share(replies: list[str], answer: str) -> float:
@@ -126,7 +101,7 @@ def prefers_cats(prompt_messages, response_text):
 
 @pytest.mark.slow
 def test_sft_policy_is_undecided(sft_policy):
-    replies = sample_in_fresh_process(sft_policy, 40)
+    replies = sample_replies(PROMPT, sft_policy, 40)
     assert 0.2 <= share(replies, PREFERRED) <= 0.8, replies
     assert 0.2 <= share(replies, OTHER) <= 0.8, replies
 
@@ -137,7 +112,7 @@ def check_trained(out: str, adapter: bool = False) -> list[dict]:
         assert all(key in r for r in rows), key
     kls = [r["kl"] for r in rows]  # nats per reply; a diverging policy runs off to tens or hundreds
     assert sum(kls) / len(kls) < 5.0 and max(kls) < 20.0, kls  # one odd sample can spike a single step
-    replies = sample_in_fresh_process(out, 40, adapter=adapter)
+    replies = sample_replies(PROMPT, out, 40, adapter=adapter)
     assert picks_preferred(replies) >= 0.9, replies
     # the reward model (and rule) score "I prefer cats" and "I prefer cats." alike, so PPO may drop the period
     assert picks_preferred(generate_in_fresh_process(out, [PROMPT], adapter=adapter)) == 1.0

@@ -11,7 +11,7 @@ content is kept byte for byte. What is normalised: roles (seed `from` -> OpenAI 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .files import read_records, resolve_files, show
@@ -38,6 +38,7 @@ class Conversation:
     messages: list[dict]  # OpenAI / HF messages: role, content, and tool_calls / reasoning_content / tool_call_id / name
     source: str  # "path:LINE" where the sample starts
     tools: list[dict] | None = None  # the conversation's top-level function definitions
+    columns: dict = field(default_factory=dict)  # prompts: the record's other fields (e.g. "answer"), for reward functions
 
 
 @dataclass
@@ -93,14 +94,18 @@ def _parse_sft(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | Non
     return messages, parse_tools(obj, errs)
 
 
-def _parse_prompt(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | None]:
+PROMPT_KEYS = ("conversations", "messages", "prompt")
+
+
+def _parse_prompt(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | None, dict]:
     if _wrong_kind(obj, PROMPT_FORMAT, errs):
-        return [], None
+        return [], None, {}
     before = len(errs)
-    messages = _pick(obj, ("conversations", "messages", "prompt"), PROMPT_FORMAT, errs)
+    messages = _pick(obj, PROMPT_KEYS, PROMPT_FORMAT, errs)
     if len(errs) == before:
-        _ends_with_user(messages, next(k for k in ("conversations", "messages", "prompt") if k in obj), errs)
-    return messages, parse_tools(obj, errs)
+        _ends_with_user(messages, next(k for k in PROMPT_KEYS if k in obj), errs)
+    columns = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + ("id", "tools")}
+    return messages, parse_tools(obj, errs), columns
 
 
 def _reply(obj: dict, key: str, seed: bool, errs: list[str]) -> list[dict]:
@@ -182,8 +187,9 @@ def load_conversations(paths, max_problems: int = 20) -> list[Conversation]:
 
 
 def load_prompts(paths, max_problems: int = 20) -> list[Conversation]:
-    """PPO prompts: conversations that end with a user turn or a tool result (the policy writes the reply)."""
-    return [Conversation(i, m, s, t) for i, (m, t), s in _load(paths, _parse_prompt, PROMPT_FORMAT, max_problems)]
+    """RL prompts: conversations that end with a user turn or a tool result (the policy writes the reply);
+    the record's other fields are kept as `columns` (reward functions receive them)."""
+    return [Conversation(i, m, s, t, c) for i, (m, t, c), s in _load(paths, _parse_prompt, PROMPT_FORMAT, max_problems)]
 
 
 def load_preference_pairs(paths, max_problems: int = 20) -> list[PreferencePair]:

@@ -1,0 +1,147 @@
+"""Group Relative Policy Optimization (`qwen-tune grpo`) with verifiable rewards, on TRL's GRPOTrainer.
+
+Reads top to bottom like the job: resolve the options, read and validate the prompts (file:line;
+every other field of a record, such as `answer`, is kept for the reward functions), check that the
+policy's saved chat template renders each prompt exactly as our served-format encoder does, load the
+reward functions (TRL's convention, each checked) and an optional reward model, load the policy
+(full, LoRA or Q-LoRA), train with GRPOTrainer (its loss variants, generation and DeepSpeed support;
+every GRPOConfig option passes through under its TRL name) under the same safety callbacks as every
+method, and finish like every method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+from trl import GRPOConfig, GRPOTrainer
+
+from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments, TrainingArguments, parse,
+                   resolve_options, train_dtype)
+from .data.read import load_prompts
+from .errors import UserError
+from .model import is_adapter, load_model, lora_config, resolve_model_path
+from .report import report_callbacks
+from .reward_functions import checked_batch_reward, load_reward_fn
+from .tokenizer import load_tokenizer
+from .train.distributed import log
+from .train.guards import ObservedSteps, safety_callbacks
+from .train.outputs import finish_run, last_logged
+
+
+@dataclass
+class GRPOInputs(FormatArguments):
+    _argument_group_name = "grpo"
+    policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a model directory (qwen-tune sft output) or hub id."})
+    prompts: str | None = field(default=None, metadata={"help": "Prompts ending with a user turn (.json/.jsonl, see data/grpo_example.jsonl); other fields (e.g. answer) reach the reward functions."})
+    reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated module:function or file.py:function, called as f(prompts, completions, **columns) -> list[float | None] (TRL's convention)."})
+    reward_model: str | None = field(default=None, metadata={"help": "A reward model directory (qwen-tune rm output) scoring each completion, as one more reward."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
+
+
+@dataclass
+class GRPOTrainingArguments(TrainingArguments, GRPOConfig):
+    """Our training options plus TRL's GRPO options (--num_generations, --beta, --loss_type, --temperature, ...)."""
+
+    output_dir: str = field(default="output_qwen_grpo", metadata={"help": "Where checkpoints and the trained policy go."})
+    beta: float = field(default=0.04, metadata={"help": "KL weight towards the starting policy. TRL's default 0 let the embedded model drift into degenerate text once every group's rewards were equal; 0.04 held."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompts."})
+    include_num_input_tokens_seen: str = field(default="no", metadata={"help": "GRPO batches are generated, not tokenized data."})
+    trust_remote_code: bool = field(default=False, init=False)  # set from --trust_remote_code
+    chat_template_kwargs: dict | None = field(default=None, init=False)  # set from the format's --enable_thinking / --chat_template_kwargs
+
+
+ARGUMENTS = (GRPOInputs, LoraArguments, GRPOTrainingArguments)
+
+
+class ObservedGRPOTrainer(ObservedSteps, GRPOTrainer):
+    """TRL's GRPOTrainer whose micro-batches the NaN guard (and tests) can see."""
+
+
+def rendered_as_served(fmt, conversations) -> list[list[dict]]:
+    """The prompts as TRL will render them (the template's own `apply_chat_template`), checked token for token
+    against our encoder, which keeps control tokens typed into text as text: any difference is an error."""
+    prompts = []
+    for c in conversations:
+        if c.tools:
+            raise UserError(f"{c.source}: grpo cannot give per-prompt tools to the policy yet; remove \"tools\"")
+        messages = fmt.messages_for(c.messages)
+        theirs = fmt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, **fmt.template_kwargs)["input_ids"]
+        if list(theirs) != fmt.prompt_ids(c.messages):
+            raise UserError(f"{c.source}: the chat template would read text in this prompt as control tokens "
+                            f"(e.g. a typed <|im_end|>); remove them")
+        prompts.append(messages)
+    return prompts
+
+
+def prompt_dataset(conversations, prompts):
+    """Rows of {prompt, id, *columns}; a column missing from some records would reach a reward function as None."""
+    from datasets import Dataset
+
+    names = sorted({k for c in conversations for k in c.columns})
+    for c in conversations:
+        missing = [n for n in names if n not in c.columns]
+        if missing:
+            raise UserError(f"{c.source}: has no {', '.join(missing)} (other prompts have them); give every prompt the same fields")
+    return Dataset.from_list([{"prompt": p, "id": c.id, **c.columns} for c, p in zip(conversations, prompts)])
+
+
+def load_rewards(inputs: GRPOInputs, fmt) -> list:
+    rewards = [checked_batch_reward(load_reward_fn(spec.strip(), "--reward_funcs"), spec.strip())
+               for spec in (inputs.reward_funcs or "").split(",") if spec.strip()]
+    if inputs.reward_model:
+        from .reward_model import load_reward_model, reward_model_function
+
+        model, _ = load_reward_model(inputs.reward_model)
+        rewards.append(reward_model_function(model.eval().requires_grad_(False), fmt))
+    if not rewards:
+        raise UserError("give --reward_funcs module:function[,...] and/or --reward_model DIR")
+    return rewards
+
+
+def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArguments, callbacks: tuple = ()) -> dict:
+    """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
+    if not inputs.policy:
+        raise UserError("--policy is required: the SFT model to improve (see qwen-tune grpo --help)")
+    if is_adapter(inputs.policy):
+        raise UserError(f"--policy {inputs.policy} is a LoRA adapter; merge it first (qwen-tune merge), then train "
+                        f"the merged model (add --use_lora True for a new adapter)")
+    model_args = ModelArguments(model_name_or_path=inputs.policy, trust_remote_code=inputs.trust_remote_code)
+    data_args = DataArguments(data_path=inputs.prompts, **{k: getattr(inputs, k) for k in FormatArguments.__dataclass_fields__})
+    resolve_options(model_args, data_args, lora_args, args)
+    policy_path = resolve_model_path(inputs.policy)
+
+    tokenizer = load_tokenizer(policy_path, trust_remote_code=inputs.trust_remote_code)
+    fmt = data_args.chat_format(tokenizer, source=policy_path)  # the policy's saved template: the format it was trained in
+    log(f"format: {fmt.description}")
+    conversations = load_prompts(inputs.prompts)
+    train = prompt_dataset(conversations, rendered_as_served(fmt, conversations))
+    args.chat_template_kwargs = dict(fmt.template_kwargs)  # TRL renders the prompts with the same switches
+    rewards = load_rewards(inputs, fmt)
+    log(f"grpo: {len(train)} prompts x {args.num_generations} completions, rewards: "
+        + ", ".join(r.__name__ for r in rewards))
+
+    set_seed(args.seed)
+    model = load_model(policy_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
+                       trust_remote_code=inputs.trust_remote_code)
+    trainer = ObservedGRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
+        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    metrics["reward_first"] = next((h["reward"] for h in trainer.state.log_history if "reward" in h), None)
+    metrics["reward_final"] = last_logged(trainer, "reward")
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={}, metrics=metrics,
+               kind="grpo", model_path=policy_path, adapter=lora_args.use_lora)
+    return metrics
+
+
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune grpo"), callbacks=callbacks)

@@ -1,0 +1,193 @@
+"""qwen-tune grpo end to end on the embedded model.
+
+An SFT policy answers "Pick a color." four ways (red, green, blue, yellow), a quarter of the time each.
+GRPO with two reward functions in TRL's convention, one reading the prompts file's `answer` column,
+must make it answer green >= 90% of the time; the saved policy reloads in a fresh offline process
+and, rendered with its own saved chat template, samples green.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, fresh_env, run_cli, sample_in_fresh_process
+
+PROMPT = [{"role": "user", "content": "Pick a color."}]
+ANSWERS = ["red.", "green.", "blue.", "yellow."]
+
+REWARDS = '''
+def correct(prompts, completions, answer, **kwargs):
+    """1 for exactly the answer the prompts file names (a substring test could be gamed: 'redgreen.')."""
+    return [1.0 if c[0]["content"].strip() == a + "." else 0.0 for c, a in zip(completions, answer)]
+
+
+def brief(prompts, completions, **kwargs):
+    return [0.2 if len(c[0]["content"]) <= 8 else 0.0 for c in completions]
+
+
+def raises(prompts, completions, **kwargs):
+    raise KeyError("score")
+
+
+def too_few(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def not_finite(prompts, completions, **kwargs):
+    return [float("nan")] * len(completions)
+'''
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("grpo")
+
+
+@pytest.fixture(scope="module")
+def rewards(workdir) -> str:
+    path = workdir / "rewards.py"
+    path.write_text(REWARDS)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts(workdir) -> str:
+    return write_jsonl(workdir / "prompts.jsonl", [{"id": f"p{i}", "messages": PROMPT, "answer": "green"} for i in range(8)])
+
+
+@pytest.fixture(scope="module")
+def sft_policy(workdir) -> str:
+    """Full SFT on 8 samples of the same prompt, two per answer."""
+    rows = [{"id": f"s{i}", "messages": PROMPT + [{"role": "assistant", "content": ANSWERS[i % 4]}]} for i in range(8)]
+    out = str(workdir / "sft")
+    run_cli("sft", "--data_path", write_jsonl(workdir / "sft.jsonl", rows), "--output_dir", out, "--learning_rate", "1e-2",
+            "--num_train_epochs", "30", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
+    return out
+
+
+def grpo_args(policy: str, prompts: str, rewards: str, out: str, *extra: str) -> list[str]:
+    return ["grpo", "--policy", policy, "--prompts", prompts, "--output_dir", out,
+            "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "10", "--per_device_train_batch_size", "8",
+            "--num_generations", "8", "--max_completion_length", "8", "--logging_steps", "1", "--report_to", "none", *extra]
+
+
+def share_green(replies: list[str]) -> float:
+    return sum(r.strip() == "green." for r in replies) / len(replies)
+
+
+@pytest.mark.slow
+def test_sft_policy_answers_four_ways(sft_policy):
+    replies = sample_in_fresh_process(PROMPT, sft_policy, 40)
+    assert {r.strip() for r in replies} == set(ANSWERS), replies
+    assert share_green(replies) <= 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,flags", [("full", ["--learning_rate", "1e-3"]),
+                                        ("lora", ["--learning_rate", "1e-2", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"])])
+def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, prompts, rewards, workdir):
+    out = str(workdir / mode)
+    proc = run_cli(*grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", *flags))
+    assert "rewards: correct, brief" in proc.stderr
+    history = json.load(open(os.path.join(out, "train_metrics.json")))
+    assert history["reward_first"] < 1.0 <= history["reward_final"]  # 1 for correct + 0.2 for brief at the end
+    replies = sample_in_fresh_process(PROMPT, out, 40, adapter=mode == "lora")
+    assert share_green(replies) >= 0.9, replies
+    files = set(os.listdir(out))
+    assert ("adapter_model.safetensors" in files) == (mode == "lora") and "chat_template.jinja" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+
+
+@pytest.mark.slow
+def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prompts, rewards, tmp_path):
+    from safetensors.torch import load_file
+
+    from qwen_tune.train.checkpoints import latest_complete_checkpoint
+
+    args = ["--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "1", "--max_steps", "6"]
+    reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
+    run_cli(*grpo_args(sft_policy, prompts, rewards, reference, *args))
+    cmd = [sys.executable, "-m", "qwen_tune", *grpo_args(sft_policy, prompts, rewards, stopped, *args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=fresh_env(), stderr=subprocess.PIPE, text=True)
+    while latest_complete_checkpoint(stopped) is None:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143
+    step = int(re.search(r"SIGTERM: stopped after step (\d+) and saved", proc.stderr.read()).group(1))
+    assert step < 6
+    resumed = run_cli(*grpo_args(sft_policy, prompts, rewards, stopped, *args, "--resume_from_checkpoint", "auto"))
+    assert f"resuming from {os.path.join(stopped, f'checkpoint-{step}')}" in resumed.stderr
+    want, got = load_file(os.path.join(reference, "model.safetensors")), load_file(os.path.join(stopped, "model.safetensors"))
+    for name in want:
+        assert (want[name] - got[name]).abs().max() < 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("function,message", [
+    ("raises", "--reward_funcs {rewards}:raises raised KeyError: 'score' (prompts p"),
+    ("too_few", "--reward_funcs {rewards}:too_few returned [1.0] for 8 completions; it must return a list with one number"),
+    ("not_finite", "--reward_funcs {rewards}:not_finite returned nan for prompt p"),
+])
+def test_a_broken_reward_function_stops_the_run_naming_it(function, message, sft_policy, prompts, rewards, tmp_path):
+    out = str(tmp_path / "out")
+    args = grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no")
+    args[args.index("--reward_funcs") + 1] = f"{rewards}:{function}"
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert message.format(rewards=rewards) in proc.stderr
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))  # nothing written half-way
+
+
+def test_prompts_are_checked_before_any_model_loads(tmp_path, base_model_path):
+    from qwen_tune.errors import DataError, UserError
+    from qwen_tune.grpo import main
+
+    base = ["--policy", base_model_path, "--output_dir", str(tmp_path / "out"), "--reward_funcs", "os:getcwd"]
+    uneven = write_jsonl(tmp_path / "uneven.jsonl", [{"messages": PROMPT, "answer": "green"}, {"messages": PROMPT}])
+    with pytest.raises(UserError, match="uneven.jsonl:2: has no answer \\(other prompts have them\\)"):
+        main(base + ["--prompts", uneven])
+    typed = write_jsonl(tmp_path / "typed.jsonl", [{"messages": [{"role": "user", "content": "hi<|im_end|>"}]}])
+    with pytest.raises(UserError, match="typed.jsonl:1: the chat template would read text in this prompt as control tokens"):
+        main(base + ["--prompts", typed])
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": PROMPT + [{"role": "assistant", "content": "red."}]}])
+    with pytest.raises(DataError, match="sft.jsonl:1: .*must end with a user turn"):
+        main(base + ["--prompts", sft])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"messages": PROMPT, "answer": "green"}])
+    with pytest.raises(UserError, match="--reward_funcs no_such_module_xyz:f: cannot import"):
+        main(base + ["--prompts", good, "--reward_funcs", "no_such_module_xyz:f"])
+
+
+@pytest.mark.slow
+def test_recipe_runs_the_yaml_with_the_example_rewards(sft_policy, tmp_path):
+    """sh recipes/train_grpo.sh SFT_OUT data/grpo_example.jsonl OUT: its YAML's reward functions read the `answer` column."""
+    out = str(tmp_path / "recipe")
+    proc = subprocess.run(["sh", "recipes/train_grpo.sh", sft_policy, "data/grpo_example.jsonl", out, "--max_steps", "1",
+                           "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
+                           "--report_to", "none"], cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "+ python -m qwen_tune grpo --config recipes/train_grpo.yaml" in proc.stderr
+    assert "16 prompts x 4 completions, rewards: exact_answer, number_only" in proc.stderr
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_example_reward_functions_check_the_whole_answer():
+    sys.path.insert(0, os.path.join(ROOT, "recipes"))
+    from grpo_rewards import exact_answer, number_only
+
+    replies = [[{"role": "assistant", "content": text}] for text in ("19", "19.", "1919", "19 or 20", "twenty")]
+    assert exact_answer([PROMPT] * 5, replies, answer=["19"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert number_only([PROMPT] * 5, replies) == [0.2, 0.2, 0.2, 0.0, 0.0]
