@@ -24,7 +24,7 @@ from .model import is_adapter, load_model, lora_config, resolve_model_path
 from .report import report_callbacks
 from .reward_functions import checked_batch_reward, load_reward_fn
 from .tokenizer import load_tokenizer
-from .train.distributed import log
+from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
 from .train.outputs import finish_run, last_logged
 
@@ -125,6 +125,7 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
     set_seed(args.seed)
     model = load_model(policy_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
                        trust_remote_code=inputs.trust_remote_code)
+    print_zero3_partition(model)
     trainer = ObservedGRPOTrainer(
         model=model,
         reward_funcs=rewards,

@@ -112,6 +112,31 @@ def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, promp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["ds_config_zero2.json", "ds_config_zero3.json"])
+def test_grpo_under_deepspeed_on_two_ranks_learns_and_saves_complete_weights(config, sft_policy, prompts, rewards, tmp_path):
+    """torchrun, 2 CPU ranks: each generates 4 of a group's 8 completions; ZeRO-3 shards the weights and gathers them to save."""
+    import random
+
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "out")
+    args = grpo_args(sft_policy, prompts, rewards, out, "--learning_rate", "1e-3", "--save_strategy", "no",
+                     "--deepspeed", os.path.join(ROOT, "recipes", config))
+    args[args.index("--per_device_train_batch_size") + 1] = "4"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(random.randint(20000, 40000)), "-m", "qwen_tune", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    if "zero3" in config:  # searched anywhere: the two ranks share one stderr
+        shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
+        assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
+    assert json.load(open(os.path.join(out, "train_metrics.json")))["reward_final"] >= 1.0
+    trained, start = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(sft_policy, "model.safetensors"))
+    assert all(k in trained and trained[k].shape == start[k].shape for k in start)  # complete, not shards
+    assert any(not (trained[k] == start[k]).all() for k in start)
+
+
+@pytest.mark.slow
 def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prompts, rewards, tmp_path):
     from safetensors.torch import load_file
 
