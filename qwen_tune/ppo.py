@@ -107,6 +107,7 @@ class PPOArguments(FormatArguments):
     kl_estimator: str = field(default="k1", metadata={"help": "Per-token KL estimate in the reward: k1 (log ratio), k2 or k3."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes of PPO updates over each rollout batch."})
     cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    target_approx_kl: float = field(default=0.05, metadata={"help": "Stop a step's PPO updates once a minibatch's approximate KL to the rollout policy passes this."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value update."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
@@ -313,9 +314,13 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 if args.whiten_advantages:
                     advantages = masked_whiten(advantages, mask)
 
-            # 3. PPO epochs over minibatches
+            # 3. PPO epochs over minibatches; none when every reward is equal (nothing preferred: the whitened
+            #    advantages would only be the critic's errors scaled up, which pushed the converged embedded
+            #    policy from "I prefer cats." to "I cats"), and none after a minibatch moved too far
+            all_scores = gather_over_ranks(scores.float(), world)
+            no_spread = len(all_scores) > 1 and bool(all_scores.std() == 0)
             stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "value_clipfrac": [], "approx_kl": []}
-            for _ in range(args.ppo_epochs):
+            for _ in range(0 if no_spread else args.ppo_epochs):
                 for mb in torch.randperm(len(batch)).to(device).split(args.mini_batch_size or len(batch)):
                     logprobs, values, _ = forward(actor, critic, roll, mb, args.temperature)
                     pg, pg_clip = policy_loss(logprobs, old_logprobs[mb], advantages[mb], mask[mb], args.cliprange)
@@ -323,6 +328,9 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                     loss = pg + args.vf_coef * vf
                     if mean_over_ranks({"finite": float(torch.isfinite(loss))}, world, device)["finite"] < 1:  # all ranks stop together
                         raise UserError(f"ppo step {step}: the loss is not finite (diverged); lower --learning_rate")
+                    approx_kl = 0.5 * masked_mean((logprobs - old_logprobs[mb]) ** 2, mask[mb])
+                    if mean_over_ranks({"kl": approx_kl.item()}, world, device)["kl"] > args.target_approx_kl:
+                        break  # this minibatch's policy already moved past the target: stop the step's updates
                     if engine is not None:  # DeepSpeed averages gradients over ranks, clips and steps
                         engine.backward(loss)
                         engine.step()
@@ -331,15 +339,18 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                         loss.backward()
                         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                         optimizer.step()
-                    for k, v in zip(stats, (pg, vf, pg_clip, vf_clip, 0.5 * masked_mean((logprobs - old_logprobs[mb]) ** 2, mask[mb]))):
+                    for k, v in zip(stats, (pg, vf, pg_clip, vf_clip, approx_kl)):
                         stats[k].append(v.item())
+                else:
+                    continue
+                break
 
             # 4. log (averaged over ranks), adapt the KL coefficient (the same on every rank)
-            all_scores = gather_over_ranks(scores.float(), world)
             averaged = mean_over_ranks({
                 "kl": (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(1).mean().item(),
                 "entropy": masked_mean(entropy, mask).item(),
-                **{k: sum(v) / len(v) for k, v in stats.items()},
+                **{k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()},
+                "updates": float(len(stats["approx_kl"])),
                 "response_len_mean": mask.sum(1).mean().item(),
                 "ended_frac": roll.ended.float().mean().item(),
             }, world, device)

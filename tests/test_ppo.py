@@ -141,6 +141,29 @@ def test_ppo_with_a_reward_function(sft_policy, prompts, workdir):
     check_trained(out)
 
 
+EXACT_REWARD = '''
+def exactly_cats(prompt_messages, response_text):
+    return 1.0 if response_text.strip() == "I prefer cats." else 0.0
+'''
+
+
+@pytest.mark.slow
+def test_ppo_with_default_settings_rises_and_stays_without_collapse(sft_policy, prompts, tmp_path):
+    """Issue 16's run: with the defaults, the reward rose to 1 by step 5 and then collapsed (the policy said
+    "I cats" when every reward was equal and the critic's errors were whitened into advantages)."""
+    reward_py = tmp_path / "reward.py"
+    reward_py.write_text(EXACT_REWARD)
+    out = str(tmp_path / "out")
+    run_cli("ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:exactly_cats", "--prompts", prompts,
+            "--output_dir", out, "--num_train_epochs", "40", "--save_steps", "0")
+    rows = ppo_log(out)
+    rewards, kls = [r["reward_mean"] for r in rows], [r["kl"] for r in rows]
+    first = next(i for i, r in enumerate(rewards) if r == 1.0)
+    assert first < 10 and min(rewards[first:]) >= 0.75, rewards  # rises, then stays (no step below 6 of 8)
+    assert max(kls) < 20.0, kls
+    assert any(r["updates"] == 0 for r in rows[first:])  # batches with no reward spread trained nothing
+
+
 @pytest.mark.slow
 def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompts, workdir):
     """One short LoRA step: the reference is the adapter switched off; the output is a PEFT adapter."""
