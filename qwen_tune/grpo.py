@@ -22,7 +22,7 @@ from .data.read import load_prompts
 from .errors import UserError
 from .model import is_adapter, load_model, lora_config, resolve_model_path
 from .report import report_callbacks
-from .reward_functions import checked_batch_reward, load_reward_fn
+from .reward_functions import load_batch_rewards
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
@@ -88,8 +88,7 @@ def prompt_dataset(conversations, prompts):
 
 
 def load_rewards(inputs: GRPOInputs, fmt) -> list:
-    rewards = [checked_batch_reward(load_reward_fn(spec.strip(), "--reward_funcs"), spec.strip())
-               for spec in (inputs.reward_funcs or "").split(",") if spec.strip()]
+    rewards = load_batch_rewards(inputs.reward_funcs or "")
     if inputs.reward_model:
         from .reward_model import load_reward_model, reward_model_function
 

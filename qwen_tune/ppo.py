@@ -48,7 +48,7 @@ from .ppo_math import (
     value_loss,
 )
 from .report import write_run_report
-from .reward_functions import call_reward_fn, load_reward_fn
+from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
 from .rl_models import RewardModelCritic, ValueHead, load_actor
 from .rollouts import Rollout, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
@@ -77,6 +77,8 @@ class PPOArguments(FormatArguments):
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a full model directory or a LoRA adapter (qwen-tune sft output)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
+    reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated functions in TRL's convention, as grpo: f(prompts, completions, **columns) -> list[float | None]; summed, plus --reward_model's score if given."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (default 1 each)."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
@@ -125,8 +127,10 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
     for name in ("policy", "prompts"):
         if not getattr(args, name):
             raise UserError(f"--{name} is required (see qwen-tune ppo --help)")
-    if bool(args.reward_model) == bool(args.reward_fn):
-        raise UserError("give exactly one of --reward_model DIR or --reward_fn module:function")
+    if not (args.reward_model or args.reward_fn or args.reward_funcs):
+        raise UserError("give --reward_model DIR, --reward_funcs module:function[,...] or --reward_fn module:function")
+    if args.reward_fn and (args.reward_model or args.reward_funcs):
+        raise UserError("--reward_fn (one reply at a time) cannot be combined; use --reward_funcs with --reward_model")
     if args.critic not in ("head", "reward_model"):
         raise UserError(f"--critic {args.critic}: expected head or reward_model")
     if args.critic == "reward_model" and not args.reward_model:
@@ -220,6 +224,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     rank, world, device = init_distributed(bool(args.deepspeed))
     conversations = load_prompts(args.prompts)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    reward_funcs = load_batch_rewards(args.reward_funcs) if args.reward_funcs else []
     prepare_output_dir(args)
     torch.manual_seed(args.seed)
     policy_path = str(Path(args.policy).resolve())
@@ -274,7 +279,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "ppo_log.jsonl")
     log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B * world} rollouts, lr {lr:g}, "
-        f"{n_trainable:,} trainable parameters, reward from {args.reward_model or args.reward_fn}")
+        f"{n_trainable:,} trainable parameters, reward from {', '.join(filter(None, (args.reward_model, args.reward_funcs, args.reward_fn)))}")
     history, start, resumed_step = [], time.time(), 0
     trained = {"actor": actor, "critic": critic}
     if args.resume_from_checkpoint:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
@@ -293,12 +298,16 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                           stop_ids=stop_ids, pad_id=pad_id, synced=zero3)
             mask, rows = roll.mask, torch.arange(len(batch), device=device)
             replies = [roll.input_ids[i, roll.prompt_width:][mask[i].bool()].tolist() for i in range(len(batch))]
+            texts = tokenizer.batch_decode(replies, skip_special_tokens=True)
+            scores = torch.zeros(len(batch), device=device)
             if reward_model is not None:
-                scores = score_token_ids(reward_model, [prompt_ids[b] + r for b, r in zip(batch, replies)]).to(device)
-            else:
-                texts = tokenizer.batch_decode(replies, skip_special_tokens=True)
-                scores = torch.tensor([call_reward_fn(reward_fn, args.reward_fn, conversations[b].id, conversations[b].messages, t)
-                                       for b, t in zip(batch, texts)], device=device)
+                scores += score_token_ids(reward_model, [prompt_ids[b] + r for b, r in zip(batch, replies)]).to(device).float()
+            if reward_funcs:
+                scores += torch.tensor(weighted_batch_rewards(reward_funcs, args.reward_weights, [conversations[b] for b in batch],
+                                                              texts), device=device)
+            if reward_fn is not None:
+                scores += torch.tensor([call_reward_fn(reward_fn, args.reward_fn, conversations[b].id, conversations[b].messages, t)
+                                        for b, t in zip(batch, texts)], device=device)
             scores = scores - args.missing_eos_penalty * (~roll.ended).float()
 
             # 2. log-probabilities, values, KL penalty, advantages (no gradients)

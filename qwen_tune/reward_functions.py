@@ -83,3 +83,24 @@ def _as_number(value) -> float:
         return float(value)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def load_batch_rewards(specs: str) -> list:
+    """`--reward_funcs a.py:f,module:g` -> the checked functions, in order."""
+    return [checked_batch_reward(load_reward_fn(spec.strip(), "--reward_funcs"), spec.strip())
+            for spec in specs.split(",") if spec.strip()]
+
+
+def weighted_batch_rewards(functions: list, weights: list[float] | None, conversations: list, texts: list[str]) -> list[float]:
+    """Per completion: the sum of weight x f(prompts, completions, **columns) over the functions (None counts 0).
+    `conversations`: the prompts' records (messages, id, columns); `texts`: one completion each."""
+    if weights is not None and len(weights) != len(functions):
+        raise UserError(f"--reward_weights has {len(weights)} values for {len(functions)} --reward_funcs")
+    prompts = [c.messages for c in conversations]
+    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns = {name: [c.columns.get(name) for c in conversations] for name in conversations[0].columns}
+    totals = [0.0] * len(texts)
+    for fn, weight in zip(functions, weights or [1.0] * len(functions)):
+        for i, value in enumerate(fn(prompts, completions, id=[c.id for c in conversations], **columns)):
+            totals[i] += weight * (value or 0.0)
+    return totals

@@ -141,6 +141,25 @@ def test_ppo_with_a_reward_function(sft_policy, prompts, workdir):
     check_trained(out)
 
 
+BATCH_REWARD = '''
+def names_the_answer(prompts, completions, answer, **kwargs):
+    """TRL's convention (as grpo): a batch, with the prompts file's `answer` column."""
+    return [1.0 if c[0]["content"].strip() == f"I prefer {a}." else 0.0 for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.mark.slow
+def test_ppo_with_reward_functions_in_trls_convention_reading_a_column(sft_policy, workdir, tmp_path):
+    reward_py = tmp_path / "batch_reward.py"
+    reward_py.write_text(BATCH_REWARD)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "messages": PROMPT, "answer": "cats"} for i in range(8)])
+    out = str(workdir / "ppo_funcs")
+    proc = run_cli("ppo", "--policy", sft_policy, "--reward_funcs", f"{reward_py}:names_the_answer", "--prompts", prompts,
+                   "--output_dir", out, "--num_train_epochs", "24", "--save_steps", "0")
+    assert f"reward from {reward_py}:names_the_answer" in proc.stderr
+    check_trained(out)
+
+
 EXACT_REWARD = '''
 def exactly_cats(prompt_messages, response_text):
     return 1.0 if response_text.strip() == "I prefer cats." else 0.0
@@ -273,8 +292,10 @@ def test_bad_options_are_clear_errors(prompts, tmp_path):
     from qwen_tune.ppo import main
 
     base = ["--policy", str(tmp_path), "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(UserError, match="exactly one of --reward_model"):
+    with pytest.raises(UserError, match="give --reward_model DIR, --reward_funcs"):
         main(base + ["--prompts", prompts])
+    with pytest.raises(UserError, match="--reward_fn \\(one reply at a time\\) cannot be combined"):
+        main(base + ["--prompts", prompts, "--reward_fn", "os:getcwd", "--reward_funcs", "os:getcwd"])
     with pytest.raises(UserError, match="cannot import no_such_module_xyz"):
         main(base + ["--prompts", prompts, "--reward_fn", "no_such_module_xyz:f"])
     with pytest.raises(UserError, match="has no function nope"):
