@@ -21,7 +21,7 @@ from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments
 from .data.read import load_prompts
 from .errors import UserError
 from .model import is_adapter, load_model, lora_config, resolve_model_path
-from .report import report_callbacks
+from .report import JsonlLog, report_callbacks
 from .reward_functions import load_batch_rewards
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
@@ -132,7 +132,7 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
-        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
     )
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)

@@ -41,6 +41,19 @@ class RunProgress(TrainerCallback):
         self.last = (now, tokens)
 
 
+class JsonlLog(TrainerCallback):
+    """Every log line (rewards per function, KL, lengths, ...) appended to OUTPUT_DIR/`name` as it is logged,
+    so a running or crashed run can be read with any tool."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            with open(os.path.join(args.output_dir, self.name), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
 class PlotOnSave(TrainerCallback):
     """Redraw `loss.png` in the output directory whenever a checkpoint is saved."""
 
@@ -79,7 +92,7 @@ def report_callbacks(args) -> list:
 # panel title -> predicate on a logged key. Trainer logs use loss/eval_loss; PPO's ppo_log.jsonl reward/kl keys.
 PANELS = {
     "loss": lambda k: k in ("loss", "eval_loss"),
-    "reward": lambda k: "reward" in k and not k.endswith(("_std", "runtime")),
+    "reward": lambda k: "reward" in k and not k.endswith(("_std", "/std", "runtime")),
     "KL": lambda k: k == "kl" or k.startswith("kl") or k.endswith("_kl") or "/kl" in k,
 }
 

@@ -104,6 +104,12 @@ def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, promp
     assert "rewards: correct, brief" in proc.stderr
     history = json.load(open(os.path.join(out, "train_metrics.json")))
     assert history["reward_first"] < 1.0 <= history["reward_final"]  # 1 for correct + 0.2 for brief at the end
+    rows = [json.loads(line) for line in open(os.path.join(out, "grpo_log.jsonl"))]
+    steps = [r for r in rows if "rewards/correct/mean" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    for key in ("rewards/brief/mean", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                "completions/mean_length", "completions/clipped_ratio"):
+        assert all(key in r for r in steps), key
     replies = sample_in_fresh_process(PROMPT, out, 40, adapter=mode == "lora")
     assert share_green(replies) >= 0.9, replies
     files = set(os.listdir(out))

@@ -16,7 +16,7 @@ from .distributed import is_main_process, log
 
 FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
                       "pytorch_model.bin", "adapter_model.bin", "train_metrics.json")
-REMOVED_ON_OVERWRITE = FINISHED_RUN_FILES + ("adapter_config.json", "training_args.json", "training_args.bin")
+REMOVED_ON_OVERWRITE = FINISHED_RUN_FILES + ("adapter_config.json", "training_args.json", "training_args.bin", "grpo_log.jsonl")
 
 
 def resolve_resume(args) -> str | None:
