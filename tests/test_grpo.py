@@ -97,7 +97,9 @@ def test_sft_policy_answers_four_ways(sft_policy):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,flags", [("full", ["--learning_rate", "1e-3"]),
-                                        ("lora", ["--learning_rate", "1e-2", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"])])
+                                        ("lora", ["--learning_rate", "1e-2", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"]),
+                                        ("qlora", ["--learning_rate", "1e-2", "--use_lora", "True", "--q_lora", "True", "--lora_r", "16",
+                                                   "--lora_alpha", "32"])])
 def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, prompts, rewards, workdir):
     out = str(workdir / mode)
     proc = run_cli(*grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", *flags))
@@ -110,10 +112,10 @@ def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, promp
     for key in ("rewards/brief/mean", "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                 "completions/mean_length", "completions/clipped_ratio"):
         assert all(key in r for r in steps), key
-    replies = sample_in_fresh_process(PROMPT, out, 40, adapter=mode == "lora")
+    replies = sample_in_fresh_process(PROMPT, out, 40, adapter=mode != "full")
     assert share_green(replies) >= 0.9, replies
     files = set(os.listdir(out))
-    assert ("adapter_model.safetensors" in files) == (mode == "lora") and "chat_template.jinja" in files
+    assert ("adapter_model.safetensors" in files) == (mode != "full") and "chat_template.jinja" in files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
 
 
