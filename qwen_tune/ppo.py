@@ -50,7 +50,7 @@ from .ppo_math import (
 from .report import write_run_report
 from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
 from .rl_models import RewardModelCritic, ValueHead, load_actor
-from .rollouts import Rollout, sample
+from .rollouts import Rollout, collapse_warning, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 from .train.deepspeed_loop import (
     fill_deepspeed_config,
@@ -280,7 +280,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     log_path = os.path.join(args.output_dir, "ppo_log.jsonl")
     log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {B * world} rollouts, lr {lr:g}, "
         f"{n_trainable:,} trainable parameters, reward from {', '.join(filter(None, (args.reward_model, args.reward_funcs, args.reward_fn)))}")
-    history, start, resumed_step = [], time.time(), 0
+    history, start, resumed_step, recent = [], time.time(), 0, []
     trained = {"actor": actor, "critic": critic}
     if args.resume_from_checkpoint:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
         state = load_loop_checkpoint(args.resume_from_checkpoint, trained, optimizer)
@@ -374,6 +374,11 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 "elapsed_s": round(time.time() - start, 1),
             }
             kl_ctl.update(row["kl"], len(all_scores))
+            recent = (recent + [(texts, row["reward_mean"])])[-3:]
+            warning = collapse_warning([t for t, _ in recent], [r for _, r in recent], max(h["reward_mean"] for h in history + [row]))
+            if warning:
+                row["collapse"] = warning
+                log(f"ppo step {step}: warning: {warning}")
             history.append(row)
             if log_file is not None:
                 log_file.write(json.dumps(row) + "\n")

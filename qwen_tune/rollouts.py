@@ -39,3 +39,18 @@ def sample(actor, prompt_ids: list[list[int]], *, temperature: float, max_new_to
     length = torch.where(ended, is_stop.float().argmax(dim=1) + 1, torch.full_like(ended, reply.shape[1], dtype=torch.long))
     mask = (torch.arange(reply.shape[1], device=device)[None, :] < length[:, None]).float()
     return Rollout(out, torch.cat([attention_mask, mask.long()], dim=1), width, mask, ended)
+
+
+def collapse_warning(recent_replies: list[list[str]], recent_rewards: list[float], best_reward: float) -> str | None:
+    """A policy that collapsed: the last steps' replies all empty, or all one reply scoring below the run's best.
+    (All one reply at the best reward is convergence, not collapse.) `recent_*`: one entry per step."""
+    replies = [r.strip() for step in recent_replies for r in step]
+    if len(recent_replies) < 3 or len(set(replies)) != 1:
+        return None
+    advice = "lower --learning_rate, raise --kl_coef, or check that the reward cannot be gamed"
+    if not replies[0]:
+        return f"every reply of the last {len(recent_replies)} steps was empty: the policy collapsed; {advice}"
+    if max(recent_rewards) < best_reward:
+        return (f"every reply of the last {len(recent_replies)} steps was {replies[0][:60]!r}, with reward "
+                f"{recent_rewards[-1]:+.3f} below the run's best {best_reward:+.3f}: the policy collapsed; {advice}")
+    return None

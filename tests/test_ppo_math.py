@@ -130,3 +130,16 @@ def test_adaptive_kl_controller():
     close(ctl.update(12.0, 8), 0.1 * (1 + 0.2 * 8 / 10000), tol=1e-9)  # error 1 is clipped to .2
     ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     close(ctl.update(5.4, 8), 0.1 * (1 - 0.1 * 8 / 10000), tol=1e-9)  # 5.4 / 6 - 1 = -.1
+
+
+def test_collapse_is_reported_with_what_to_change_but_convergence_is_not():
+    from qwen_tune.rollouts import collapse_warning
+
+    cats, short = ["I prefer cats."] * 8, ["I cats"] * 8
+    assert collapse_warning([cats, cats, cats], [1.0, 1.0, 1.0], best_reward=1.0) is None  # converged on the best answer
+    warning = collapse_warning([short, short, short], [0.0, 0.0, 0.0], best_reward=1.0)
+    assert "every reply of the last 3 steps was 'I cats', with reward +0.000 below the run's best +1.000" in warning
+    assert "lower --learning_rate, raise --kl_coef" in warning
+    assert "was empty" in collapse_warning([[""] * 8] * 3, [0.5] * 3, best_reward=0.5)
+    assert collapse_warning([short, short, cats], [0.0, 0.0, 1.0], best_reward=1.0) is None  # still varied
+    assert collapse_warning([short, short], [0.0, 0.0], best_reward=1.0) is None  # too early to say
