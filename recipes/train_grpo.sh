@@ -16,6 +16,6 @@ if [ "$GPUS" -gt 0 ]; then
 else
   LAUNCH="python -m qwen_tune grpo"
 fi
-cd "$ROOT"  # the YAML names recipes/grpo_rewards.py relative to the repository
-echo "+ $LAUNCH --config recipes/train_grpo.yaml --policy $POLICY --prompts $PROMPTS --output_dir $OUTPUT_DIR $*" >&2
-exec $LAUNCH --config recipes/train_grpo.yaml --policy "$POLICY" --prompts "$PROMPTS" --output_dir "$OUTPUT_DIR" "$@"
+# the YAML names recipes/grpo_rewards.py relative to the repository root: run it from there (or pass --reward_funcs)
+echo "+ $LAUNCH --config $ROOT/recipes/train_grpo.yaml --policy $POLICY --prompts $PROMPTS --output_dir $OUTPUT_DIR $*" >&2
+exec $LAUNCH --config "$ROOT/recipes/train_grpo.yaml" --policy "$POLICY" --prompts "$PROMPTS" --output_dir "$OUTPUT_DIR" "$@"

@@ -122,19 +122,20 @@ def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, promp
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["ds_config_zero2.json", "ds_config_zero3.json"])
 def test_grpo_under_deepspeed_on_two_ranks_learns_and_saves_complete_weights(config, sft_policy, prompts, rewards, tmp_path):
-    """torchrun, 2 CPU ranks: each generates 4 of a group's 8 completions; ZeRO-3 shards the weights and gathers them to save."""
+    """sh recipes/train_grpo_ds.sh (torchrun, 2 CPU ranks): each rank generates 4 of a group's 8 completions; ZeRO-3
+    shards the weights and gathers them to save."""
     import random
 
     from safetensors.torch import load_file
 
     out = str(tmp_path / "out")
-    args = grpo_args(sft_policy, prompts, rewards, out, "--learning_rate", "1e-3", "--save_strategy", "no",
-                     "--deepspeed", os.path.join(ROOT, "recipes", config))
-    args[args.index("--per_device_train_batch_size") + 1] = "4"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(random.randint(20000, 40000)), "-m", "qwen_tune", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    cmd = ["sh", "recipes/train_grpo_ds.sh", "-m", sft_policy, "-d", prompts, "-o", out, "--learning_rate", "1e-3",
+           "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "10", "--per_device_train_batch_size", "4",
+           "--max_completion_length", "8", "--save_strategy", "no", "--report_to", "none"]
+    env = fresh_env(MASTER_PORT=str(random.randint(20000, 40000)), DS_CONFIG=os.path.join(ROOT, "recipes", config))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "+ torchrun --nproc_per_node 2" in proc.stderr and "grpo --config" in proc.stderr
     if "zero3" in config:  # searched anywhere: the two ranks share one stderr
         shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
         assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
