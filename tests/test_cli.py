@@ -104,13 +104,20 @@ def test_config_values_apply_and_command_line_flags_override_them(tmp_path):
     ("finetune_lora", True, False, 3e-4, 2, 8),
     ("finetune_qlora", True, True, 3e-4, 2, 8),
 ])
-def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch, accumulation):
-    from qwen_tune.args import parse
+def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch, accumulation, tmp_path):
+    from qwen_tune.args import EMBEDDED_LR, parse, resolve_options
     from qwen_tune.sft import ARGUMENTS
 
     # --bf16/--fp16 False: the recipes are for GPUs; this machine has none.
-    model, data, l, t = parse(ARGUMENTS, ["--config", f"{ROOT}/recipes/{recipe}.yaml", "--bf16", "False", "--fp16", "False"])
-    assert (l.use_lora, l.q_lora, t.learning_rate) == (lora, q_lora, lr)
+    def resolved(*model):
+        parsed = parse(ARGUMENTS, ["--config", f"{ROOT}/recipes/{recipe}.yaml", "--bf16", "False", "--fp16", "False",
+                                   "--output_dir", str(tmp_path / "out"), *model])
+        resolve_options(*parsed)
+        return parsed
+
+    model, data, l, t = resolved("--model_name_or_path", "Qwen/Qwen2.5-7B-Instruct")
+    assert (l.use_lora, l.q_lora, t.learning_rate) == (lora, q_lora, lr)  # the seed's learning rate on a checkpoint
+    assert resolved()[3].learning_rate == EMBEDDED_LR  # and the embedded model's own without one
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
     assert (t.num_train_epochs, t.weight_decay, t.adam_beta2, t.model_max_length) == (5, 0.1, 0.95, 512)
     assert t.lr_scheduler_type == "cosine" and t.gradient_checkpointing
