@@ -273,7 +273,7 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     if prepare_cpu_deepspeed(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state
         argv = argv + ["--accelerator_config", '{"use_configured_state": true}']
 
-    parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter,
+    parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter, allow_abbrev=False,
                               usage="%(prog)s [--config FILE.yaml] [--option VALUE ...]")
     parser.add_argument("--config", help="YAML file of options (option: value); command-line flags override it.")
     try:
@@ -281,5 +281,18 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     except ValueError as e:
         raise UserError(str(e)) from e
     if extra:
-        raise UserError(f"unknown options: {' '.join(extra)} (see --help)")
+        raise UserError(unknown_options(extra, dataclass_types))
     return parsed[: len(dataclass_types)]  # the rest is the --config namespace, already applied
+
+
+def unknown_options(extra: list[str], dataclass_types: tuple) -> str:
+    """Name each unknown flag (no abbreviations are accepted) with the closest real ones."""
+    import difflib
+    from dataclasses import fields
+
+    known = ["--config"] + [f"--{f.name}" for t in dataclass_types for f in fields(t) if f.init]
+    lines = []
+    for flag in (a.split("=")[0] for a in extra if a.startswith("--")):
+        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.75)
+        lines.append(f"unknown option {flag}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return "; ".join(lines or [f"unexpected arguments: {' '.join(extra)}"]) + " (see --help)"

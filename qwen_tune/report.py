@@ -197,6 +197,8 @@ def _hyper_section(trainer, extra: dict | None) -> list[str]:
     values = {}
     if trainer is not None:
         values.update({k: getattr(trainer.args, k) for k in HYPER if hasattr(trainer.args, k)})
+        if 0 < values.get("warmup_steps", 0) < 1:  # transformers 5 reads a warmup_steps below 1 as a ratio
+            values = {("warmup_ratio" if k == "warmup_steps" else k): v for k, v in values.items()}
         values["world_size"] = trainer.args.world_size
         peft_config = getattr(trainer.model, "peft_config", None)
         if peft_config:
@@ -274,9 +276,20 @@ def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bo
         "```",
         "",
     ]
-    path = os.path.join(output_dir, CARD)
+    path = card_path(output_dir)
     Path(path).write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def card_path(output_dir: str) -> str:
+    """README.md, unless the output directory already holds a README.md that is not one of our cards:
+    a user's file is never overwritten (the card then goes to MODEL_CARD.md, and the run says so)."""
+    readme = os.path.join(output_dir, CARD)
+    if os.path.exists(readme) and "tags: [qwen-tune" not in Path(readme).read_text(encoding="utf-8", errors="replace")[:500]:
+        other = os.path.join(output_dir, "MODEL_CARD.md")
+        print(f"{readme} is not a qwen-tune model card, so it was left as it is; the card is {other}", file=sys.stderr)
+        return other
+    return readme
 
 
 def write_run_report(output_dir: str, **info) -> None:

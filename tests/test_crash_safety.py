@@ -242,6 +242,10 @@ def test_finished_or_interrupted_run_is_not_overwritten_without_the_flag(tmp_pat
     (finished / "model.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match="holds a finished run \\(model.safetensors\\).*--overwrite_output_dir"):
         prepare_output_dir(args_for(finished))
+    make_checkpoint(finished, 8)  # the last checkpoint of that run
+    with pytest.raises(UserError, match="finished run \\(model.safetensors\\): there is nothing to resume, and nothing was changed"):
+        prepare_output_dir(args_for(finished, resume_from_checkpoint="auto"))
+    assert sorted(os.listdir(finished)) == ["checkpoint-8", "model.safetensors"]
     interrupted = tmp_path / "interrupted"
     make_checkpoint(interrupted, 4)
     with pytest.raises(UserError, match="checkpoints of an interrupted run.*--resume_from_checkpoint auto"):

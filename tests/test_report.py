@@ -76,10 +76,24 @@ def test_model_card_says_what_was_trained_on_what_and_how_to_use_it(run):
     assert f"| train | `{train.resolve()}` | 2 | `{digest}` |" in card
     assert "qwen-tune-embedded-qwen2" in card  # the base model
     assert "| learning_rate | 0.01 |" in card and f"| max_steps | {STEPS} |" in card
+    assert "| warmup_ratio | 0.01 |" in card and "warmup_steps" not in card  # the default --warmup_ratio, named as given
     assert "| train_loss |" in card and "| eval_loss |" in card
     assert f"qwen-tune sft --data_path {train}" in card  # the exact command
     assert "AutoModelForCausalLM.from_pretrained" in card and f"qwen-tune chat --model {out.resolve()}" in card
     assert "![loss](loss.png)" in card
+
+
+def test_a_users_readme_in_the_output_dir_is_never_overwritten(tmp_path, capsys):
+    from qwen_tune.report import write_model_card
+
+    (tmp_path / "README.md").write_text("# my notes\n")
+    card = write_model_card(str(tmp_path), model_path="m", kind="sft", adapter=False)
+    assert (tmp_path / "README.md").read_text() == "# my notes\n" and card == str(tmp_path / "MODEL_CARD.md")
+    assert f"{tmp_path / 'README.md'} is not a qwen-tune model card, so it was left as it is" in capsys.readouterr().err
+    (tmp_path / "README.md").unlink()
+    write_model_card(str(tmp_path), model_path="m", kind="sft", adapter=False)
+    assert write_model_card(str(tmp_path), model_path="m2", kind="sft", adapter=False) == str(tmp_path / "README.md")
+    assert "base_model: m2" in (tmp_path / "README.md").read_text()  # our own card is replaced by the new run's
 
 
 def test_plotter_accepts_ppo_log_with_reward_and_kl(tmp_path):

@@ -104,7 +104,8 @@ def test_qlora_base_is_really_4bit(base_model_path):
         (["--fp16", "True"], "--fp16 needs a CUDA GPU"),
         (["--model_name_or_path", "/nonexistent/model"], "no such directory"),
         (["--data_path", "/nonexistent.json"], "/nonexistent.json"),
-        (["--no_such_flag", "1"], "unknown options: --no_such_flag"),
+        (["--no_such_flag", "1"], "unknown option --no_such_flag (see --help)"),
+        (["--num_train_epoch", "1"], "unknown option --num_train_epoch (did you mean --num_train_epochs?)"),  # no abbreviations
     ],
 )
 def test_user_mistakes_get_a_clear_message_and_no_traceback(args, message, tmp_path):

@@ -55,18 +55,24 @@ def prepare_output_dir(args) -> None:
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out} exists and is not a directory")
+    finished = [f for f in FINISHED_RUN_FILES if os.path.exists(os.path.join(out, f))]
+    asked = str(getattr(args, "resume_from_checkpoint", None) or "").strip().lower() not in ("", "false", "no", "none")
+    if finished and asked and not args.overwrite_output_dir:
+        raise UserError(f"--output_dir {out} holds a finished run ({', '.join(finished)}): there is nothing to resume, and "
+                        f"nothing was changed. To train it again, pass --overwrite_output_dir instead")
     resume = resolve_resume(args)
     if hasattr(args, "resume_from_checkpoint"):
         args.resume_from_checkpoint = resume
     main_process = is_main_process()
     if resume is None and os.path.isdir(out):
-        finished = [f for f in FINISHED_RUN_FILES if os.path.exists(os.path.join(out, f))]
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]
-        if (finished or previous) and not args.overwrite_output_dir:
-            what = (f"a finished run ({', '.join(finished)})" if finished
-                    else f"checkpoints of an interrupted run ({', '.join(previous[-3:])})")
-            raise UserError(f"--output_dir {out} holds {what}. Continue it with --resume_from_checkpoint auto, "
-                            f"replace it with --overwrite_output_dir, or choose another --output_dir")
+        if finished and not args.overwrite_output_dir:
+            raise UserError(f"--output_dir {out} holds a finished run ({', '.join(finished)}). Replace it with "
+                            f"--overwrite_output_dir, or choose another --output_dir")
+        if previous and not args.overwrite_output_dir:
+            raise UserError(f"--output_dir {out} holds checkpoints of an interrupted run ({', '.join(previous[-3:])}). "
+                            f"Continue it with --resume_from_checkpoint auto, replace it with --overwrite_output_dir, "
+                            f"or choose another --output_dir")
         if (finished or previous) and main_process:
             log(f"--overwrite_output_dir: removing the earlier run's {', '.join(finished + previous)} from {out}")
             for name in previous:
