@@ -213,7 +213,7 @@ def test_recipe_runs_the_yaml_with_the_example_rewards(sft_policy, tmp_path):
                            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
                            "--report_to", "none"], cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "+ python -m qwen_tune grpo --config recipes/train_grpo.yaml" in proc.stderr
+    assert f"+ python -m qwen_tune grpo --config {ROOT}/recipes/train_grpo.yaml" in proc.stderr
     assert "16 prompts x 4 completions, rewards: exact_answer, number_only" in proc.stderr
     assert os.path.exists(os.path.join(out, "model.safetensors"))
 
