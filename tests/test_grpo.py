@@ -225,3 +225,44 @@ def test_example_reward_functions_check_the_whole_answer():
     replies = [[{"role": "assistant", "content": text}] for text in ("19", "19.", "1919", "19 or 20", "twenty")]
     assert exact_answer([PROMPT] * 5, replies, answer=["19"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert number_only([PROMPT] * 5, replies) == [0.2, 0.2, 0.2, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def green_reward_model(workdir, base_model_path, tokenizer) -> str:
+    """A tiny Bradley-Terry reward model that prefers "green." over the other answers, scored as rm scores."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from qwen_tune.data.chat_format import resolve_format
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    fmt = resolve_format(copy.copy(tokenizer))
+    ids = {a: sum(fmt.reply_ids(PROMPT, [{"role": "assistant", "content": a}]), []) for a in ANSWERS}
+    width = max(map(len, ids.values()))
+    assert all(len(v) == width for v in ids.values())  # one token per colour: no padding needed
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        r = model(input_ids=torch.tensor([ids[a] for a in ANSWERS])).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(r[1] - r[[0, 2, 3]]).mean()  # green over each other answer
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = str(workdir / "rm")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_a_reward_model_is_one_more_reward(sft_policy, prompts, green_reward_model, workdir):
+    out = str(workdir / "with_rm")
+    args = grpo_args(sft_policy, prompts, "unused", out, "--learning_rate", "1e-3", "--save_strategy", "no",
+                     "--reward_model", green_reward_model)
+    del args[args.index("--reward_funcs"):args.index("--reward_funcs") + 2]
+    proc = run_cli(*args)
+    assert "rewards: reward_model" in proc.stderr
+    assert share_green(sample_in_fresh_process(PROMPT, out, 40)) >= 0.9
