@@ -78,3 +78,32 @@ def sample_in_fresh_process(prompt: list[dict], out: str, n: int, adapter: bool 
                           env=fresh_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_tiny_reward_model(base_model_path: str, tokenizer, prompt: list[dict], preferred: str, others: list[str],
+                            out: str) -> str:
+    """A tiny Bradley-Terry reward model (the embedded model + a score head) preferring one reply over the others,
+    each scored at the closing <|im_end|> of prompt + reply, as rm, score, ppo and grpo do. Replies must have
+    the same number of tokens (no padding)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from qwen_tune.data.chat_format import resolve_format
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    fmt = resolve_format(copy.copy(tokenizer))
+    batch = torch.tensor([sum(fmt.reply_ids(prompt, [{"role": "assistant", "content": a}]), []) for a in [preferred, *others]])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        r = model(input_ids=batch).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(r[0] - r[1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, fresh_env, run_cli, sample_in_fresh_process
+from helpers import ROOT, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
 
 PROMPT = [{"role": "user", "content": "Pick a color."}]
 ANSWERS = ["red.", "green.", "blue.", "yellow."]
@@ -229,32 +229,9 @@ def test_example_reward_functions_check_the_whole_answer():
 
 @pytest.fixture(scope="module")
 def green_reward_model(workdir, base_model_path, tokenizer) -> str:
-    """A tiny Bradley-Terry reward model that prefers "green." over the other answers, scored as rm scores."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from qwen_tune.data.chat_format import resolve_format
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    fmt = resolve_format(copy.copy(tokenizer))
-    ids = {a: sum(fmt.reply_ids(PROMPT, [{"role": "assistant", "content": a}]), []) for a in ANSWERS}
-    width = max(map(len, ids.values()))
-    assert all(len(v) == width for v in ids.values())  # one token per colour: no padding needed
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(30):
-        r = model(input_ids=torch.tensor([ids[a] for a in ANSWERS])).logits[:, 0]
-        loss = -torch.nn.functional.logsigmoid(r[1] - r[[0, 2, 3]]).mean()  # green over each other answer
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = str(workdir / "rm")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """A tiny Bradley-Terry reward model that prefers "green." over each other answer, scored as rm scores."""
+    return train_tiny_reward_model(base_model_path, tokenizer, PROMPT, "green.", ["red.", "blue.", "yellow."],
+                                   str(workdir / "rm"))
 
 
 @pytest.mark.slow

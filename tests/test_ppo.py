@@ -8,7 +8,6 @@ and the saved policy must reload in a fresh offline process and say A.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -20,7 +19,8 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, sample_in_fresh_process as sample_replies
+from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
+from helpers import sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
 PREFERRED, OTHER = "I prefer cats.", "I prefer dogs."
@@ -57,29 +57,8 @@ def sft_policy(workdir) -> str:
 
 @pytest.fixture(scope="module")
 def reward_model(workdir, base_model_path, tokenizer) -> str:
-    """A tiny Bradley-Terry reward model (the embedded model + a score head) that prefers A over B."""
-    from transformers import AutoModelForSequenceClassification
-
-    from qwen_tune.data.chat_format import resolve_format
-
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    fmt = resolve_format(copy.copy(tokenizer))
-    # score at the closing <|im_end|> of prompt + reply, as rm, score and ppo do
-    chosen, rejected = (sum(fmt.reply_ids(PROMPT, [{"role": "assistant", "content": a}]), []) for a in (PREFERRED, OTHER))
-    batch = torch.tensor([chosen, rejected])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(30):
-        r = model(input_ids=batch).logits[:, 0]
-        loss = -torch.nn.functional.logsigmoid(r[0] - r[1])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = str(workdir / "rm")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """A tiny Bradley-Terry reward model that prefers A over B."""
+    return train_tiny_reward_model(base_model_path, tokenizer, PROMPT, PREFERRED, [OTHER], str(workdir / "rm"))
 
 
 def ppo_log(out: str) -> list[dict]:
