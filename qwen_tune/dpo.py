@@ -1,51 +1,113 @@
 """Direct Preference Optimization (`qwen-tune dpo`): the lighter alternative to reward model + PPO.
 
 Reads top to bottom like the job: validate and tokenize the pairs in the run's chat template (prompt =
-the rendered conversation up to the reply's body, completion = the reply through its `<|im_end|>`, exactly
-the tokens SFT supervises), load the policy (full or LoRA), train with TRL's DPOTrainer, save a
-plain Hugging Face directory. The reference is a frozen copy of the start model, or with LoRA the
-same model with the adapter disabled (no second copy in memory).
+the rendered conversation up to the reply's body, reply = its body through `<|im_end|>`, exactly the
+tokens SFT supervises), load the policy (full, LoRA or Q-LoRA) and the reference (a frozen copy of the
+start model; with an adapter, the same model with the adapter disabled, so no second copy), train with
+the HF Trainer on the DPO loss, save a plain Hugging Face directory.
+
+The loss is ours, not TRL's DPOTrainer: TRL re-tokenizes every pair with its own chat-template call
+(which would train the `\\n` after `<|im_end|>` and turn control tokens typed into text into real ones)
+and has no public way to take token ids (huggingface/trl#2368). The formulas are TRL's and the papers':
+    logits = beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))
+    sigmoid (DPO):  -log sigmoid(logits)      ipo: (logits / beta - 1 / (2 beta))^2      hinge: max(0, 1 - logits)
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-from transformers import set_seed
-from trl import DPOConfig, DPOTrainer
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, set_seed
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
-from .errors import UserError
-from .model import load_model, lora_config, resolve_model_path
+from .data.collate import PackedPairCollator
 from .data.pairs import encode_pairs
+from .errors import UserError
+from .model import add_lora, load_model, resolve_model_path
 from .report import report_callbacks
 from .tokenizer import load_tokenizer
-from .train.distributed import log
+from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
+from .train.loss import sequence_logprobs
 from .train.outputs import finish_run, last_logged
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class DPOTrainingArguments(TrainingArguments, DPOConfig):
-    """Our training options (the seed's flags and defaults) plus TRL's DPO options (--beta, --loss_type, ...)."""
+class DPOTrainingArguments(TrainingArguments):
+    """Our training options (the seed's flags and defaults) plus DPO's."""
 
     beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference model (higher = stay closer)."})
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": "sigmoid (DPO), ipo, hinge, robust, ... (TRL's names)."})
-    max_length: int | None = field(default=None, init=False)  # --model_max_length decides (longer pairs are dropped and named)
-    trust_remote_code: bool = field(default=False, init=False)  # set from ModelArguments' --trust_remote_code
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO, Rafailov et al. 2023), ipo (Azar et al. 2023) or hinge (SLiC).",
+                                                        "choices": list(LOSS_TYPES)})
 
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, DPOTrainingArguments)
 
 
-class PretokenizedDPOTrainer(ObservedSteps, DPOTrainer):
-    """DPOTrainer fed our own tokens: the data is already prompt_ids/chosen_ids/rejected_ids.
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_type: str):
+    """Per-pair loss and implicit rewards from summed reply log-probabilities laid out [chosen..., rejected...]."""
+    n = len(policy) // 2
+    rewards = beta * (policy - reference).detach()
+    margin = (policy[:n] - reference[:n]) - (policy[n:] - reference[n:])
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * margin)
+    elif loss_type == "ipo":
+        loss = (margin - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        loss = torch.relu(1 - beta * margin)
+    return loss, rewards[:n], rewards[n:]
 
-    TRL 1.16 has no public switch for pre-tokenized DPO data (RewardTrainer has one), so this is the
-    one private override left; tests/test_dpo.py checks that the trained tokens are ours."""
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        return dataset  # TRL would re-tokenize; ours are the served-format tokens SFT trains on
+class DPOTrainer(ObservedSteps, Trainer):
+    """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL."""
+
+    def __init__(self, *args, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+        if reference is not None:
+            if self.is_deepspeed_enabled:  # ZeRO-3: the frozen reference is sharded like the policy
+                from trl.models import prepare_deepspeed
+
+                self.reference = prepare_deepspeed(reference, self.accelerator)
+            else:
+                self.reference = reference.to(self.args.device)
+        self.pair_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        n_sequences = 2 * len(inputs["sample_ids"])
+        policy = sequence_logprobs(model, inputs, n_sequences)
+        with torch.no_grad():
+            if self.reference is None:  # an adapter: the reference is the base with it switched off
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    reference = sequence_logprobs(model, inputs, n_sequences)
+            else:
+                reference = sequence_logprobs(self.reference, inputs, n_sequences)
+        loss, chosen, rejected = dpo_loss(policy, reference, self.args.beta, self.args.loss_type)
+        metrics = self.pair_metrics["train" if model.training else "eval"]
+        gather = self.accelerator.gather_for_metrics
+        for name, value in (("rewards/chosen", chosen), ("rewards/rejected", rejected),
+                            ("rewards/accuracies", (chosen > rejected).float()), ("rewards/margins", chosen - rejected),
+                            ("logps/chosen", policy[: n_sequences // 2].detach()), ("logps/rejected", policy[n_sequences // 2 :].detach())):
+            metrics[name].append(gather(value).mean().item())
+        loss = loss.mean()
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the pair metrics averaged since the last log (in place: `evaluate()` returns this dict)."""
+        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self.pair_metrics[mode].items() if v})
+        self.pair_metrics[mode].clear()
+        super().log(logs, start_time)
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments,
@@ -66,30 +128,37 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
 
     set_seed(args.seed)
-    model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation)
-    model.config.use_cache = False
-    trainer = PretokenizedDPOTrainer(
+    load = dict(dtype=train_dtype(args), trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
+                allow_pickle_weights=model_args.allow_pickle_weights)
+    model = load_model(model_path, q_lora=lora_args.q_lora, **load)
+    model.config.use_cache = False  # packed rows need it off
+    print_zero3_partition(model)
+    reference = None
+    if lora_args.use_lora:
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora_args.adapter_options())
+        model.print_trainable_parameters()
+    else:
+        reference = load_model(model_path, **load).eval().requires_grad_(False)
+    trainer = DPOTrainer(
         model=model,
-        ref_model=None,  # full: TRL loads a frozen copy of model_path; LoRA: the adapter is disabled instead
+        reference=reference,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
+        data_collator=PackedPairCollator(),
         processing_class=tokenizer,
-        peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
-    if lora_args.use_lora:
-        trainer.model.print_trainable_parameters()
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     metrics["train_loss_final"] = last_logged(trainer, "loss")
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # eval_rewards/margins, eval_rewards/accuracies, ...
-
-    if evaluation is not None:
         log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
             f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
+
     finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
                metrics=metrics, kind="dpo", model_path=model_path, adapter=lora_args.use_lora)
     return metrics

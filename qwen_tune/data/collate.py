@@ -50,3 +50,28 @@ class PaddedCollator:
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                 "sample_ids": [f.get("id") for f in features]}
+
+
+@dataclass
+class PackedPairCollator:
+    """Preference pairs, padding-free: every prompt+chosen, then every prompt+rejected, in one row.
+
+    Labels are the reply tokens (the prompt ends at `<|im_start|>assistant\\n`); `sequence` gives every
+    position's sequence index, chosen i as i and rejected i as B + i, so per-sequence sums are one scatter.
+    """
+
+    def __call__(self, features: list[dict]) -> dict:
+        input_ids, labels, position_ids, sequence = [], [], [], []
+        sides = [(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features]
+        for index, (prompt, reply) in enumerate(sides):
+            input_ids += prompt + reply
+            labels += [IGNORE] * len(prompt) + reply
+            position_ids += range(len(prompt) + len(reply))
+            sequence += [index] * (len(prompt) + len(reply))
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([position_ids]),
+            "sequence": torch.tensor([sequence]),
+            "sample_ids": [f.get("id") for f in features],
+        }

@@ -9,6 +9,7 @@ respect to the hidden states and the output weight, so no logits are kept for ba
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 from ..data.chat_format import IGNORE
 
@@ -89,6 +90,43 @@ def backbone_and_head(model):
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
     return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of log p(token) over each sequence's supervised tokens: (n_sequences,).
+
+    `batch["sequence"]` gives every position's sequence index (packed rows hold several). As in
+    `causal_lm_loss_sum`, logits exist only at supervised positions; here one chunk at a time under
+    activation checkpointing, since each sequence's sum gets its own gradient weight (DPO).
+    """
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    decoder, head = backbone_and_head(model)
+    (rows, cols), targets = supervised_positions(labels)
+    owner = batch["sequence"][:, 1:][rows, cols]
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter: the model computes the logits
+        keep = torch.unique(cols)
+        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        picked = logits[rows, torch.searchsorted(keep, cols)].float()
+        token_logps = picked.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    else:
+        captured = {}
+        hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
+        try:
+            model(**inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            hook.remove()
+        selected = captured["h"][rows, cols]
+        token_logps = torch.cat([
+            torch.utils.checkpoint.checkpoint(_token_logprobs, selected[s : s + chunk_size], head.weight,
+                                              targets[s : s + chunk_size], use_reentrant=False)
+            for s in range(0, len(targets), chunk_size)
+        ]) if len(targets) else selected.sum(-1)[:0]
+    return torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+
+
+def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return (hidden @ weight.T).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
