@@ -57,12 +57,13 @@ from .train.deepspeed_loop import (
     gather_over_ranks,
     gathered,
     init_distributed,
+    max_over_ranks,
     mean_over_ranks,
     read_deepspeed_config,
     to_device,
 )
 from .train.distributed import log, print_zero3_partition
-from .train.loop_state import StopSignal, load_loop_checkpoint, save_loop_checkpoint
+from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
 from .train.loss import backbone_and_head
 from .train.output_dir import prepare_output_dir
 from .train.outputs import how_to_load
@@ -82,7 +83,7 @@ class PPOArguments(FormatArguments):
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
-    save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none; single process)."})
+    save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N complete checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "auto (the newest complete checkpoint in output_dir) or a checkpoint directory."})
     max_prompt_length: int = field(default=1024, metadata={"help": "Prompts longer than this many tokens are skipped (and counted)."})
@@ -135,8 +136,6 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         raise UserError(f"--critic {args.critic}: expected head or reward_model")
     if args.critic == "reward_model" and not args.reward_model:
         raise UserError("--critic reward_model needs --reward_model")
-    if args.deepspeed and (args.resume_from_checkpoint or "").lower() not in ("", "false", "no", "none"):
-        raise UserError("ppo under --deepspeed cannot resume yet; resume runs in a single process")
     if args.kl_estimator not in ("k1", "k2", "k3"):
         raise UserError(f"--kl_estimator {args.kl_estimator}: expected k1, k2 or k3")
     if args.deepspeed and not Path(args.deepspeed).is_file():
@@ -283,10 +282,11 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     history, start, resumed_step, recent = [], time.time(), 0, []
     trained = {"actor": actor, "critic": critic}
     if args.resume_from_checkpoint:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
-        state = load_loop_checkpoint(args.resume_from_checkpoint, trained, optimizer)
+        state = (load_engine_checkpoint(args.resume_from_checkpoint, engine) if engine is not None
+                 else load_loop_checkpoint(args.resume_from_checkpoint, trained, optimizer))
         resumed_step, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
         log(f"ppo: resumed from {args.resume_from_checkpoint} after step {resumed_step}")
-    checkpoints_on = engine is None and args.save_steps > 0  # under DeepSpeed: not yet (see check_options)
+    checkpoints_on = args.save_steps > 0
     with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file, StopSignal(checkpoints_on) as stop:
         for row in history if log_file is not None else ():
             log_file.write(json.dumps(row) + "\n")
@@ -388,9 +388,14 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 f"({row['elapsed_s']:.0f}s)")
 
             # 5. checkpoint (every --save_steps, and on SIGTERM/SIGINT before exiting)
+            if world > 1:  # a signal reaches the ranks at different moments: all stop after the same step
+                stop.signum = int(max_over_ranks(float(stop.signum or 0), device))
             if checkpoints_on and step < total_steps and (step % args.save_steps == 0 or stop.signum):
-                save_loop_checkpoint(args.output_dir, step, trained, optimizer, {"history": history, "kl_coef": kl_ctl.value},
-                                     args.save_total_limit)
+                state = {"history": history, "kl_coef": kl_ctl.value}
+                if engine is not None:
+                    save_engine_checkpoint(args.output_dir, step, engine, state, args.save_total_limit)
+                else:
+                    save_loop_checkpoint(args.output_dir, step, trained, optimizer, state, args.save_total_limit)
             if stop.signum and step < total_steps:
                 name = signal.Signals(stop.signum).name
                 log(f"{name}: stopped after step {step} and saved {os.path.join(args.output_dir, f'checkpoint-{step}')}. "

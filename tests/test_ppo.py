@@ -228,6 +228,35 @@ def test_ppo_under_zero3_shards_generates_and_saves_complete_weights(sft_policy,
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["ds_config_zero2.json", "ds_config_zero3.json"])
+def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(config, sft_policy, prompts, tmp_path):
+    """2 ranks: a run resumed from its step-2 checkpoint (DeepSpeed's weights + optimizer shards, each rank's RNG,
+    the KL coefficient and log) ends with the same weights and log as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from qwen_tune.train.checkpoints import COMPLETE
+
+    reward_py = tmp_path / "reward.py"
+    reward_py.write_text(REWARD_FN)
+    ppo = ["--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats", "--prompts", prompts, "--num_train_epochs", "2",
+           "--per_device_train_batch_size", "2", "--max_new_tokens", "8", "--ppo_epochs", "2", "--adaptive_kl", "True",
+           "--save_steps", "2", "--save_total_limit", "3"]
+    reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+    ppo_on_two_ranks(config, *ppo, "--output_dir", reference)
+    checkpoint = os.path.join(reference, "checkpoint-2")
+    assert os.path.isfile(os.path.join(checkpoint, COMPLETE)) and os.path.isdir(os.path.join(checkpoint, "deepspeed"))
+    assert sorted(f for f in os.listdir(checkpoint) if f.startswith("rng_rank")) == ["rng_rank0.safetensors", "rng_rank1.safetensors"]
+    proc = ppo_on_two_ranks(config, *ppo, "--output_dir", resumed, "--resume_from_checkpoint", checkpoint)
+    assert f"resumed from {checkpoint} after step 2" in proc.stderr and "ppo step 4/4" in proc.stderr
+    assert "ppo step 2/4" not in proc.stderr  # steps 1-2 were not redone
+    for name in ("model.safetensors", "value_head.safetensors"):
+        want, got = load_file(os.path.join(reference, name)), load_file(os.path.join(resumed, name))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    assert strip(ppo_log(resumed)) == strip(ppo_log(reference))
+
+
+@pytest.mark.slow
 def test_ppo_killed_then_resumed_matches_an_uninterrupted_run(sft_policy, prompts, workdir, tmp_path):
     """SIGTERM saves and exits; on resume policy, value head, AdamW, KL coefficient, prompt order and RNG come back:
     the same weights and log as an uninterrupted run."""

@@ -5,6 +5,10 @@ LoRA weights and the value head), `optimizer.safetensors` + `optimizer.json` (Ad
 its hyper-parameters), `rng.safetensors` (CPU and CUDA generator states) and `trainer_state.json`
 (the step and whatever else the loop keeps: its log, the KL coefficient). It is marked complete
 like every other checkpoint (`train/checkpoints.py`), so `--resume_from_checkpoint auto` finds it.
+
+Under DeepSpeed (several ranks, ZeRO-sharded weights and optimizer) the engine's own checkpoint holds
+weights and optimizer (`deepspeed/`, DeepSpeed's format: torch files that DeepSpeed loads itself, as
+under the HF Trainer), beside each rank's `rng_rank{R}.safetensors` and the same `trainer_state.json`.
 """
 
 from __future__ import annotations
@@ -42,15 +46,65 @@ def save_loop_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module
                for key, value in values.items()}, os.path.join(path, "optimizer.safetensors"))
     with open(os.path.join(path, "optimizer.json"), "w") as f:
         json.dump(optim["param_groups"], f)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, os.path.join(path, "rng.safetensors"))
+    save_file(_rng_state(), os.path.join(path, "rng.safetensors"))
     with open(os.path.join(path, STATE), "w") as f:
         json.dump({"step": step, **state}, f)
     mark_complete(path, step)
     rotate_checkpoints(out, limit, keep={path})
     return path
+
+
+def save_engine_checkpoint(out: str, step: int, engine, state: dict, limit: int | None) -> str:
+    """`save_loop_checkpoint` for a DeepSpeed engine; every rank calls it (the engine's save is collective)."""
+    import torch.distributed as dist
+
+    path = os.path.join(out, f"checkpoint-{step}")
+    finite = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in engine.module.parameters() if p.numel()))])
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
+                             f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
+    engine.save_checkpoint(path, tag="deepspeed")
+    rank = dist.get_rank()
+    save_file(_rng_state(), os.path.join(path, f"rng_rank{rank}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(path, STATE), "w") as f:
+            json.dump({"step": step, **state}, f)
+    dist.barrier()  # every rank's part is written
+    if rank == 0:
+        mark_complete(path, step)
+        rotate_checkpoints(out, limit, keep={path})
+    dist.barrier()
+    return path
+
+
+def load_engine_checkpoint(path: str, engine) -> dict:
+    """Restore what `save_engine_checkpoint` wrote (same number of ranks); returns the loop's state."""
+    import torch.distributed as dist
+
+    rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.safetensors")
+    if not os.path.isdir(os.path.join(path, "deepspeed")) or not os.path.isfile(rng_file):
+        raise UserError(f"{path} was not written by ppo under --deepspeed with {dist.get_world_size()} ranks; "
+                        f"resume with the launch and options of the interrupted run")
+    loaded, _ = engine.load_checkpoint(path, tag="deepspeed")
+    if loaded is None:
+        raise UserError(f"{path}: DeepSpeed could not load its checkpoint")
+    _set_rng_state(load_file(rng_file))
+    with open(os.path.join(path, STATE)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def load_loop_checkpoint(path: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
@@ -74,10 +128,7 @@ def load_loop_checkpoint(path: str, modules: dict[str, torch.nn.Module], optimiz
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
-    rng = load_file(os.path.join(path, "rng.safetensors"))
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    _set_rng_state(load_file(os.path.join(path, "rng.safetensors")))
     with open(os.path.join(path, STATE)) as f:
         return json.load(f)
 
