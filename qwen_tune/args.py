@@ -153,7 +153,24 @@ def _default_report_to() -> str:
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
+class RunArguments:
+    """Options every method's run shares, declared once: the Trainer methods take them over transformers'
+    TrainingArguments (below), ppo's own loop reads them itself."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "auto (the newest complete checkpoint in output_dir) or a checkpoint directory."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and sampling."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (global norm)."})
+    deepspeed: str | None = field(
+        default=None, metadata={"help": "DeepSpeed config (recipes/ds_config_zero2.json, ds_config_zero3.json); launch with torchrun."}
+    )
+
+
+@dataclass
+class TrainingArguments(RunArguments, transformers.TrainingArguments):
     """transformers' TrainingArguments with the seed's defaults and a few qwen-tune options."""
 
     _argument_group_name = "training (transformers TrainingArguments; DeepSpeed, logging, checkpoints)"
@@ -164,7 +181,6 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": f"Peak learning rate (default: {SEED_LR_FULL} full, {SEED_LR_LORA} LoRA; {EMBEDDED_LR} on the embedded model)."},
     )
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (DeepSpeed configs never override it)."})
     warmup_ratio: float = field(default=0.01, metadata={"help": "Fraction of steps for linear warm-up."})
@@ -176,7 +192,6 @@ class TrainingArguments(transformers.TrainingArguments):
     report_to: None | str | list[str] = field(default_factory=_default_report_to, metadata={"help": "tensorboard (default when installed), none, wandb, ..."})
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={"help": "Count real (non-pad) tokens for tokens/s."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep sample ids in batches (for error messages)."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
     train_sampling_strategy: str = field(
         default="auto",
         metadata={"help": "auto (group_by_length when packing is off, else random), random, sequential, group_by_length, batch_rebalance.",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .args import FormatArguments, LoraArguments, parse
+from .args import FormatArguments, LoraArguments, RunArguments, parse
 from .data.chat_format import check_renderable
 from .data.read import load_prompts
 from .errors import UserError
@@ -74,7 +74,7 @@ PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 3e-4, 100
 
 
 @dataclass
-class PPOArguments(FormatArguments):
+class PPOArguments(FormatArguments, RunArguments):
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a full model directory or a LoRA adapter (qwen-tune sft output)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
@@ -82,10 +82,8 @@ class PPOArguments(FormatArguments):
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (default 1 each)."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing over a finished run in output_dir."})
     save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N complete checkpoints."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "auto (the newest complete checkpoint in output_dir) or a checkpoint directory."})
     max_prompt_length: int = field(default=1024, metadata={"help": "Prompts longer than this many tokens are skipped (and counted)."})
     # training, as in finetune.py
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompt set."})
@@ -93,10 +91,6 @@ class PPOArguments(FormatArguments):
     mini_batch_size: int | None = field(default=None, metadata={"help": "Sequences per gradient step inside a PPO epoch (default: the whole rollout batch)."})
     learning_rate: float | None = field(default=None, metadata={"help": f"AdamW learning rate, constant (default {PPO_LR_FULL} full, {PPO_LR_LORA} LoRA, {PPO_LR_TINY} for models under 100M parameters)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
-    seed: int = field(default=42, metadata={"help": "Seed for sampling, shuffling and the value head."})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config (e.g. recipes/ds_config_zero2.json or ds_config_zero3.json); launch with torchrun --nproc_per_node N. \"auto\" values are filled in."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
     # rollouts
     max_new_tokens: int = field(default=128, metadata={"help": "Longest reply sampled; replies stop earlier at <|im_end|>."})
