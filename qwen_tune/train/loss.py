@@ -99,29 +99,18 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int = 10
     `causal_lm_loss_sum`, logits exist only at supervised positions; here one chunk at a time under
     activation checkpointing, since each sequence's sum gets its own gradient weight (DPO).
     """
-    labels = batch["labels"]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    decoder, head = backbone_and_head(model)
-    (rows, cols), targets = supervised_positions(labels)
+    (rows, cols), targets = supervised_positions(batch["labels"])
     owner = batch["sequence"][:, 1:][rows, cols]
-    if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter: the model computes the logits
-        keep = torch.unique(cols)
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        picked = logits[rows, torch.searchsorted(keep, cols)].float()
-        token_logps = picked.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    hidden, logits = supervised_forward(model, batch, rows, cols)
+    if logits is not None:
+        token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     else:
-        captured = {}
-        hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
-        try:
-            model(**inputs, logits_to_keep=1, use_cache=False)
-        finally:
-            hook.remove()
-        selected = captured["h"][rows, cols]
+        weight = backbone_and_head(model)[1].weight
         token_logps = torch.cat([
-            torch.utils.checkpoint.checkpoint(_token_logprobs, selected[s : s + chunk_size], head.weight,
+            torch.utils.checkpoint.checkpoint(_token_logprobs, hidden[rows[s : s + chunk_size], cols[s : s + chunk_size]], weight,
                                               targets[s : s + chunk_size], use_reentrant=False)
             for s in range(0, len(targets), chunk_size)
-        ]) if len(targets) else selected.sum(-1)[:0]
+        ]) if len(targets) else hidden.sum((0, 2))[:0]
     return torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
 
 
@@ -129,27 +118,34 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return (hidden @ weight.T).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
-def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropies over the batch's supervised tokens, and their count.
+def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor):
+    """(final hidden states, None), or under ZeRO-3 (None, fp32 logits at (rows, cols)).
 
     The forward goes through the outermost wrapper (so DeepSpeed/DDP hooks run) but asks for a
-    single logit; the final hidden states are captured from the decoder and the loss is computed
-    only at supervised positions, chunked. Under ZeRO-3 the output weight is partitioned, so
-    the model computes the logits itself, still only at supervised positions (`logits_to_keep`).
+    single logit; the final hidden states are captured from the decoder. Under ZeRO-3 the output
+    weight is partitioned, so the model computes the logits itself, only where needed (`logits_to_keep`).
     """
-    labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     decoder, head = backbone_and_head(model)
-    (rows, cols), targets = supervised_positions(labels)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        picked = logits[rows, torch.searchsorted(keep, cols)].float()
-        return torch.nn.functional.cross_entropy(picked, targets, reduction="sum"), int(targets.numel())
+        return None, logits[rows, torch.searchsorted(keep, cols)].float()
     captured = {}
     hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
     try:
         model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
-    return chunked_cross_entropy_sum(captured["h"], head.weight, labels, chunk_size)
+    return captured["h"], None
+
+
+def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropies over the batch's supervised tokens, and their count: logits only at
+    supervised positions, chunked, no logits kept for backward (see `supervised_forward`)."""
+    labels = batch["labels"]
+    (rows, cols), targets = supervised_positions(labels)
+    hidden, logits = supervised_forward(model, batch, rows, cols)
+    if logits is not None:
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
+    return chunked_cross_entropy_sum(hidden, backbone_and_head(model)[1].weight, labels, chunk_size)
