@@ -38,7 +38,6 @@ from .data.read import load_prompts
 from .errors import UserError
 from .ppo_math import (
     AdaptiveKLController,
-    entropy_from_logits,
     gae,
     kl_estimate,
     masked_mean,
@@ -49,8 +48,8 @@ from .ppo_math import (
 )
 from .report import write_run_report
 from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
-from .rl_models import RewardModelCritic, ValueHead, load_actor
-from .rollouts import Rollout, collapse_warning, sample
+from .rl_models import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
+from .rollouts import collapse_warning, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 from .train.deepspeed_loop import (
     fill_deepspeed_config,
@@ -64,7 +63,6 @@ from .train.deepspeed_loop import (
 )
 from .train.distributed import log, print_zero3_partition
 from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
-from .train.loss import backbone_and_head
 from .train.output_dir import prepare_output_dir
 from .train.outputs import how_to_load
 
@@ -144,46 +142,6 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
         path = getattr(args, name)
         if path and not Path(path).is_dir():
             raise UserError(f"--{name} {path}: no such directory")
-
-
-# ---------------------------------------------------------------- rollouts and forward passes
-
-
-def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy: bool = False):
-    """Log-probabilities of the reply tokens (and values, entropy) for rollout rows `rows`.
-
-    Runs the decoder once and applies the output projection only at reply positions: with a
-    152k vocabulary the projection is most of the cost.
-    """
-    input_ids, attention_mask, mask = roll.input_ids[rows], roll.attention_mask[rows], roll.mask[rows]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    decoder, head = backbone_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    P = roll.prompt_width
-    states = hidden[:, P - 1 : -1]  # the state before each reply token
-    keep = mask.bool()
-    logits = head(states[keep]).float() / temperature
-    targets = input_ids[:, P:][keep]
-    logprobs = torch.zeros_like(mask)
-    logprobs[keep] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    values = entropy = None
-    if critic is not None:
-        values = critic(states, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if values.shape[1] != mask.shape[1]:  # a reward-model critic returns every position
-            values = values[:, P - 1 : -1]
-        values = values * mask
-    if with_entropy:
-        entropy = torch.zeros_like(mask)
-        entropy[keep] = entropy_from_logits(logits.detach())
-    return logprobs, values, entropy
-
-
-class ActorCritic(torch.nn.Module):
-    """One module for `deepspeed.initialize`: the trainable actor and critic, updated together."""
-
-    def __init__(self, actor, critic):
-        super().__init__()
-        self.actor, self.critic = actor, critic
 
 
 # ---------------------------------------------------------------- the loop

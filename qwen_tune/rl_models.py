@@ -1,4 +1,5 @@
-"""The models of an RL run: the trainable actor with its frozen reference (the starting policy), and critics.
+"""The models of an RL run: the trainable actor with its frozen reference (the starting policy), critics,
+and the forward pass that reads reply log-probabilities and values from them.
 
 The reference is a context manager that yields the model to score with: with LoRA it is the same
 weights with the adapter switched off (no second copy in memory), for an SFT adapter trained further
@@ -14,6 +15,9 @@ import torch
 
 from .args import LoraArguments
 from .model import add_lora, is_adapter, load_model
+from .ppo_math import entropy_from_logits
+from .rollouts import Rollout
+from .train.loss import backbone_and_head
 from .train.deepspeed_loop import to_device
 
 
@@ -83,3 +87,40 @@ class RewardModelCritic(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, *, input_ids, attention_mask, position_ids) -> torch.Tensor:
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
         return self.head(h).float().squeeze(-1)
+
+
+def forward(model, critic, roll: Rollout, rows, temperature: float, with_entropy: bool = False):
+    """Log-probabilities of the reply tokens (and values, entropy) for rollout rows `rows`.
+
+    Runs the decoder once and applies the output projection only at reply positions: with a
+    152k vocabulary the projection is most of the cost.
+    """
+    input_ids, attention_mask, mask = roll.input_ids[rows], roll.attention_mask[rows], roll.mask[rows]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    decoder, head = backbone_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    P = roll.prompt_width
+    states = hidden[:, P - 1 : -1]  # the state before each reply token
+    keep = mask.bool()
+    logits = head(states[keep]).float() / temperature
+    targets = input_ids[:, P:][keep]
+    logprobs = torch.zeros_like(mask)
+    logprobs[keep] = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    values = entropy = None
+    if critic is not None:
+        values = critic(states, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if values.shape[1] != mask.shape[1]:  # a reward-model critic returns every position
+            values = values[:, P - 1 : -1]
+        values = values * mask
+    if with_entropy:
+        entropy = torch.zeros_like(mask)
+        entropy[keep] = entropy_from_logits(logits.detach())
+    return logprobs, values, entropy
+
+
+class ActorCritic(torch.nn.Module):
+    """One module for `deepspeed.initialize`: the trainable actor and critic, updated together."""
+
+    def __init__(self, actor, critic):
+        super().__init__()
+        self.actor, self.critic = actor, critic
