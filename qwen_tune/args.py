@@ -24,13 +24,13 @@ SEED_LR_FULL, SEED_LR_LORA, EMBEDDED_LR = 1e-5, 3e-4, 1e-2
 class ModelArguments:
     _argument_group_name = "model"  # HfArgumentParser prints each dataclass as a --help group
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local directory or hub id of a Qwen checkpoint (default: the embedded tiny Qwen2 model)."}
+        default=None, metadata={"help": "Local directory or hub id of a Qwen checkpoint (unset: the embedded tiny Qwen2 model)."}
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run a checkpoint's own Python code (Qwen v1). Off unless you trust it."}
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "sdpa, eager or flash_attention_2 (default: transformers' choice)."}
+        default=None, metadata={"help": "sdpa, eager or flash_attention_2 (unset: transformers' choice)."}
     )
     allow_pickle_weights: bool = field(
         default=False, metadata={"help": "Load a checkpoint that has only pickle weights (pytorch_model.bin). Off: safetensors only."}
@@ -86,11 +86,9 @@ def inference_parser(prog: str, description: str):
     """The parser of a command that loads a trained model (chat, eval): --model and the format options."""
     import argparse
 
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="an output directory (full, merged or LoRA adapter) or a model (default: the embedded model)")
+                        help="an output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)")
     add_format_arguments(parser)  # defaults: the template saved with the model, as trained
     return parser
 
@@ -179,7 +177,7 @@ class TrainingArguments(RunArguments, transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "Longest sample in tokens. sft: longer samples keep their head and are counted; rm / dpo: longer pairs are dropped and named (a reply cut short has no end to score)."})
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": f"Peak learning rate (default: {SEED_LR_FULL} full, {SEED_LR_LORA} LoRA; {EMBEDDED_LR} on the embedded model)."},
+        metadata={"help": f"Peak learning rate (unset: {SEED_LR_FULL} full, {SEED_LR_LORA} LoRA; {EMBEDDED_LR} on the embedded model)."},
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (DeepSpeed configs never override it)."})
@@ -281,14 +279,15 @@ def expand_argv(argv: list[str]) -> list[str]:
 def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | None = None):
     """Parse argv into the dataclasses; bad values become a UserError (no traceback)."""
     argv = expand_argv(sys.argv[1:] if argv is None else argv)
-    from .cli import HelpFormatter
+    import argparse
+
     from .train.distributed import prepare_cpu_deepspeed
 
     takes_accelerator_config = any("accelerator_config" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types)
     if prepare_cpu_deepspeed(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state
         argv = argv + ["--accelerator_config", '{"use_configured_state": true}']
 
-    parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=HelpFormatter, allow_abbrev=False,
+    parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
                               usage="%(prog)s [--config FILE.yaml] [--option VALUE ...]")
     parser.add_argument("--config", help="YAML file of options (option: value); command-line flags override it.")
     try:

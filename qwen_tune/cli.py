@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
@@ -22,18 +21,6 @@ COMMANDS = {
     "chat": ("qwen_tune.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
     "eval": ("qwen_tune.evaluate", "loss and perplexity over supervised tokens, as JSON"),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, once (ours already say "(default: ...)" where it needs words)."""
-
-    def _get_help_string(self, action):
-        flag = action.option_strings[0] if action.option_strings else ""
-        if flag.startswith("--no_"):  # HfArgumentParser's negation of a True-by-default flag
-            return f"Turn off --{flag[5:]}."
-        if "default" in (action.help or "").lower():
-            return action.help
-        return super()._get_help_string(action)
 
 
 OOM_ADVICE = """out of memory. Options that reduce memory, roughly cheapest first:

@@ -77,7 +77,7 @@ class PPOArguments(FormatArguments, RunArguments):
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
     reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated functions in TRL's convention, as grpo: f(prompts, completions, **columns) -> list[float | None]; summed, plus --reward_model's score if given."})
-    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (default 1 each)."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (unset: 1 each)."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none)."})
@@ -86,8 +86,8 @@ class PPOArguments(FormatArguments, RunArguments):
     # training, as in finetune.py
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the prompt set."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Prompts per rollout batch (one PPO step)."})
-    mini_batch_size: int | None = field(default=None, metadata={"help": "Sequences per gradient step inside a PPO epoch (default: the whole rollout batch)."})
-    learning_rate: float | None = field(default=None, metadata={"help": f"AdamW learning rate, constant (default {PPO_LR_FULL} full, {PPO_LR_LORA} LoRA, {PPO_LR_TINY} for models under 100M parameters)."})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "Sequences per gradient step inside a PPO epoch (unset: the whole rollout batch)."})
+    learning_rate: float | None = field(default=None, metadata={"help": f"AdamW learning rate, constant (unset: {PPO_LR_FULL} full, {PPO_LR_LORA} LoRA, {PPO_LR_TINY} for models under 100M parameters)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
     # rollouts
