@@ -199,7 +199,14 @@ class TrainingArguments(RunArguments, transformers.TrainingArguments):
 
     checkpoint_limit: int | None = field(default=None, init=False)  # --save_total_limit, enforced by train.checkpoints
 
+    precision_fallback: str | None = field(default=None, init=False)  # said once by resolve_options
+
     def __post_init__(self):
+        if (self.bf16 or self.fp16) and not torch.cuda.is_available() and not self.use_cpu:
+            # a YAML written for GPUs still runs here: CPU half precision means slow fallback kernels
+            asked = "--bf16" if self.bf16 else "--fp16"
+            self.bf16 = self.fp16 = False
+            self.precision_fallback = f"{asked} True asked for, but there is no CUDA GPU: training in fp32 on the CPU"
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
@@ -221,8 +228,6 @@ def resolve_options(model_args: ModelArguments, data_args: DataArguments, lora_a
         raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
     if lora_args.q_lora and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--q_lora needs bitsandbytes: pip install bitsandbytes")
-    if args.fp16 and not torch.cuda.is_available():
-        raise UserError("--fp16 needs a CUDA GPU; on CPU train in fp32 (drop --fp16) or use --bf16 if your CPU supports it")
     if args.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UserError("--bf16: this GPU has no bfloat16 support; use --fp16 True instead")
     if args.train_sampling_strategy == "auto":  # SFT decides it from its layout before calling this
@@ -233,6 +238,10 @@ def resolve_options(model_args: ModelArguments, data_args: DataArguments, lora_a
     if "trust_remote_code" in getattr(args, "__dataclass_fields__", {}):  # TRL configs read it from their own args
         args.trust_remote_code = model_args.trust_remote_code
     prepare_output_dir(args)
+    if args.precision_fallback:
+        from .train.distributed import log
+
+        log(args.precision_fallback)
 
 
 def train_dtype(args: TrainingArguments) -> torch.dtype:

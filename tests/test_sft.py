@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import DATA, ROOT, generate_in_fresh_process, run_cli
+from qwen_tune.errors import UserError
 
 # Short conversations the tiny model can learn in a few dozen steps.
 TRAIN = [
@@ -100,11 +101,29 @@ def test_qlora_base_is_really_4bit(base_model_path):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp32(tmp_path):
+    """The README's YAML example on a machine without a GPU: the missing data file is the error, not bf16;
+    with the file present, its bf16 becomes fp32 with one line saying so."""
+    import torch
+
+    from qwen_tune import sft
+    from qwen_tune.args import parse
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="/nonexistent.json"):
+        sft.main(["--config", os.path.join(ROOT, "recipes", "finetune_lora.yaml"), "--data_path", "/nonexistent.json",
+                  "--output_dir", str(tmp_path / "o")])
+    for yaml_file, flag in (("finetune_lora.yaml", "--bf16"), ("finetune_qlora.yaml", "--fp16")):
+        *_, args = parse(sft.ARGUMENTS, ["--config", os.path.join(ROOT, "recipes", yaml_file), "--output_dir", str(tmp_path / "p")])
+        assert not args.bf16 and not args.fp16
+        assert args.precision_fallback == f"{flag} True asked for, but there is no CUDA GPU: training in fp32 on the CPU"
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--q_lora", "True"], "add --use_lora True"),
-        (["--fp16", "True"], "--fp16 needs a CUDA GPU"),
         (["--model_name_or_path", "/nonexistent/model"], "no such directory"),
         (["--data_path", "/nonexistent.json"], "/nonexistent.json"),
         (["--no_such_flag", "1"], "unknown option --no_such_flag (see --help)"),
