@@ -207,6 +207,11 @@ class TrainingArguments(RunArguments, transformers.TrainingArguments):
             asked = "--bf16" if self.bf16 else "--fp16"
             self.bf16 = self.fp16 = False
             self.precision_fallback = f"{asked} True asked for, but there is no CUDA GPU: training in fp32 on the CPU"
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to (and torch warns about it)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+            # the seed's --gradient_checkpointing (and TRL's defaults) under transformers 5's name: no deprecation warning
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         if self.warmup_ratio and not self.warmup_steps:
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from .train.distributed import finish as finish_distributed
+from . import quiet
 from .errors import UserError
 
 # subcommand -> (module with `main(argv)`, one-line description)
@@ -50,6 +51,7 @@ def usage() -> str:
 
 def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     """`callbacks` go to the training commands' Trainer (tests trace batches and inject faults with them)."""
+    quiet.install()
     argv = (prefix or []) + sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

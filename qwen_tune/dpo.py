@@ -27,7 +27,7 @@ from .data.collate import PackedPairCollator
 from .data.pairs import encode_pairs
 from .errors import UserError
 from .model import add_lora, load_model, resolve_model_path
-from .report import report_callbacks
+from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
@@ -151,6 +151,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
+    show_progress_as_lines(trainer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     metrics["train_loss_final"] = last_logged(trainer, "loss")

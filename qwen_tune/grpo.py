@@ -134,6 +134,7 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
         peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
     )
+    show_progress_as_lines(trainer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     metrics["reward_first"] = next((h["reward"] for h in trainer.state.log_history if "reward" in h), None)

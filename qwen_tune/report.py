@@ -3,7 +3,8 @@
 `report_callbacks(args)` are added to every Trainer (the plot is redrawn at each checkpoint save, so a
 long run can be watched and a crashed one still has its curve); `write_run_report(output_dir, **info)`
 runs at the end and writes `README.md` (the model card), `loss.png` and `loss.json` (the plotted data).
-The HF progress bar already shows the ETA; `RunProgress` adds the recent tokens/s to every log line.
+The HF progress bar already shows the ETA; `RunProgress` adds the recent tokens/s to every log line, and
+`ProgressLines` prints each as plain numbers.
 TensorBoard event files come from transformers' own callback (`report_to` defaults to tensorboard).
 """
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 PLOT, PLOT_DATA, CARD = "loss.png", "loss.json", "README.md"
 
@@ -79,6 +81,22 @@ def tensorboard_dir(args) -> str | None:
         return os.environ[_TB_ENV]
     _tb_dir_we_set = os.environ[_TB_ENV] = os.path.join(os.path.abspath(args.output_dir), "runs")
     return _tb_dir_we_set
+
+
+class ProgressLines(ProgressCallback):
+    """The Trainer's progress bar (ETA), with each log written as one line of numbers:
+    `step 3/30  loss 11.17  grad_norm 10.84  learning_rate 0.005  epoch 1  tokens_per_second 218.4`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            values = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos")
+            self.training_bar.write(f"step {state.global_step}/{state.max_steps}  {values}")
+
+
+def show_progress_as_lines(trainer) -> None:
+    """Swap the Trainer's own progress callback (which prints each log as a dict of quoted strings) for `ProgressLines`."""
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressLines())
 
 
 def report_callbacks(args) -> list:

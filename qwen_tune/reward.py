@@ -22,7 +22,7 @@ from .args import DataArguments, LoraArguments, ModelArguments, TrainingArgument
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .data.pairs import encode_pairs
-from .report import report_callbacks
+from .report import report_callbacks, show_progress_as_lines
 from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer
 from .train.distributed import log
@@ -99,6 +99,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )
+    show_progress_as_lines(trainer)
     if lora_args.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
         for name, param in model.named_parameters():
             if param.requires_grad and "modules_to_save" in name:

@@ -36,7 +36,8 @@ def trained(train_file, tmp_path_factory):
     config = d / "run.yaml"
     config.write_text(f"data_path: {train_file}\noutput_dir: {d / 'out'}\nlearning_rate: 1.0e-2\nmax_steps: 1000\n"
                       "per_device_train_batch_size: 2\nsave_strategy: 'no'\nreport_to: none\nlogging_steps: 5\n")
-    run_cli("sft", "--config", str(config), "--max_steps", "40")
+    proc = run_cli("sft", "--config", str(config), "--max_steps", "40", "--gradient_checkpointing", "True")
+    (d / "out" / "console.txt").write_text(proc.stdout + proc.stderr)
     return d / "out"
 
 
@@ -173,6 +174,14 @@ def test_sft_from_config_then_eval_reports_the_learned_loss(trained, train_file)
     assert after["samples"] == 2 and after["supervised_tokens"] == before["supervised_tokens"] == 13
     assert before["loss"] > 5 and after["loss"] < 1.0
     assert after["perplexity"] == pytest.approx(2.718281828 ** after["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_prints_numbers_as_numbers_and_no_library_noise(trained):
+    console = (trained / "console.txt").read_text()
+    assert re.search(r"^step 5/40  loss \d+\.\d+  grad_norm \d", console, re.M), console[-2000:]
+    for noise in ("Setting accelerator to CPU", "gemm_4bit_forward", "FutureWarning", "pin_memory", "'loss': '"):
+        assert noise not in console, noise
 
 
 @pytest.mark.slow
