@@ -159,6 +159,9 @@ class RunArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "auto (the newest complete checkpoint in output_dir) or a checkpoint directory."}
     )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep the checkpoint-N directories after a successful run (otherwise removed once the result is saved)."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for data order, initialisation and sampling."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (Qwen's 0.95)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (global norm)."})

@@ -64,7 +64,7 @@ from .train.deepspeed_loop import (
 from .train.distributed import log, print_zero3_partition
 from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
 from .train.output_dir import prepare_output_dir
-from .train.outputs import how_to_load
+from .train.outputs import clean_up_checkpoints, how_to_load
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
@@ -368,6 +368,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo", chat_format=fmt.description,
                      adapter=adapter)
     log(how_to_load(args.output_dir, adapter))
+    clean_up_checkpoints(args.output_dir, args.keep_checkpoints)
     return metrics
 
 

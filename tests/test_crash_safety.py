@@ -81,7 +81,7 @@ def reference(tmp_path_factory):
     """An uninterrupted run: its final weights and the sample ids of each step."""
     tmp = tmp_path_factory.mktemp("reference")
     out, trace = str(tmp / "out"), str(tmp / "trace.jsonl")
-    rc, log = finish(start(out, trace), out)
+    rc, log = finish(start(out, trace, "--keep_checkpoints", "True"), out)
     assert rc == 0, log
     return {"out": out, "steps": traced_steps(trace), "weights": weights(out)}
 
@@ -124,6 +124,8 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
     seen = {s: ids for s, ids in first.items() if s <= step} | second
     assert seen == reference["steps"], f"killed at step {kill_at}"
     assert_same_weights(weights(out), reference["weights"])
+    # finished: the checkpoints are removed (the reference run kept them with --keep_checkpoints True)
+    assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == [] and "removed the run's 2 checkpoint directories" in log
 
 
 @pytest.mark.slow
@@ -165,7 +167,7 @@ def test_nan_stops_naming_step_and_samples_and_keeps_last_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_max_bad_steps_skips_the_step_without_touching_weights(tmp_path):
     out, trace = str(tmp_path / "out"), str(tmp_path / "t.jsonl")
-    rc, log = finish(start(out, trace, "--max_steps", "3", "--max_bad_steps", "1", nan_at_step=3), out)
+    rc, log = finish(start(out, trace, "--max_steps", "3", "--max_bad_steps", "1", "--keep_checkpoints", "True", nan_at_step=3), out)
     assert rc == 0, log
     assert "step 3: non-finite loss nan" in log and "skipping this step (1 of --max_bad_steps 1)" in log
     # step 3 was skipped, so the final weights are exactly those after step 2
@@ -190,7 +192,8 @@ def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tm
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     resumed_from = latest_complete_checkpoint(killed)
-    rc, log = finish(start(killed, str(tmp_path / "k2.jsonl"), "--resume_from_checkpoint", "auto", command=command), killed)
+    rc, log = finish(start(killed, str(tmp_path / "k2.jsonl"), "--resume_from_checkpoint", "auto", "--keep_checkpoints", "True",
+                           command=command), killed)
     assert rc == 0, log
     assert f"resuming from {resumed_from}" in log
     assert min(traced_steps(str(tmp_path / "k2.jsonl"))) == int(resumed_from.rsplit("-", 1)[1]) + 1

@@ -105,7 +105,8 @@ def test_resume_from_a_zero3_checkpoint_continues_exactly(tmp_path):
     full = str(tmp_path / "full")
     steps = [a if a != "3" else "4" for a in FEW_STEPS]  # --max_steps 4
     steps[steps.index("--save_strategy") + 1] = "steps"
-    recipe("finetune_ds.sh", "-d", TRAIN, "-o", full, "--per_device_train_batch_size", "1", *steps, "--save_steps", "2")
+    recipe("finetune_ds.sh", "-d", TRAIN, "-o", full, "--per_device_train_batch_size", "1", *steps, "--save_steps", "2",
+           "--keep_checkpoints", "True")
     checkpoint = os.path.join(full, "checkpoint-2")
     assert os.path.exists(os.path.join(checkpoint, "checkpoint_complete.json"))
     # a run that died after step 2: only its checkpoint is left; resume it under ZeRO-3

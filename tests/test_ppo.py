@@ -242,7 +242,7 @@ def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(con
            "--per_device_train_batch_size", "2", "--max_new_tokens", "8", "--ppo_epochs", "2", "--adaptive_kl", "True",
            "--save_steps", "2", "--save_total_limit", "3"]
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    ppo_on_two_ranks(config, *ppo, "--output_dir", reference)
+    ppo_on_two_ranks(config, *ppo, "--output_dir", reference, "--keep_checkpoints", "True")
     checkpoint = os.path.join(reference, "checkpoint-2")
     assert os.path.isfile(os.path.join(checkpoint, COMPLETE)) and os.path.isdir(os.path.join(checkpoint, "deepspeed"))
     assert sorted(f for f in os.listdir(checkpoint) if f.startswith("rng_rank")) == ["rng_rank0.safetensors", "rng_rank1.safetensors"]

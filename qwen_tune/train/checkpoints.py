@@ -47,6 +47,14 @@ def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
+def remove_checkpoints(output_dir: str) -> int:
+    """After a successful run: its `checkpoint-N` directories (each about 3x the model with AdamW) go; returns how many."""
+    found = checkpoints(output_dir)
+    for _, path, _ in found:
+        shutil.rmtree(path)
+    return len(found)
+
+
 def latest_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint that was completely written (has the completion marker)."""
     complete = [path for _, path, ok in checkpoints(output_dir) if ok]

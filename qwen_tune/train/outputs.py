@@ -12,7 +12,7 @@ import os
 from transformers import Trainer
 
 from ..report import write_run_report
-from .checkpoints import save_final_model
+from .checkpoints import remove_checkpoints, save_final_model
 from .distributed import log
 
 
@@ -41,6 +41,13 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
                      adapter=adapter, data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
                      data_reports=data_reports)
     log(how_to_load(out, adapter, reward_model=reward_model))
+    clean_up_checkpoints(out, trainer.args.keep_checkpoints)
+
+
+def clean_up_checkpoints(out: str, keep: bool) -> None:
+    """The run finished and its result is saved: its checkpoints are no longer needed to resume."""
+    if not keep and (n := remove_checkpoints(out)):
+        log(f"removed the run's {n} checkpoint director{'y' if n == 1 else 'ies'} (--keep_checkpoints True keeps them)")
 
 
 def how_to_load(out: str, adapter: bool, reward_model: bool = False) -> str:
