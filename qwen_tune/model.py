@@ -72,7 +72,33 @@ def resolve_model_path(name_or_path: str | None) -> str:
         return str(p.resolve())
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.rstrip(os.sep) and name_or_path.count("/") != 1:
         raise UserError(f"--model_name_or_path {name_or_path}: no such directory")
-    return name_or_path  # a hub id, loaded from the local cache (HF_HUB_OFFLINE=1 works)
+    return hub_model(name_or_path)
+
+
+def hub_model(repo_id: str) -> str:
+    """A hub id: used from the local cache when it is there; otherwise the hub must be reachable.
+
+    Checked with one connection (3 s at most), so that without network the user gets the message at once
+    instead of after a minute of the hub client's retries.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return repo_id
+    fix = f"download it where there is network (hf download {repo_id} --local-dir DIR) and pass --model_name_or_path DIR"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"--model_name_or_path {repo_id}: not a local directory and not in the Hugging Face cache, and "
+                        f"HF_HUB_OFFLINE is set; {fix}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        raise UserError(f"--model_name_or_path {repo_id}: not a local directory and not in the Hugging Face cache, and "
+                        f"{url.hostname} cannot be reached ({e.strerror or e}); {fix}") from e
+    return repo_id
 
 
 def set_generation_defaults(model: PreTrainedModel) -> None:

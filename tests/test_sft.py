@@ -120,6 +120,23 @@ def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp
         assert args.precision_fallback == f"{flag} True asked for, but there is no CUDA GPU: training in fp32 on the CPU"
 
 
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_a_hub_id_without_network_fails_at_once_with_what_to_do(offline, tmp_path):
+    """Not cached and no way to the hub (HF_HUB_OFFLINE, or an endpoint nobody answers): the message comes from one
+    connection attempt, not after the hub client's minute of retries."""
+    import time
+
+    start = time.monotonic()
+    proc = run_cli("sft", "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--data_path", os.path.join(DATA, "sft_example.json"),
+                   "--output_dir", str(tmp_path / "o"), check=False, HF_HUB_OFFLINE=offline, HF_ENDPOINT="http://127.0.0.1:9",
+                   HF_HOME=str(tmp_path / "hf"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Qwen/Qwen2.5-0.5B-Instruct: not a local directory and not in the Hugging Face cache" in proc.stderr
+    assert ("HF_HUB_OFFLINE is set" if offline == "1" else "127.0.0.1 cannot be reached") in proc.stderr
+    assert "hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in proc.stderr
+    assert time.monotonic() - start < 40  # imports included; the hub client's retries took about 65 s
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
