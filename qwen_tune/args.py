@@ -106,6 +106,10 @@ class DataArguments(FormatArguments):
         default=None, metadata={"help": "Training data: a .json/.jsonl file, a directory of them, or a comma-separated list."}
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    val_size: float = field(
+        default=0.0, metadata={"help": "Instead of --eval_data_path: hold out this fraction (0-1) or number (>= 1) of the training "
+                                       "samples for evaluation, chosen with --seed and listed in the log (0: none)."}
+    )
     packing: bool = field(
         default=True, metadata={"help": "Padding-free packing of each batch into one row (no compute on padding)."}
     )
@@ -232,6 +236,8 @@ def resolve_options(model_args: ModelArguments, data_args: DataArguments, lora_a
 
     if not data_args.data_path:
         raise UserError("--data_path is required (a .json/.jsonl file or directory; see data/ for examples)")
+    if data_args.val_size and data_args.eval_data_path:
+        raise UserError("--val_size holds out part of --data_path for evaluation; give it or --eval_data_path, not both")
     if lora_args.q_lora and not lora_args.use_lora:
         raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
     if lora_args.q_lora and importlib.util.find_spec("bitsandbytes") is None:

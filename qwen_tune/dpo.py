@@ -25,6 +25,7 @@ from transformers import Trainer, set_seed
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .data.collate import PackedPairCollator
 from .data.pairs import encode_pairs
+from .data.splits import load_splits
 from .errors import UserError
 from .model import add_lora, load_model, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
@@ -118,12 +119,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
-    train, train_report = encode_pairs(data_args.data_path, fmt, args.model_max_length, split_prompt=True)
-    log(train_report.summary("train"))
-    evaluation, eval_report = None, None
-    if data_args.eval_data_path:
-        evaluation, eval_report = encode_pairs(data_args.eval_data_path, fmt, args.model_max_length, split_prompt=True)
-        log(eval_report.summary("eval"))
+    train, train_report, evaluation, eval_report = load_splits(
+        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, split_prompt=True), log)
     if not len(train):
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
 

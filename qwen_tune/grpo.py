@@ -21,7 +21,7 @@ from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments
 from .data.read import load_prompts
 from .errors import UserError
 from .model import is_adapter, load_model, lora_config, resolve_model_path
-from .report import JsonlLog, report_callbacks
+from .report import JsonlLog, report_callbacks, show_progress_as_lines
 from .reward_functions import load_batch_rewards
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition

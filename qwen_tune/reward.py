@@ -22,6 +22,7 @@ from .args import DataArguments, LoraArguments, ModelArguments, TrainingArgument
 from .errors import UserError
 from .model import add_lora, is_adapter, load_model, resolve_model_path
 from .data.pairs import encode_pairs
+from .data.splits import load_splits
 from .report import report_callbacks, show_progress_as_lines
 from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer
@@ -76,12 +77,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
                                trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=start or "the embedded model")
     log(f"format: {fmt.description}")
-    train, train_report = encode_pairs(data_args.data_path, fmt, args.model_max_length, args.margin)
-    log(train_report.summary("train"))
-    evaluation, eval_report = None, None
-    if data_args.eval_data_path:
-        evaluation, eval_report = encode_pairs(data_args.eval_data_path, fmt, args.model_max_length, args.margin)
-        log(eval_report.summary("eval"))
+    train, train_report, evaluation, eval_report = load_splits(
+        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, args.margin), log)
     if not len(train):
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
 

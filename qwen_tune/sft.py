@@ -13,6 +13,7 @@ from transformers import Trainer
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .data.collate import PackedCollator, PaddedCollator
 from .data.dataset import SFTDataset, load_sft_dataset
+from .data.splits import load_splits
 from .errors import UserError
 from .model import add_lora, load_model, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
@@ -79,12 +80,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
-    train_samples, train_report = load_sft_dataset(data_args.data_path, fmt, args.model_max_length)
-    log(train_report.summary("train"))
-    eval_samples, eval_report = None, None
-    if data_args.eval_data_path:
-        eval_samples, eval_report = load_sft_dataset(data_args.eval_data_path, fmt, args.model_max_length)
-        log(eval_report.summary("eval"))
+    train_samples, train_report, eval_samples, eval_report = load_splits(
+        data_args, args.seed, lambda paths: load_sft_dataset(paths, fmt, args.model_max_length), log)
     if not train_samples:
         raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
 

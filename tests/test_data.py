@@ -367,3 +367,37 @@ def test_preference_record_problems(tmp_path, record, message):
 def test_detect_kind_on_broken_file(tmp_path):
     with pytest.raises(DataError, match="invalid JSON"):
         detect_kind(write(tmp_path / "x.json", "[{"))
+
+
+# ---------------------------------------------------------------- --val_size
+
+
+def test_val_size_holds_out_a_reproducible_fraction_or_count_and_names_it():
+    from types import SimpleNamespace
+
+    from qwen_tune.data.splits import hold_out
+
+    samples = [SimpleNamespace(id=f"s{i}") for i in range(20)]
+    train, held, split = hold_out(samples, 0.25, seed=42)
+    assert len(held) == 5 and len(train) == 15 and {s.id for s in train} | {s.id for s in held} == {s.id for s in samples}
+    assert split.ids == [s.id for s in held] and "5 of 20 training samples held out" in split.summary("eval")
+    assert hold_out(samples, 0.25, seed=42)[2].ids == split.ids  # the same seed, the same split
+    assert hold_out(samples, 0.25, seed=7)[2].ids != split.ids
+    assert len(hold_out(samples, 3, seed=42)[1]) == 3 and len(hold_out(samples, 0.01, seed=42)[1]) == 1  # a count; at least one
+
+
+@pytest.mark.parametrize("val_size,message", [(20, "would hold out 20 of the 20"), (2.5, "expected a fraction"), (-0.1, "expected a fraction")])
+def test_val_size_that_leaves_nothing_or_is_not_a_size_is_an_error(val_size, message):
+    from qwen_tune.data.splits import hold_out
+
+    with pytest.raises(UserError, match=message):
+        hold_out([object()] * 20, val_size, seed=42)
+
+
+def test_val_size_on_preference_pairs_splits_the_dataset(chatml):
+    from qwen_tune.data.pairs import encode_pairs
+    from qwen_tune.data.splits import hold_out
+
+    pairs, _ = encode_pairs(str(DATA / "preference_example.jsonl"), chatml, 512)
+    train, held, split = hold_out(pairs, 2, seed=1)
+    assert len(held) == 2 and len(train) == len(pairs) - 2 and set(split.ids) == set(held["id"]) and not set(split.ids) & set(train["id"])

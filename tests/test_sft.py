@@ -255,3 +255,17 @@ def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path)
     assert reply.startswith("<tool_call>\n") and reply.endswith("\n</tool_call>"), reply
     parsed = json.loads(reply[len("<tool_call>\n"):-len("\n</tool_call>")])
     assert parsed == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+@pytest.mark.slow
+def test_val_size_holds_out_training_samples_and_reports_their_loss(tmp_path):
+    out = tmp_path / "o"
+    proc = run_cli("sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--output_dir", str(out), "--val_size", "0.25",
+                   "--max_steps", "2", "--report_to", "none")
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    held = metrics["data"]["eval"]["ids"]
+    assert len(held) == 3 and f"eval: 3 of 12 training samples held out for evaluation (--val_size 0.25, seed 42): {', '.join(held)}" in proc.stderr
+    assert metrics["eval_loss"] > 0 and "--val_size 0.25" in (out / "README.md").read_text()  # the card says how it was split
+    both = run_cli("sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--eval_data_path", os.path.join(DATA, "sft_example.json"),
+                   "--val_size", "2", "--output_dir", str(tmp_path / "p"), check=False)
+    assert both.returncode == 2 and "give it or --eval_data_path, not both" in both.stderr

@@ -1,0 +1,63 @@
+"""The training and evaluation sets of a run: `--eval_data_path`, or `--val_size` held out of the training data."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import UserError
+
+
+@dataclass
+class HeldOut:
+    """What `--val_size` took out of the training data for evaluation: reproducible from the seed, and named."""
+
+    val_size: float
+    seed: int
+    of: int
+    ids: list = field(default_factory=list)
+
+    def summary(self, name: str = "eval") -> str:
+        shown = ", ".join(map(str, self.ids[:10])) + (f" ... and {len(self.ids) - 10} more" if len(self.ids) > 10 else "")
+        return (f"{name}: {len(self.ids)} of {self.of} training samples held out for evaluation "
+                f"(--val_size {self.val_size:g}, seed {self.seed}): {shown}")
+
+
+def held_out_count(val_size: float, n: int) -> int:
+    """A fraction in (0, 1) of `n` (at least one sample), or a count >= 1; at least one sample must stay for training."""
+    if val_size < 0 or (val_size >= 1 and val_size != int(val_size)):
+        raise UserError(f"--val_size {val_size:g}: expected a fraction between 0 and 1 or a whole number of samples")
+    k = max(1, round(n * val_size)) if val_size < 1 else int(val_size)
+    if k >= n:
+        raise UserError(f"--val_size {val_size:g} would hold out {k} of the {n} training samples; leave some to train on")
+    return k
+
+
+def hold_out(samples, val_size: float, seed: int):
+    """(train, held out, HeldOut) from a list of encoded samples or a `datasets.Dataset` with an id column."""
+    n = len(samples)
+    held = sorted(random.Random(seed).sample(range(n), held_out_count(val_size, n)))
+    chosen = set(held)
+    keep = [i for i in range(n) if i not in chosen]
+    if isinstance(samples, list):
+        train, evaluation = [samples[i] for i in keep], [samples[i] for i in held]
+        ids = [s.id for s in evaluation]
+    else:
+        train, evaluation = samples.select(keep), samples.select(held)
+        ids = list(evaluation["id"])
+    return train, evaluation, HeldOut(val_size, seed, n, ids)
+
+
+def load_splits(data_args, seed: int, load: Callable, log: Callable):
+    """(train, train report, evaluation or None, its report or None); `load(paths)` -> (samples, report)."""
+    train, train_report = load(data_args.data_path)
+    log(train_report.summary("train"))
+    evaluation, eval_report = None, None
+    if data_args.eval_data_path:
+        evaluation, eval_report = load(data_args.eval_data_path)
+        log(eval_report.summary("eval"))
+    elif data_args.val_size:
+        train, evaluation, eval_report = hold_out(train, data_args.val_size, seed)
+        log(eval_report.summary("eval"))
+    return train, train_report, evaluation, eval_report
