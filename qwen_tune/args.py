@@ -266,7 +266,10 @@ def train_dtype(args: TrainingArguments) -> torch.dtype:
 OLD_SPELLINGS = {"--evaluation_strategy": "--eval_strategy"}
 
 
-def _config_to_argv(path: str) -> list[str]:
+EMBEDDED_SECTION = "embedded_model"  # YAML options that apply only when no --model_name_or_path is given
+
+
+def _config_values(path: str) -> dict:
     import yaml
 
     try:
@@ -274,28 +277,35 @@ def _config_to_argv(path: str) -> list[str]:
             values = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"--config {path}: {e}") from e
-    if not isinstance(values, dict):
-        raise UserError(f"--config {path}: expected a mapping of option: value")
+    if not isinstance(values, dict) or not isinstance(values.get(EMBEDDED_SECTION, {}), dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value ({EMBEDDED_SECTION}: a mapping too)")
+    return values
+
+
+def _values_to_argv(values: dict) -> list[str]:
     argv = []
     for key, value in values.items():
         flag = "--" + str(key)
         if isinstance(value, list):
             argv += [flag] + [str(v) for v in value]
-        elif value is None:
-            continue
-        else:
+        elif value is not None:
             argv += [flag, str(value)]
     return argv
 
 
 def expand_argv(argv: list[str]) -> list[str]:
-    """Put a YAML config's options first so that command-line flags (parsed later) win."""
+    """Put a YAML config's options first so that command-line flags (parsed later) win. Its `embedded_model:`
+    section (the tiny model's demo settings) comes in between when no model is named anywhere."""
     argv = [OLD_SPELLINGS.get(a.split("=")[0], a.split("=")[0]) + (a[len(a.split("=")[0]):] if "=" in a else "") for a in argv]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UserError("--config needs a YAML file")
-        argv = _config_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+        values = _config_values(argv[i + 1])
+        embedded = values.pop(EMBEDDED_SECTION, {})
+        rest = argv[:i] + argv[i + 2 :]
+        named = values.get("model_name_or_path") or any(a.split("=")[0] == "--model_name_or_path" for a in rest)
+        argv = _values_to_argv(values) + ([] if named else _values_to_argv(embedded)) + rest
     return argv
 
 

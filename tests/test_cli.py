@@ -118,15 +118,20 @@ def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch
 
     model, data, l, t = resolved("--model_name_or_path", "Qwen/Qwen2.5-7B-Instruct")
     assert (l.use_lora, l.q_lora, t.learning_rate) == (lora, q_lora, lr)  # the seed's learning rate on a checkpoint
-    assert resolved()[3].learning_rate == EMBEDDED_LR  # and the embedded model's own without one
+    # without a model, the YAML's embedded_model section: the tiny model's demo settings (flags still win)
+    embedded = resolved()[3]
+    assert embedded.learning_rate == (5e-3 if lora else EMBEDDED_LR)
+    assert (embedded.num_train_epochs, embedded.per_device_train_batch_size, embedded.gradient_accumulation_steps) == (
+        (100, 4, 1) if lora else (60, 2, 1))
+    assert resolved("--num_train_epochs", "3")[3].num_train_epochs == 3
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (batch, accumulation)
     assert (t.num_train_epochs, t.weight_decay, t.adam_beta2, t.model_max_length) == (5, 0.1, 0.95, 512)
     assert t.lr_scheduler_type == "cosine" and t.gradient_checkpointing
 
 
 def test_finetune_recipes_take_every_hyper_parameter_from_their_yaml():
-    """The .sh files pass only where things are (model, data, output, DeepSpeed config) and the precision the
-    machine allows; so a recipe and its YAML cannot drift apart."""
+    """The .sh files pass only where things are (model, data, output, DeepSpeed config); so a recipe and its YAML
+    cannot drift apart."""
     import re
 
     yaml_of = {"finetune_lora_single_gpu.sh": "finetune_lora.yaml", "finetune_lora_ds.sh": "finetune_lora.yaml",
@@ -136,7 +141,7 @@ def test_finetune_recipes_take_every_hyper_parameter_from_their_yaml():
         text = "\n".join(line for line in open(f"{ROOT}/recipes/{script}").read().splitlines() if not line.startswith("#"))
         assert f'--config "$ROOT/recipes/{config}"' in text, script
         flags = set(re.findall(r"(?<![\w-])--(\w+)", text))
-        assert flags <= {"config", "model_name_or_path", "data_path", "output_dir", "bf16", "fp16", "deepspeed",
+        assert flags <= {"config", "model_name_or_path", "data_path", "output_dir", "deepspeed",
                          "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}, (script, flags)
 
 
