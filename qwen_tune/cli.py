@@ -6,7 +6,7 @@ import importlib
 import sys
 
 from .train.distributed import finish as finish_distributed
-from . import quiet
+from . import help, quiet
 from .errors import UserError
 
 # subcommand -> (module with `main(argv)`, one-line description)
@@ -45,8 +45,18 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return ("usage: qwen-tune SUBCOMMAND [--help] [--config FILE.yaml] [options]\n\nsubcommands:\n" + "\n".join(lines)
-            + "\n\n`qwen-tune SUBCOMMAND --help` lists its options, grouped, each with its default."
+            + "\n\n`qwen-tune SUBCOMMAND --help` lists qwen-tune's options, grouped, each with its default; --help-all adds every transformers / TRL option."
             + "\n`python finetune.py ...` is the same as `qwen-tune sft ...`.")
+
+
+def show_help(name: str, which: str) -> None:
+    """Print a command's help: qwen-tune's own options, or (`--help-all`, and commands without dataclass options) argparse's full text."""
+    module = importlib.import_module(COMMANDS[name][0])
+    arguments = getattr(module, "ARGUMENTS", None)
+    if which == "--help" and arguments:
+        print(help.own_options(arguments, f"qwen-tune {name}"))
+    else:
+        module.main(["--help"])
 
 
 def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
@@ -60,6 +70,9 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     if name not in COMMANDS:
         print(f"qwen-tune: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    if which := help.wanted(rest):  # the cached text: no torch, transformers or TRL to import
+        help.print_help(name, which, lambda: show_help(name, which))
+        return
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:

@@ -73,6 +73,7 @@ PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 3e-4, 100
 
 @dataclass
 class PPOArguments(FormatArguments, RunArguments):
+    _argument_group_name = "ppo"
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a full model directory or a LoRA adapter (qwen-tune sft output)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
@@ -390,5 +391,8 @@ def save(actor, critic, tokenizer, out: str, adapter: bool) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
 
 
+ARGUMENTS = (PPOArguments, LoraArguments)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run(*parse((PPOArguments, LoraArguments), argv, prog="qwen-tune ppo"))
+    return run(*parse(ARGUMENTS, argv, prog="qwen-tune ppo"))

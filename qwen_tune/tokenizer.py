@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .errors import UserError
+from .paths import cache_dir
 
 # Qwen's pre-tokenizer: like cl100k but digits are split one by one.
 QWEN_PATTERN = (
@@ -31,14 +32,6 @@ QWEN_V1_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i
 QWEN_SPEC = Path(__file__).parent / "assets" / "qwen_tokenizer_spec.json"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
-
-
-def cache_dir() -> Path:
-    """Where converted tokenizers and the embedded model live (`QWEN_TUNE_CACHE` overrides)."""
-    root = os.environ.get("QWEN_TUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qwen_tune"
-    )
-    return Path(root)
 
 
 def embedded_rank_file() -> Path:
