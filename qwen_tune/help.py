@@ -20,7 +20,6 @@ from pathlib import Path
 
 from .paths import cache_dir
 
-HELP_FLAGS = ("-h", "--help", "--help-all")
 LIBRARIES = ("torch", "transformers", "trl", "peft")
 
 

@@ -59,7 +59,8 @@ def save_engine_checkpoint(out: str, step: int, engine, state: dict, limit: int 
     import torch.distributed as dist
 
     path = os.path.join(out, f"checkpoint-{step}")
-    finite = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in engine.module.parameters() if p.numel()))])
+    local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's shard of each
+    finite = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in local if t.numel()))])
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() < 1:
         raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
