@@ -8,9 +8,10 @@ class UserError(Exception):
 class DataError(UserError):
     """Problems found in data files, each naming its file and line or sample."""
 
-    def __init__(self, problems: list[str], total: int | None = None):
+    def __init__(self, problems: list[str], total: int | None = None, note: str = ""):
+        """`note`: said once, after the count (e.g. how rows are numbered)."""
         self.problems = problems
         self.total = total if total is not None else len(problems)
         shown = "\n".join(f"  - {p}" for p in problems)
         more = f"\n  ... and {self.total - len(problems)} more" if self.total > len(problems) else ""
-        super().__init__(f"{self.total} problem(s) in the data:\n{shown}{more}")
+        super().__init__(f"{self.total} problem(s) in the data{f' ({note})' if note else ''}:\n{shown}{more}")

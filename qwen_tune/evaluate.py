@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .chat import load_for_inference
 
     p = inference_parser("qwen-tune eval", __doc__)
-    p.add_argument("--data", required=True, help="conversations: a .json/.jsonl file, a directory, or a comma-separated list")
+    p.add_argument("--data", required=True, help="conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
     a = p.parse_args(argv)

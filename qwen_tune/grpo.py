@@ -33,7 +33,7 @@ from .train.outputs import finish_run, last_logged
 class GRPOInputs(FormatArguments):
     _argument_group_name = "grpo"
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a model directory (qwen-tune sft output) or hub id."})
-    prompts: str | None = field(default=None, metadata={"help": "Prompts ending with a user turn (.json/.jsonl, see data/grpo_example.jsonl); other fields (e.g. answer) reach the reward functions."})
+    prompts: str | None = field(default=None, metadata={"help": "Prompts ending with a user turn (any data file format, see data/grpo_example.jsonl); other fields (e.g. answer) reach the reward functions."})
     reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated module:function or file.py:function, called as f(prompts, completions, **columns) -> list[float | None] (TRL's convention)."})
     reward_model: str | None = field(default=None, metadata={"help": "A reward model directory (qwen-tune rm output) scoring each completion, as one more reward."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
@@ -114,7 +114,7 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
     tokenizer = load_tokenizer(policy_path, trust_remote_code=inputs.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=policy_path)  # the policy's saved template: the format it was trained in
     log(f"format: {fmt.description}")
-    conversations = load_prompts(inputs.prompts)
+    conversations = load_prompts(inputs.prompts, seed=args.seed, log=log)
     train = prompt_dataset(conversations, rendered_as_served(fmt, conversations))
     args.chat_template_kwargs = dict(fmt.template_kwargs)  # TRL renders the prompts with the same switches
     rewards = load_rewards(inputs, fmt)

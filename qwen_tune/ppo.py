@@ -79,7 +79,7 @@ class PPOArguments(FormatArguments, RunArguments):
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
     reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated functions in TRL's convention, as grpo: f(prompts, completions, **columns) -> list[float | None]; summed, plus --reward_model's score if given."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (unset: 1 each)."})
-    prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (.json/.jsonl, see data/prompts_example.jsonl)."})
+    prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (any data file format, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
     save_steps: int = field(default=50, metadata={"help": "Save a resumable checkpoint every N PPO steps (0: none)."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N complete checkpoints."})
@@ -174,7 +174,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     check_options(args, lora)
     ds_config = read_deepspeed_config(args.deepspeed) if args.deepspeed else None
     rank, world, device = init_distributed(bool(args.deepspeed))
-    conversations = load_prompts(args.prompts)  # validate the data before any model is loaded
+    conversations = load_prompts(args.prompts, seed=args.seed, log=log)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     reward_funcs = load_batch_rewards(args.reward_funcs) if args.reward_funcs else []
     prepare_output_dir(args)

@@ -22,7 +22,7 @@ START, END = "\033[1;32m", "\033[0m"
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-tune preprocess", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="a .json/.jsonl file, a directory, or a comma-separated list")
+    p.add_argument("--data", required=True, help="a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)")
     p.add_argument("--tokenizer", default=None, help="a checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples (head kept; counted)")
     p.add_argument("--out", default=None, help="write the tokenized samples here as JSONL")

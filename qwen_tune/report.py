@@ -179,26 +179,33 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def file_facts(path: Path) -> tuple[int, str]:
-    """(number of samples, sha256) of a data file: a JSON list's items or a JSONL file's non-blank lines."""
-    data = path.read_bytes()
-    if path.suffix.lower() == ".jsonl":
-        count = sum(1 for line in data.splitlines() if line.strip())
-    else:
-        loaded = json.loads(data)
-        count = len(loaded) if isinstance(loaded, list) else 1
-    return count, hashlib.sha256(data).hexdigest()
+    """(number of samples, sha256) of a data file in any format (a table's rows; a JSON list's items, ...).
+    The hash is of the file's bytes; for a `save_to_disk` directory, of each file's relative name and bytes, in sorted order."""
+    from .data.files import count_records
+
+    digest = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return count_records(path), digest.hexdigest()
 
 
 def _data_section(data_files: dict, data_reports: dict) -> list[str]:
-    from .data.read import resolve_files
+    from .data.files import resolve_sources
 
     lines = ["| split | file | samples | sha256 |", "|---|---|---|---|"]
     for split, paths in data_files.items():
         if not paths:
             continue
-        for f in resolve_files(paths):
-            count, digest = file_facts(f)
-            lines.append(f"| {split} | `{f.resolve()}` | {count} | `{digest}` |")
+        for source in resolve_sources(paths):
+            weight = f" (weight {float(source.weight):g})" if source.weight is not None else ""
+            for f in source.files:
+                count, digest = file_facts(f)
+                lines.append(f"| {split} | `{f.resolve()}`{weight} | {count} | `{digest}` |")
     for split, rep in (data_reports or {}).items():
         summary = rep.summary(split) if hasattr(rep, "summary") else f"{split}: {rep}"
         lines.append("")

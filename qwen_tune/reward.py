@@ -78,7 +78,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     fmt = data_args.chat_format(tokenizer, source=start or "the embedded model")
     log(f"format: {fmt.description}")
     train, train_report, evaluation, eval_report = load_splits(
-        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, args.margin), log)
+        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, args.margin, seed=args.seed), log)
     if not len(train):
         raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
 

@@ -81,7 +81,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
     train_samples, train_report, eval_samples, eval_report = load_splits(
-        data_args, args.seed, lambda paths: load_sft_dataset(paths, fmt, args.model_max_length), log)
+        data_args, args.seed, lambda paths: load_sft_dataset(paths, fmt, args.model_max_length, seed=args.seed), log)
     if not train_samples:
         raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
 

@@ -290,10 +290,10 @@ def test_resolve_errors(tmp_path):
     with pytest.raises(UserError, match="nope.json"):
         resolve_files(f"{DATA / 'sft_example.json'},{tmp_path / 'nope.json'}")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .json or .jsonl files in directory"):
+    with pytest.raises(UserError, match="no data files in directory"):
         resolve_files(tmp_path / "empty")
-    with pytest.raises(UserError, match="unsupported data file type"):
-        resolve_files(write(tmp_path / "x.csv", "a,b"))
+    with pytest.raises(UserError, match=r"unsupported data file type; expected \.json .*\.parquet, \.arrow"):
+        resolve_files(write(tmp_path / "x.txt", "a,b"))
     with pytest.raises(UserError, match="no data files"):
         resolve_files([])
 
@@ -390,8 +390,25 @@ def test_val_size_holds_out_a_reproducible_fraction_or_count_and_names_it():
 def test_val_size_that_leaves_nothing_or_is_not_a_size_is_an_error(val_size, message):
     from qwen_tune.data.splits import hold_out
 
+    from types import SimpleNamespace
+
     with pytest.raises(UserError, match=message):
-        hold_out([object()] * 20, val_size, seed=42)
+        hold_out([SimpleNamespace(id=f"s{i}") for i in range(20)], val_size, seed=42)
+
+
+def test_val_size_keeps_a_mixture_copy_on_the_side_of_its_original():
+    """A weighted mixture repeats samples as ID#2, ID#3: held-out evaluation must not see a copy of a training sample."""
+    from types import SimpleNamespace
+
+    from qwen_tune.data.splits import hold_out
+
+    ids = [f"s{i}" for i in range(10)] + [f"s{i}#2" for i in range(10)] + ["s0#3", "x#2"]  # "x#2": an id of its own
+    samples = [SimpleNamespace(id=i) for i in ids]
+    for seed in range(5):
+        train, held, split = hold_out(samples, 3, seed=seed)
+        original = lambda sid: sid.split("#")[0] if sid != "x#2" else sid  # noqa: E731
+        assert {original(s.id) for s in train}.isdisjoint({original(s.id) for s in held})
+        assert len({original(s.id) for s in held}) == 3 and len(train) + len(held) == len(samples)
 
 
 def test_val_size_on_preference_pairs_splits_the_dataset(chatml):

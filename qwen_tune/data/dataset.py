@@ -19,6 +19,7 @@ class EncodeReport:
     tokens: int = 0
     supervised_tokens: int = 0
     reasoning_not_trained: int = 0  # reasoning blocks the template leaves out by design (Qwen3: history turns)
+    mixture: list[str] = field(default_factory=list)  # a weighted --data_path: what was taken from each source
 
     def summary(self, name: str = "data") -> str:
         line = (
@@ -33,7 +34,7 @@ class EncodeReport:
             line += (f"\n  {self.reasoning_not_trained} reasoning block(s) not trained: the template leaves out the reasoning "
                      "of assistant turns before the last user turn; to train them, split each such conversation "
                      "into one sample per assistant turn")
-        return line
+        return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 
 def _ids(ids: list[str], limit: int = 10) -> str:
@@ -61,9 +62,13 @@ def encode_conversations(conversations, fmt: ChatFormat, max_length: int | None)
     return kept, report
 
 
-def load_sft_dataset(paths, fmt: ChatFormat, max_length: int | None):
-    """Read + validate (errors name file and line) + encode. Returns (samples, report)."""
-    return encode_conversations(load_conversations(paths), fmt, max_length)
+def load_sft_dataset(paths, fmt: ChatFormat, max_length: int | None, seed: int = 0):
+    """Read + validate (errors name file and line) + mix (a weighted `paths`, drawn with `seed`) + encode.
+    Returns (samples, report)."""
+    mixture: list[str] = []
+    samples, report = encode_conversations(load_conversations(paths, seed=seed, log=mixture.append), fmt, max_length)
+    report.mixture = mixture
+    return samples, report
 
 
 class SFTDataset:

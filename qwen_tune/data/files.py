@@ -1,47 +1,99 @@
-"""Data files as records with their line numbers: JSON lists (each sample's line found by scanning) and JSONL.
+"""Data sources as records with their locations: which files a `--data_path` names, and reading each one.
 
-Every problem is collected with `file:line`, nothing is raised half-way, so one run shows all of them.
+JSON lists (each sample's line found by scanning), JSONL, and both gzipped (`.json.gz`, `.jsonl.gz`: lines as in
+the uncompressed text) are read here; CSV, Parquet, Arrow and `datasets.save_to_disk` directories in tables.py.
+Every problem is collected with `file:line` (tables: `file:row N`), nothing is raised half-way, so one run shows all of them.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from ..errors import UserError
+from . import tables
+from .mixture import check_weights, split_weight
+
+SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
+SUPPORTED = (".json (a list of samples), .jsonl (one sample a line), .json.gz / .jsonl.gz (the same, gzipped), "
+             ".csv (a header, then one sample a row; JSON cells such as messages are parsed), .parquet, .arrow, "
+             "or a directory written by datasets' save_to_disk")
 
 
 def show(value) -> str:
-    """A short JSON rendering of a value for messages."""
-    s = json.dumps(value, ensure_ascii=False)
+    """A short JSON rendering of a value for messages (a value JSON has no type for, e.g. a Parquet date, as text)."""
+    s = json.dumps(value, ensure_ascii=False, default=str)
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def resolve_files(paths: str | os.PathLike | list) -> list[Path]:
-    """Expand files, directories (their *.json/*.jsonl, sorted) and comma-separated lists."""
+def data_suffix(path: Path) -> str | None:
+    """The data format a file's name ends with (".jsonl.gz", ".parquet", ...), or None."""
+    name = path.name.lower()
+    return next((s for s in SUFFIXES if name.endswith(s)), None)
+
+
+def record_stem(path: Path) -> str:
+    """The name default ids start with: the file's name without its data suffix (`a.jsonl.gz` -> `a`, as `a.jsonl`)."""
+    suffix = data_suffix(path) if path.is_file() else None
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def located_by_row(path: Path) -> bool:
+    """Sources whose samples are located by row (`file:row N`, row 1 the first) rather than by line."""
+    return path.is_dir() or data_suffix(path) in (".parquet", ".arrow")
+
+
+@dataclass
+class Source:
+    """One item of `--data_path`: a file or a directory, with its mixture weight if one was given (`PATH:WEIGHT`)."""
+
+    path: Path
+    weight: Fraction | None
+    files: list[Path]
+
+
+def _files_of(path: Path) -> list[Path]:
+    if not path.exists():
+        raise UserError(f"data path not found: {path}")
+    if path.is_dir() and tables.is_saved_dataset(path):
+        return [path]
+    if path.is_dir():
+        found = sorted(f for f in path.iterdir() if f.is_file() and data_suffix(f))
+        if not found:
+            raise UserError(f"no data files in directory {path}; expected {SUPPORTED}")
+        return found
+    if not data_suffix(path):
+        raise UserError(f"{path}: unsupported data file type; expected {SUPPORTED}")
+    return [path]
+
+
+def resolve_sources(paths: str | os.PathLike | list) -> list[Source]:
+    """The items of files, directories (their data files, sorted; a saved dataset is one source) and
+    comma-separated lists, each with its weight (`a.jsonl:0.7,b.parquet:0.3`; see mixture.py)."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     pieces = [p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
-    files: list[Path] = []
+    sources: list[Source] = []
     for piece in pieces:
         if isinstance(piece, str) and not piece.strip():
             continue
-        path = Path(piece.strip() if isinstance(piece, str) else piece)
-        if not path.exists():
-            raise UserError(f"data path not found: {path}")
-        if path.is_dir():
-            found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in (".json", ".jsonl"))
-            if not found:
-                raise UserError(f"no .json or .jsonl files in directory {path}")
-            files += found
-        elif path.suffix.lower() in (".json", ".jsonl"):
-            files.append(path)
-        else:
-            raise UserError(f"{path}: unsupported data file type; expected .json (a list) or .jsonl (an object a line)")
-    if not files:
+        text, weight = split_weight(piece.strip()) if isinstance(piece, str) else (piece, None)
+        path = Path(text)
+        sources.append(Source(path, weight, _files_of(path)))
+    if not sources:
         raise UserError(f"no data files given ({paths!r})")
-    return files
+    check_weights([(str(s.path), s.weight) for s in sources])
+    return sources
+
+
+def resolve_files(paths: str | os.PathLike | list) -> list[Path]:
+    """Every data file (or saved dataset directory) that `paths` names, in order; weights are set aside."""
+    return [f for source in resolve_sources(paths) for f in source.files]
 
 
 _SKIP = re.compile(r"[\s,]*")
@@ -60,9 +112,22 @@ def _json_list_lines(text: str, count: int) -> list[int]:
     return lines
 
 
-def read_records(path: Path, problems: list[str]) -> list[tuple[int, object]]:
-    """(line, record) for each sample in a file; file-level problems go to `problems`."""
+def read_records(path: Path, problems: list[str]) -> list[tuple[int | str, object]]:
+    """(line, or "row N" for tables, record) for each sample of a data file; file-level problems go to `problems`."""
+    suffix = data_suffix(path)
+    if path.is_dir():
+        return tables.read_saved_dataset(path, problems)
+    if suffix == ".parquet":
+        return tables.read_parquet(path, problems)
+    if suffix == ".arrow":
+        return tables.read_arrow(path, problems)
     raw = path.read_bytes()
+    if suffix.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            problems.append(f"{path}: not a readable gzip file ({e}); name it without .gz if it is not compressed")
+            return []
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -72,16 +137,26 @@ def read_records(path: Path, problems: list[str]) -> list[tuple[int, object]]:
     if not text.strip():
         problems.append(f"{path}:1: the file is empty (no samples)")
         return []
-    if path.suffix.lower() == ".jsonl":
-        records = []
-        for number, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})")
-        return records
+    if suffix == ".csv":
+        return tables.read_csv(path, text, problems)
+    if suffix in (".jsonl", ".jsonl.gz"):
+        return _jsonl_records(path, text, problems)
+    return _json_list_records(path, text, problems)
+
+
+def _jsonl_records(path: Path, text: str, problems: list[str]) -> list[tuple[int, object]]:
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})")
+    return records
+
+
+def _json_list_records(path: Path, text: str, problems: list[str]) -> list[tuple[int, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -95,3 +170,8 @@ def read_records(path: Path, problems: list[str]) -> list[tuple[int, object]]:
     if not data:
         problems.append(f"{path}:1: the list is empty (no samples)")
     return list(zip(_json_list_lines(text, len(data)), data))
+
+
+def count_records(path: Path) -> int:
+    """How many samples a data file holds (for the model card): a table's rows, else its records as read."""
+    return tables.count_rows(path) if located_by_row(path) else len(read_records(path, []))

@@ -16,27 +16,29 @@ class PairReport:
     kept: int = 0
     dropped: list[str] = field(default_factory=list)  # ids longer than model_max_length on either side
     tokens: int = 0
+    mixture: list[str] = field(default_factory=list)  # a weighted --data_path: what was taken from each source
 
     def summary(self, name: str) -> str:
         line = f"{name}: {self.pairs} pairs, {self.kept} kept, {self.tokens} tokens; {len(self.dropped)} dropped"
         if self.dropped:
             more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
             line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {', '.join(self.dropped[:10])}{more}"
-        return line
+        return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 
-def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt: bool = False):
+def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt: bool = False, seed: int = 0):
     """Validated pairs -> a `datasets.Dataset` the TRL trainers take as-is, and a report.
 
     Reward model: chosen_ids/rejected_ids are whole sequences ending at the reply's `<|im_end|>`.
     DPO (`split_prompt`): prompt_ids up to `<|im_start|>assistant\\n`, chosen_ids/rejected_ids the replies.
-    Both are rendered by the run's chat template (`fmt`), as served.
+    Both are rendered by the run's chat template (`fmt`), as served. `seed` draws a weighted mixture of `paths`.
     """
     from datasets import Dataset
 
-    pairs = load_preference_pairs(paths)
+    mixture: list[str] = []
+    pairs = load_preference_pairs(paths, seed=seed, log=mixture.append)
     check_renderable(fmt, pairs)
-    report = PairReport()
+    report = PairReport(mixture=mixture)
     rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
     for pair in pairs:
         report.pairs += 1

@@ -1,6 +1,6 @@
-"""Read, validate and normalise data files (JSON lists and JSONL) into typed samples.
+"""Read, validate and normalise data files (JSON, JSONL, gzipped, CSV, Parquet, Arrow; see files.py) into typed samples.
 
-Every problem names its file and line, all problems are collected before anything is
+Every problem names its file and line (or row), all problems are collected before anything is
 returned (one run shows everything to fix), and samples are never dropped or altered:
 content is kept byte for byte. What is normalised: roles (seed `from` -> OpenAI `role`, seed
 `function_call` / `observation` -> assistant `tool_calls` / `tool` messages), tool-call arguments
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from ..errors import DataError
-from .files import read_records, resolve_files, show
+from .files import data_suffix, located_by_row, read_records, record_stem, resolve_files, resolve_sources, show
 from .messages import parse_tools, parse_turns
+from .mixture import mix
 
 SFT_FORMAT = (
     'expected SFT data like {"conversations": [{"from": "user", "value": "..."}, '
@@ -36,7 +38,7 @@ PROMPT_FORMAT = (
 class Conversation:
     id: str  # the sample's "id" if present, else f"{file_stem}-{index}"
     messages: list[dict]  # OpenAI / HF messages: role, content, and tool_calls / reasoning_content / tool_call_id / name
-    source: str  # "path:LINE" where the sample starts
+    source: str  # "path:LINE" where the sample starts ("path:row N" in Parquet / Arrow, row 1 the first)
     tools: list[dict] | None = None  # the conversation's top-level function definitions
     columns: dict = field(default_factory=dict)  # prompts: the record's other fields (e.g. "answer"), for reward functions
 
@@ -147,55 +149,84 @@ def _parse_pair(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict], lis
 # ---------------------------------------------------------------- loading
 
 
-def _load(paths, parse, expected: str, max_problems: int) -> list[tuple[str, object, str]]:
-    """Validate every record of every file: (id, parsed, source) for each, or one DataError with all problems.
+def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> list[tuple[str, object, str]]:
+    """(id, parsed, source) for each valid record of one file; its problems go to `problems`, its ids to `seen`.
 
     `sample N` and default ids count records from 0 within their file (blank JSONL lines are not records).
     """
-    problems: list[str] = []
-    out, seen = [], {}
-    for path in resolve_files(paths):
-        in_list = path.suffix.lower() == ".json"
-        for index, (line, obj) in enumerate(read_records(path, problems)):
-            source = f"{path}:{line}"
-            raw_id = obj.get("id") if isinstance(obj, dict) else None
-            valid_id = type(raw_id) is int or (isinstance(raw_id, str) and bool(raw_id.strip()))
-            sid = str(raw_id) if valid_id else f"{path.stem}-{index}"
-            tags = ([f"sample {index}"] if in_list else []) + ([f'id "{sid}"'] if valid_id else [])
-            where = source + (f" ({', '.join(tags)})" if tags else "")
-            errs: list[str] = []
-            if not isinstance(obj, dict):
-                errs.append(f"sample is {show(obj)}, not an object; {expected}")
-            else:
-                if raw_id is not None and not valid_id:
-                    errs.append(f"id is {show(raw_id)}; expected a non-empty string or an integer")
-                parsed = parse(obj, errs)
-            if sid in seen:
-                errs.append(f'duplicate id "{sid}" (first at {seen[sid]})')
-            seen.setdefault(sid, source)
-            problems += [f"{where}: {e}" for e in errs]
-            if not errs:
-                out.append((sid, parsed, source))
-    if problems:
-        raise DataError(problems[:max_problems], total=len(problems))
+    in_list = data_suffix(path) in (".json", ".json.gz")
+    out = []
+    for index, (line, obj) in enumerate(read_records(path, problems)):
+        source = f"{path}:{line}"
+        raw_id = obj.get("id") if isinstance(obj, dict) else None
+        valid_id = type(raw_id) is int or (isinstance(raw_id, str) and bool(raw_id.strip()))
+        sid = str(raw_id) if valid_id else f"{record_stem(path)}-{index}"
+        tags = ([f"sample {index}"] if in_list else []) + ([f'id "{sid}"'] if valid_id else [])
+        where = source + (f" ({', '.join(tags)})" if tags else "")
+        errs: list[str] = []
+        if not isinstance(obj, dict):
+            errs.append(f"sample is {show(obj)}, not an object; {expected}")
+        else:
+            if raw_id is not None and not valid_id:
+                errs.append(f"id is {show(raw_id)}; expected a non-empty string or an integer")
+            parsed = parse(obj, errs)
+        if sid in seen:
+            errs.append(f'duplicate id "{sid}" (first at {seen[sid]})')
+        seen.setdefault(sid, source)
+        problems += [f"{where}: {e}" for e in errs]
+        if not errs:
+            out.append((sid, parsed, source))
     return out
 
 
-def load_conversations(paths, max_problems: int = 20) -> list[Conversation]:
-    """SFT data: conversations with at least one assistant turn (seed or OpenAI format)."""
-    return [Conversation(i, m, s, t) for i, (m, t), s in _load(paths, _parse_sft, SFT_FORMAT, max_problems)]
+def _load(paths, parse, expected: str, max_problems: int, seed: int = 0,
+          log: Callable[[str], None] | None = None) -> list[tuple[str, object, str]]:
+    """Validate every record of every file: (id, parsed, source) for each, or one DataError with all problems.
+
+    A weighted `--data_path` (`a.jsonl:0.7,b.parquet:0.3`) is then mixed (see mixture.py) with `seed`, and
+    `log` receives the lines saying what the mixture took from each source. Unweighted: every sample, in order.
+    """
+    problems: list[str] = []
+    sources, seen, by_row = [], {}, False
+    for item in resolve_sources(paths):
+        samples = []
+        for path in item.files:
+            before = len(problems)
+            samples += _validate(path, parse, expected, seen, problems)
+            by_row = by_row or (len(problems) > before and located_by_row(path))
+        sources.append((str(item.path), item.weight, samples))
+    if problems:
+        raise DataError(problems[:max_problems], total=len(problems), note="table rows count from 1" if by_row else "")
+    if sources[0][1] is None:
+        return [sample for _, _, samples in sources for sample in samples]
+    mixture, lines = mix(sources, seed)
+    if log:
+        for line in lines:
+            log(line)
+    return mixture
 
 
-def load_prompts(paths, max_problems: int = 20) -> list[Conversation]:
+def load_conversations(paths, max_problems: int = 20, *, seed: int = 0,
+                       log: Callable[[str], None] | None = None) -> list[Conversation]:
+    """SFT data: conversations with at least one assistant turn (seed or OpenAI format).
+    `seed`, `log`: for a weighted mixture only (see `_load`)."""
+    loaded = _load(paths, _parse_sft, SFT_FORMAT, max_problems, seed, log)
+    return [Conversation(i, m, s, t) for i, (m, t), s in loaded]
+
+
+def load_prompts(paths, max_problems: int = 20, *, seed: int = 0,
+                 log: Callable[[str], None] | None = None) -> list[Conversation]:
     """RL prompts: conversations that end with a user turn or a tool result (the policy writes the reply);
     the record's other fields are kept as `columns` (reward functions receive them)."""
-    return [Conversation(i, m, s, t, c) for i, (m, t, c), s in _load(paths, _parse_prompt, PROMPT_FORMAT, max_problems)]
+    loaded = _load(paths, _parse_prompt, PROMPT_FORMAT, max_problems, seed, log)
+    return [Conversation(i, m, s, t, c) for i, (m, t, c), s in loaded]
 
 
-def load_preference_pairs(paths, max_problems: int = 20) -> list[PreferencePair]:
+def load_preference_pairs(paths, max_problems: int = 20, *, seed: int = 0,
+                          log: Callable[[str], None] | None = None) -> list[PreferencePair]:
     """Preference pairs, Qwen-style (conversations + chosen/rejected text) or TRL-style (prompt/chosen/rejected)."""
-    return [PreferencePair(i, prompt, chosen, rejected, s, tools)
-            for i, (prompt, chosen, rejected, tools), s in _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems)]
+    loaded = _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems, seed, log)
+    return [PreferencePair(i, prompt, chosen, rejected, s, tools) for i, (prompt, chosen, rejected, tools), s in loaded]
 
 
 def detect_kind(paths) -> str:

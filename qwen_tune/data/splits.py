@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,10 +35,25 @@ def held_out_count(val_size: float, n: int) -> int:
     return k
 
 
+_COPY = re.compile(r"#\d+$")  # a weighted mixture's repeated copies: ID#2, ID#3, ... (see mixture.py)
+
+
+def _by_original(ids: list[str]) -> dict[str, list[int]]:
+    """Positions of each sample and its mixture copies, so a copy never lands on the other side of the split."""
+    known, groups = set(ids), {}
+    for i, sid in enumerate(ids):
+        base = _COPY.sub("", sid)
+        groups.setdefault(base if base != sid and base in known else sid, []).append(i)
+    return groups
+
+
 def hold_out(samples, val_size: float, seed: int):
-    """(train, held out, HeldOut) from a list of encoded samples or a `datasets.Dataset` with an id column."""
+    """(train, held out, HeldOut) from a list of encoded samples or a `datasets.Dataset` with an id column.
+    `--val_size` counts distinct samples: a repeated sample's copies go with it."""
     n = len(samples)
-    held = sorted(random.Random(seed).sample(range(n), held_out_count(val_size, n)))
+    groups = list(_by_original([s.id for s in samples] if isinstance(samples, list) else list(samples["id"])).values())
+    picked = random.Random(seed).sample(range(len(groups)), held_out_count(val_size, len(groups)))
+    held = sorted(i for g in picked for i in groups[g])
     chosen = set(held)
     keep = [i for i in range(n) if i not in chosen]
     if isinstance(samples, list):
