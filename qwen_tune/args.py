@@ -103,7 +103,8 @@ def format_arguments(namespace) -> FormatArguments:
 class DataArguments(FormatArguments):
     _argument_group_name = "data"
     data_path: str | None = field(
-        default=None, metadata={"help": "Training data: a .json/.jsonl file, a directory of them, or a comma-separated list."}
+        default=None, metadata={"help": "Training data: a .json/.jsonl(.gz), .csv, .parquet or .arrow file, a datasets save_to_disk "
+                                 "directory, a directory of data files, or a comma-separated list; weighted: a.jsonl:0.7,b.parquet:0.3."}
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     val_size: float = field(
@@ -235,7 +236,7 @@ def resolve_options(model_args: ModelArguments, data_args: DataArguments, lora_a
     from .train.output_dir import prepare_output_dir
 
     if not data_args.data_path:
-        raise UserError("--data_path is required (a .json/.jsonl file or directory; see data/ for examples)")
+        raise UserError("--data_path is required (a data file such as .jsonl or .parquet, or a directory; see data/ for examples)")
     if data_args.val_size and data_args.eval_data_path:
         raise UserError("--val_size holds out part of --data_path for evaluation; give it or --eval_data_path, not both")
     if lora_args.q_lora and not lora_args.use_lora:
@@ -266,7 +267,42 @@ def train_dtype(args: TrainingArguments) -> torch.dtype:
 OLD_SPELLINGS = {"--evaluation_strategy": "--eval_strategy"}
 
 
-EMBEDDED_SECTION = "embedded_model"  # YAML options that apply only when no --model_name_or_path is given
+EMBEDDED_SECTION = "embedded_model"  # YAML options for the embedded tiny model (and models trained from it)
+MODEL_FLAGS = ("model_name_or_path", "policy")  # where each subcommand names the model it starts from
+EMBEDDED_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def is_embedded_model(model: str | None) -> bool:
+    """No model, or a directory holding the embedded model or one trained from it (its tiny shape; an adapter's base):
+    the demo settings of a YAML's `embedded_model:` section apply to those, so `sh recipes/train_dpo.sh -m output/demo`
+    learns visibly too. A hub id or a real checkpoint is never the embedded model."""
+    import json
+    from pathlib import Path
+
+    if not model:
+        return True
+    adapter, config = Path(model, "adapter_config.json"), Path(model, "config.json")
+    try:
+        if adapter.is_file():
+            return is_embedded_model(json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path"))
+        if not config.is_file():
+            return False
+        mine = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # unreadable: not ours to judge here; loading the model reports it
+    reference = json.loads(Path(__file__).with_name("assets").joinpath("embedded_model_config.json").read_text())
+    return all(mine.get(key) == reference[key] for key in EMBEDDED_SHAPE)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The last value given to --name (as `--name VALUE` or `--name=VALUE`), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--" + name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def _config_values(path: str) -> dict:
@@ -295,7 +331,7 @@ def _values_to_argv(values: dict) -> list[str]:
 
 def expand_argv(argv: list[str]) -> list[str]:
     """Put a YAML config's options first so that command-line flags (parsed later) win. Its `embedded_model:`
-    section (the tiny model's demo settings) comes in between when no model is named anywhere."""
+    section (the tiny model's demo settings) comes in between when the run starts from the embedded model."""
     argv = [OLD_SPELLINGS.get(a.split("=")[0], a.split("=")[0]) + (a[len(a.split("=")[0]):] if "=" in a else "") for a in argv]
     if "--config" in argv:
         i = argv.index("--config")
@@ -304,8 +340,9 @@ def expand_argv(argv: list[str]) -> list[str]:
         values = _config_values(argv[i + 1])
         embedded = values.pop(EMBEDDED_SECTION, {})
         rest = argv[:i] + argv[i + 2 :]
-        named = values.get("model_name_or_path") or any(a.split("=")[0] == "--model_name_or_path" for a in rest)
-        argv = _values_to_argv(values) + ([] if named else _values_to_argv(embedded)) + rest
+        models = [_flag_value(rest, f) or values.get(f) for f in MODEL_FLAGS]
+        demo = is_embedded_model(next((str(m) for m in models if m), None))
+        argv = _values_to_argv(values) + (_values_to_argv(embedded) if demo else []) + rest
     return argv
 
 

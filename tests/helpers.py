@@ -107,3 +107,48 @@ def train_tiny_reward_model(base_model_path: str, tokenizer, prompt: list[dict],
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+SEED_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+def first_replies(path: str) -> tuple[list[list[dict]], list[str]]:
+    """Each conversation up to its first assistant turn, and that turn's text."""
+    prompts, replies = [], []
+    for conversation in json.load(open(path, encoding="utf-8")):
+        messages = []
+        for turn in conversation["conversations"]:
+            if turn["from"] == "assistant":
+                prompts.append(messages)
+                replies.append(turn["value"])
+                break
+            messages.append({"role": SEED_ROLES[turn["from"]], "content": turn["value"]})
+    return prompts, replies
+
+
+def assert_answers_as_trained(out: str, adapter: bool) -> None:
+    prompts, wanted = first_replies(os.path.join(DATA, "sft_example.json"))
+    got = generate_in_fresh_process(out, prompts, adapter=adapter)
+    same = [g.strip()[:20] == w[:20] for g, w in zip(got, wanted)]
+    # all 12 on this machine; a greedy answer may flip on another CPU's rounding
+    assert sum(same) >= 10, "\n".join(f"{'OK' if s else '--'} {g[:60]!r}" for s, g in zip(same, got))
+
+
+def logprob_margins(model, tokenizer, data: str):
+    """Per pair: sum log p(chosen reply | prompt) - sum log p(rejected reply | prompt), on the tokens dpo trains on."""
+    import copy
+
+    import torch
+
+    from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.data.pairs import encode_pairs
+
+    pairs, _ = encode_pairs(data, resolve_format(copy.copy(tokenizer), system_message=""), 512, split_prompt=True)
+
+    def logp(prompt, reply):
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum().item()
+
+    return torch.tensor([logp(p["prompt_ids"], p["chosen_ids"]) - logp(p["prompt_ids"], p["rejected_ids"]) for p in pairs])

@@ -145,6 +145,37 @@ def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch
     assert t.lr_scheduler_type == "cosine" and t.gradient_checkpointing
 
 
+def test_embedded_model_settings_apply_to_models_trained_from_it_and_never_to_a_checkpoint(base_model_path, tmp_path):
+    """`sh recipes/train_dpo.sh -m output/demo` (a model trained from the embedded one) gets the YAML's demo settings;
+    a real checkpoint, a hub id or an adapter on a real base gets the YAML's own values."""
+    import shutil
+
+    from qwen_tune.args import expand_argv
+
+    demo = tmp_path / "demo"  # an SFT output of the embedded model: its config, other weights
+    shutil.copytree(base_model_path, demo)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(demo)}))
+    real = tmp_path / "qwen2.5-0.5b"
+    real.mkdir()
+    config = json.loads((demo / "config.json").read_text())
+    (real / "config.json").write_text(json.dumps(dict(config, hidden_size=896, num_hidden_layers=24)))
+    real_adapter = tmp_path / "real_adapter"
+    real_adapter.mkdir()
+    (real_adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(real)}))
+
+    def epochs(*argv):
+        expanded = expand_argv(["--config", f"{ROOT}/recipes/train_dpo.yaml", *argv])
+        return [expanded[i + 1] for i, a in enumerate(expanded) if a == "--num_train_epochs"][-1]
+
+    assert epochs() == epochs("--model_name_or_path", str(demo)) == epochs(f"--model_name_or_path={adapter}") == "10"
+    assert epochs("--policy", str(demo)) == "10"  # ppo and grpo name their model --policy
+    for checkpoint in (real, real_adapter, "Qwen/Qwen2.5-0.5B-Instruct", tmp_path / "missing"):
+        assert epochs("--model_name_or_path", str(checkpoint)) == "1", checkpoint
+    assert epochs("--model_name_or_path", str(demo), "--num_train_epochs", "3") == "3"  # flags still win
+
+
 def test_finetune_recipes_take_every_hyper_parameter_from_their_yaml():
     """The .sh files pass only where things are (model, data, output, DeepSpeed config); so a recipe and its YAML
     cannot drift apart."""

@@ -7,26 +7,8 @@ import json
 import pytest
 import torch
 
-from helpers import DATA, run_cli
+from helpers import DATA, logprob_margins, run_cli
 from pairs_gen import HELD_OUT_SUBJECTS, TRAIN_SUBJECTS, polite_pairs, write_jsonl
-
-
-def logprob_margins(model, tokenizer, data: str) -> torch.Tensor:
-    """Per pair: sum log p(chosen reply | prompt) - sum log p(rejected reply | prompt), on the tokens dpo trains on."""
-    import copy
-
-    from qwen_tune.data.chat_format import resolve_format
-    from qwen_tune.data.pairs import encode_pairs
-
-    pairs, _ = encode_pairs(data, resolve_format(copy.copy(tokenizer), system_message=""), 512, split_prompt=True)
-
-    def logp(prompt, reply):
-        ids = torch.tensor([prompt + reply])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-        return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum().item()
-
-    return torch.tensor([logp(p["prompt_ids"], p["chosen_ids"]) - logp(p["prompt_ids"], p["rejected_ids"]) for p in pairs])
 
 
 @pytest.mark.slow
