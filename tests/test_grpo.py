@@ -101,8 +101,15 @@ def test_sft_policy_answers_four_ways(sft_policy):
                                         ("qlora", ["--learning_rate", "1e-2", "--use_lora", "True", "--q_lora", "True", "--lora_r", "16",
                                                    "--lora_alpha", "32"])])
 def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, prompts, rewards, workdir):
+    """Full: through `sh recipes/train_grpo.sh SFT_OUT PROMPTS OUT`, as the README shows it (its YAML, embedded_model section)."""
     out = str(workdir / mode)
-    proc = run_cli(*grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", *flags))
+    args = grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", *flags)
+    if mode == "full":
+        proc = subprocess.run(["sh", "recipes/train_grpo.sh", sft_policy, prompts, out, *args[7:]], cwd=ROOT, env=fresh_env(),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0 and "recipes/train_grpo.yaml" in proc.stderr, proc.stderr[-3000:]
+    else:
+        proc = run_cli(*args)
     assert "rewards: correct, brief" in proc.stderr
     history = json.load(open(os.path.join(out, "train_metrics.json")))
     assert history["reward_first"] < 1.0 <= history["reward_final"]  # 1 for correct + 0.2 for brief at the end
