@@ -118,6 +118,18 @@ class DataArguments(FormatArguments):
         default=False, metadata={"help": "The seed's behaviour: pad every sample to model_max_length (for comparison)."}
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Accepted for the seed's scripts; has no effect."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (unset: min(4, CPU count))."}
+    )
+    tokens_cache: str | None = field(
+        default=None, metadata={"help": "Where tokenized data is kept and reused while data, tokenizer, template and options are "
+                                       "unchanged (unset: $QWEN_TUNE_CACHE/tokens, default ~/.cache/qwen_tune/tokens; none: off)."}
+    )
+
+    def cache_options(self):
+        from .data.cache import CacheOptions
+
+        return CacheOptions(self.tokens_cache, self.preprocessing_num_workers)
 
 
 @dataclass

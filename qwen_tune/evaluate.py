@@ -11,23 +11,25 @@ import json
 import math
 
 
-def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4) -> dict:
-    """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`)."""
+def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4, options=None) -> dict:
+    """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`); tokenized through the
+    tokens cache (`options`: a data.cache.CacheOptions), batches read from it memory-mapped."""
     import torch
 
     from .data.collate import PaddedCollator
-    from .data.dataset import load_sft_dataset
+    from .data.cache import load_tokens
     from .errors import UserError
     from .train.loss import causal_lm_loss_sum
 
-    samples, report = load_sft_dataset(data, fmt, model_max_length)
+    samples, report = load_tokens(data, fmt, model_max_length, options=options)
     if not samples:
         raise UserError(f"{data}: no sample has a supervised (assistant) token within model_max_length={model_max_length}")
     collate = PaddedCollator(fmt.tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
-            batch = collate([{"input_ids": s.input_ids, "labels": s.labels} for s in samples[start : start + batch_size]])
+            rows = samples[start : start + batch_size]
+            batch = collate([{"input_ids": i, "labels": labels} for i, labels in zip(rows["input_ids"], rows["labels"])])
             loss_sum, n = causal_lm_loss_sum(model, batch)
             total, count = total + float(loss_sum), count + n
     loss = total / count
@@ -43,12 +45,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", required=True, help="conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
+    p.add_argument("--preprocessing_num_workers", type=int, default=None, help="tokenizing processes (unset: min(4, CPUs))")
+    p.add_argument("--tokens_cache", default=None, help="the tokens cache (unset: $QWEN_TUNE_CACHE/tokens; none: off)")
     a = p.parse_args(argv)
-    from .data.read import load_conversations
+    from .data.cache import CacheOptions
+    from .data.read import check_conversations
 
-    load_conversations(a.data)  # bad data fails here, with file and line, before the model loads
+    check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
     model, tokenizer = load_for_inference(a.model)
     fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
-    result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size)
+    result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size,
+                      options=CacheOptions(a.tokens_cache, a.preprocessing_num_workers))
     print(json.dumps(result))
     return result

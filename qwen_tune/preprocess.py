@@ -1,8 +1,10 @@
 """`qwen-tune preprocess`: validate and tokenize data, write what the model will be trained on.
 
 Renders with the chat template of `--tokenizer` (a checkpoint or tokenizer directory) or `--chat_template`,
-as training would; writes one JSON object per kept sample (`id`, `input_ids`, `labels` with -100 for masked
-positions) and prints the format used and a summary; `--show N` prints N samples with supervised spans marked.
+as training would, and prints the format used and a summary; `--show N` prints N samples with supervised spans
+marked. `--out DIR` writes the tokenized data as a memory-mapped tokens directory (data/cache.py) that
+`sft --data_path DIR` trains from; `--out FILE.jsonl` writes one JSON object per kept sample (`id`, `input_ids`,
+`labels` with -100 for masked positions).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .args import add_format_arguments, format_arguments
 from .data.chat_format import IGNORE
-from .data.dataset import load_sft_dataset
+from .data.cache import CacheOptions, build_tokens, load_tokens
 from .tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"
@@ -25,7 +28,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)")
     p.add_argument("--tokenizer", default=None, help="a checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples (head kept; counted)")
-    p.add_argument("--out", default=None, help="write the tokenized samples here as JSONL")
+    p.add_argument("--out", default=None, help="a directory: write the tokens there for sft --data_path DIR; a .jsonl file: "
+                   "the kept samples as JSON lines")
+    p.add_argument("--preprocessing_num_workers", type=int, default=None, help="tokenizing processes (unset: min(4, CPUs))")
+    p.add_argument("--tokens_cache", default=None, help="the tokens cache (unset: $QWEN_TUNE_CACHE/tokens; none: off); "
+                   "not used with --out DIR")
     p.add_argument("--show", type=int, default=0, help="print N samples with supervised spans highlighted")
     p.add_argument("--trust_remote_code", action="store_true", help="allow a checkpoint's own tokenizer code")
     add_format_arguments(p)
@@ -50,18 +57,29 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
-    tokenizer = load_tokenizer(a.tokenizer, trust_remote_code=a.trust_remote_code)
-    fmt = format_arguments(a).chat_format(tokenizer, source=a.tokenizer or "the embedded tokenizer")
+    from .model import resolve_model_path
+
+    source = resolve_model_path(a.tokenizer)  # unset: the embedded model's, so `sft --data_path OUT` on it matches
+    tokenizer = load_tokenizer(source, trust_remote_code=a.trust_remote_code)
+    fmt = format_arguments(a).chat_format(tokenizer, source=a.tokenizer or "the embedded model")
     print(f"format: {fmt.description}")
-    samples, report = load_sft_dataset(a.data, fmt, a.model_max_length)
-    if a.out:
+    options = CacheOptions(a.tokens_cache, a.preprocessing_num_workers)
+    if a.out and not a.out.endswith(".jsonl"):
+        build_tokens(a.data, fmt, a.model_max_length, Path(a.out), options.num_workers())
+        data = a.out
+    else:
+        data = a.data
+    samples, report = load_tokens(data, fmt, a.model_max_length, options=options)
+    if a.out and a.out.endswith(".jsonl"):
         with open(a.out, "w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps({"id": s.id, "input_ids": s.input_ids, "labels": s.labels}) + "\n")
+            for s in samples.select_columns(["id", "input_ids", "labels"]):
+                f.write(json.dumps(s) + "\n")
     color = sys.stdout.isatty()
-    for s in samples[: a.show]:
-        print(f"--- {s.id} ({len(s.input_ids)} tokens, {s.num_supervised} supervised)")
-        print(highlight(tokenizer, s.input_ids, s.labels, color))
+    for s in samples.select(range(min(a.show, len(samples)))):
+        supervised = sum(label != IGNORE for label in s["labels"])
+        print(f"--- {s['id']} ({len(s['input_ids'])} tokens, {supervised} supervised)")
+        print(highlight(tokenizer, s["input_ids"], s["labels"], color))
     print(report.summary(a.data))
     if a.out:
-        print(f"wrote {len(samples)} samples to {a.out}")
+        print(f"wrote {len(samples)} samples to {a.out}" + ("" if a.out.endswith(".jsonl") else
+              f" (train from it with: qwen-tune sft --data_path {a.out} ...)"))

@@ -195,11 +195,16 @@ def file_facts(path: Path) -> tuple[int, str]:
 
 
 def _data_section(data_files: dict, data_reports: dict) -> list[str]:
+    from .data.cache import is_tokens_dir
     from .data.files import resolve_sources
 
     lines = ["| split | file | samples | sha256 |", "|---|---|---|---|"]
     for split, paths in data_files.items():
         if not paths:
+            continue
+        if is_tokens_dir(paths):  # `preprocess --out DIR`: the data files it was made from are in its tokens.json
+            marker = json.loads(Path(paths, "complete.json").read_text(encoding="utf-8"))
+            lines.append(f"| {split} | `{Path(paths).resolve()}` (tokens) | {marker['rows']} | `{marker['sha256']}` |")
             continue
         for source in resolve_sources(paths):
             weight = f" (weight {float(source.weight):g})" if source.weight is not None else ""

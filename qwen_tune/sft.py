@@ -12,7 +12,7 @@ from transformers import Trainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .data.collate import PackedCollator, PaddedCollator
-from .data.dataset import SFTDataset, load_sft_dataset
+from .data.cache import load_tokens
 from .data.splits import load_splits
 from .errors import UserError
 from .model import add_lora, load_model, resolve_model_path
@@ -80,8 +80,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
-    train_samples, train_report, eval_samples, eval_report = load_splits(
-        data_args, args.seed, lambda paths: load_sft_dataset(paths, fmt, args.model_max_length, seed=args.seed), log)
+    def load(paths):
+        return load_tokens(paths, fmt, args.model_max_length, seed=args.seed, options=data_args.cache_options())
+
+    with args.main_process_first(local=True, desc="tokenizing the data"):  # one rank per node tokenizes, the others map its cache
+        train_samples, train_report, eval_samples, eval_report = load_splits(data_args, args.seed, load, log)
     if not train_samples:
         raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
 
@@ -100,8 +103,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=SFTDataset(train_samples),
-        eval_dataset=SFTDataset(eval_samples) if eval_samples else None,
+        train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length
+        eval_dataset=eval_samples if eval_samples else None,
         data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),

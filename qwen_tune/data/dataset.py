@@ -63,8 +63,9 @@ def encode_conversations(conversations, fmt: ChatFormat, max_length: int | None)
 
 
 def load_sft_dataset(paths, fmt: ChatFormat, max_length: int | None, seed: int = 0):
-    """Read + validate (errors name file and line) + mix (a weighted `paths`, drawn with `seed`) + encode.
-    Returns (samples, report)."""
+    """Read + validate (errors name file and line) + mix (a weighted `paths`, drawn with `seed`) + encode, all in
+    memory. Returns (samples, report). Training, preprocess and eval use the memory-mapped `cache.load_tokens`,
+    which gives the same rows and report; this stays as its reference and for small data (tests, benchmarks)."""
     mixture: list[str] = []
     samples, report = encode_conversations(load_conversations(paths, seed=seed, log=mixture.append), fmt, max_length)
     report.mixture = mixture
@@ -72,7 +73,8 @@ def load_sft_dataset(paths, fmt: ChatFormat, max_length: int | None, seed: int =
 
 
 class SFTDataset:
-    """A list of encoded samples that the HF Trainer can index (it only needs __len__/__getitem__)."""
+    """A list of encoded samples that the HF Trainer can index (it only needs __len__/__getitem__). sft trains on
+    the memory-mapped `datasets.Dataset` of `cache.load_tokens` instead (same item keys, plus `length`)."""
 
     def __init__(self, samples: list[Encoded]):
         self.samples = samples

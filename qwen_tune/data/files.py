@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 from . import tables
@@ -61,6 +62,9 @@ class Source:
 def _files_of(path: Path) -> list[Path]:
     if not path.exists():
         raise UserError(f"data path not found: {path}")
+    if path.is_dir() and (path / "complete.json").is_file() and (path / "tokens.json").is_file():
+        raise UserError(f"{path} holds tokens (qwen-tune preprocess --out): give it alone as sft's --data_path, "
+                        "or give the data files it was made from")
     if path.is_dir() and tables.is_saved_dataset(path):
         return [path]
     if path.is_dir():
@@ -112,51 +116,71 @@ def _json_list_lines(text: str, count: int) -> list[int]:
     return lines
 
 
-def read_records(path: Path, problems: list[str]) -> list[tuple[int | str, object]]:
-    """(line, or "row N" for tables, record) for each sample of a data file; file-level problems go to `problems`."""
+def iter_records(path: Path, problems: list[str]) -> Iterator[tuple[int | str, object]]:
+    """(line, or "row N" for tables, record) for each sample of a data file, one at a time, so a large file is never
+    held whole (a .json list is: JSON has no way to read one element at a time); file-level problems go to `problems`."""
     suffix = data_suffix(path)
     if path.is_dir():
-        return tables.read_saved_dataset(path, problems)
-    if suffix == ".parquet":
-        return tables.read_parquet(path, problems)
-    if suffix == ".arrow":
-        return tables.read_arrow(path, problems)
-    raw = path.read_bytes()
-    if suffix.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            problems.append(f"{path}: not a readable gzip file ({e}); name it without .gz if it is not compressed")
-            return []
+        yield from tables.read_saved_dataset(path, problems)
+    elif suffix == ".parquet":
+        yield from tables.read_parquet(path, problems)
+    elif suffix == ".arrow":
+        yield from tables.read_arrow(path, problems)
+    elif suffix in (".json", ".json.gz"):
+        yield from _json_list_records(path, problems)
+    elif suffix == ".csv":
+        yield from tables.read_csv(path, _text_lines(path, problems), problems)
+    else:
+        yield from _jsonl_records(path, _text_lines(path, problems), problems)
+
+
+def read_records(path: Path, problems: list[str]) -> list[tuple[int | str, object]]:
+    """All records of a data file as a list (small files; `iter_records` streams)."""
+    return list(iter_records(path, problems))
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _text_lines(path: Path, problems: list[str]) -> Iterator[str]:
+    """The file's lines as text (line ends kept), read one at a time; a gzip or UTF-8 error ends it with a problem,
+    and a file with no text at all is a problem too."""
+    has_text, offset = False, 0
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        problems.append(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); save the file as UTF-8")
-        return []
-    if not text.strip():
+        with _open(path) as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    problems.append(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {offset + e.start}); save the file as UTF-8")
+                    return
+                offset += len(raw)
+                has_text = has_text or bool(line.strip())
+                yield line
+    except (OSError, EOFError, zlib.error) as e:
+        problems.append(f"{path}: not a readable gzip file ({e}); name it without .gz if it is not compressed")
+        return
+    if not has_text:
         problems.append(f"{path}:1: the file is empty (no samples)")
-        return []
-    if suffix == ".csv":
-        return tables.read_csv(path, text, problems)
-    if suffix in (".jsonl", ".jsonl.gz"):
-        return _jsonl_records(path, text, problems)
-    return _json_list_records(path, text, problems)
 
 
-def _jsonl_records(path: Path, text: str, problems: list[str]) -> list[tuple[int, object]]:
-    records = []
-    for number, line in enumerate(text.split("\n"), 1):
+def _jsonl_records(path: Path, lines: Iterator[str], problems: list[str]) -> Iterator[tuple[int, object]]:
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            yield number, json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})")
-    return records
 
 
-def _json_list_records(path: Path, text: str, problems: list[str]) -> list[tuple[int, object]]:
+def _json_list_records(path: Path, problems: list[str]) -> list[tuple[int, object]]:
+    """A JSON list is parsed whole (its elements' lines found by scanning the text once)."""
+    before = len(problems)
+    text = "".join(_text_lines(path, problems))
+    if len(problems) > before:
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -174,4 +198,4 @@ def _json_list_records(path: Path, text: str, problems: list[str]) -> list[tuple
 
 def count_records(path: Path) -> int:
     """How many samples a data file holds (for the model card): a table's rows, else its records as read."""
-    return tables.count_rows(path) if located_by_row(path) else len(read_records(path, []))
+    return tables.count_rows(path) if located_by_row(path) else sum(1 for _ in iter_records(path, []))

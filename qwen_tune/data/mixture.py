@@ -53,34 +53,56 @@ def _fmt(weight: Fraction) -> str:
     return f"{float(weight):g}"
 
 
-def mix(sources: list[tuple[str, Fraction, list]], seed: int) -> tuple[list, list[str]]:
-    """(the mixture, its report lines) from (path, weight, samples) per source; samples are (id, parsed, where)."""
-    total = sum(len(samples) for _, _, samples in sources)
+def draw(sources: list[tuple[str, Fraction, int]], seed: int) -> tuple[list[list[int]], list[str]]:
+    """(for each source, the positions of its samples in the mixture, in order, repeats included; the report lines)
+    from (path, weight, number of samples) per source. Indices only, so a tokenized cache can be mixed in place."""
+    total = sum(n for _, _, n in sources)
     weight_sum = sum(weight for _, weight, _ in sources)
     rng = random.Random(seed)
-    out, lines, ids = [], [], {sid for _, _, samples in sources for sid, _, _ in samples}
-    for path, weight, samples in sources:
+    picks, lines = [], []
+    for path, weight, n in sources:
         share = weight / weight_sum
         want = math.floor(share * total + Fraction(1, 2))
-        passes, rest = divmod(want, len(samples))
-        picked = [i for _ in range(passes) for i in range(len(samples))] + sorted(rng.sample(range(len(samples)), rest))
-        copies = [0] * len(samples)
-        for i in picked:
-            copies[i] += 1
-            sid, parsed, where = samples[i]
-            if copies[i] > 1:
-                sid, parsed = f"{sid}#{copies[i]}", copy.deepcopy(parsed)
-                if sid in ids:
-                    raise UserError(f'{where}: a repeated copy of this sample would get the id "{sid}", which another '
-                                    "sample already has; rename that sample's id")
-                ids.add(sid)
-            out.append((sid, parsed, where))
-        if want < len(samples):
-            how = f"subsampled, {len(samples) - want} not used"
-        elif want == len(samples):
+        passes, rest = divmod(want, n)
+        picks.append([i for _ in range(passes) for i in range(n)] + sorted(rng.sample(range(n), rest)))
+        if want < n:
+            how = f"subsampled, {n - want} not used"
+        elif want == n:
             how = "each used once"
         else:
             how = f"repeated: each used {passes}x" + (f", {rest} of them {passes + 1}x" if rest else "")
-        lines.append(f"  {path}: weight {_fmt(weight)} (share {float(share):.1%}), {len(samples)} samples, {want} used ({how})")
-    header = f"mixture of {len(sources)} sources (seed {seed}): {len(out)} samples; the sources hold {total}"
-    return out, [header] + lines
+        lines.append(f"  {path}: weight {_fmt(weight)} (share {float(share):.1%}), {n} samples, {want} used ({how})")
+    header = f"mixture of {len(sources)} sources (seed {seed}): {sum(map(len, picks))} samples; the sources hold {total}"
+    return picks, [header] + lines
+
+
+def copy_ids(ids: list[str], picked: list[int], wheres, taken: set) -> list[str]:
+    """The ids of a source's picked samples: a sample's second copy is `ID#2`, its third `ID#3`, ...; `taken` (every
+    id in use) grows with them. `wheres(i)`: sample i's location, for the message when a copy's id is taken."""
+    copies, out = [0] * len(ids), []
+    for i in picked:
+        copies[i] += 1
+        sid = ids[i]
+        if copies[i] > 1:
+            sid = f"{sid}#{copies[i]}"
+            if sid in taken:
+                raise UserError(f'{wheres(i)}: a repeated copy of this sample would get the id "{sid}", which another '
+                                "sample already has; rename that sample's id")
+            taken.add(sid)
+        out.append(sid)
+    return out
+
+
+def mix(sources: list[tuple[str, Fraction, list]], seed: int) -> tuple[list, list[str]]:
+    """(the mixture, its report lines) from (path, weight, samples) per source; samples are (id, parsed, where)."""
+    picks, lines = draw([(path, weight, len(samples)) for path, weight, samples in sources], seed)
+    taken = {sid for _, _, samples in sources for sid, _, _ in samples}
+    out = []
+    for (_, _, samples), picked in zip(sources, picks):
+        ids = copy_ids([sid for sid, _, _ in samples], picked, lambda i: samples[i][2], taken)
+        seen = set()
+        for i, sid in zip(picked, ids):
+            _, parsed, where = samples[i]
+            out.append((sid, copy.deepcopy(parsed) if i in seen else parsed, where))
+            seen.add(i)
+    return out, lines

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import DataError
-from .files import data_suffix, located_by_row, read_records, record_stem, resolve_files, resolve_sources, show
+from .files import data_suffix, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
 from .messages import parse_tools, parse_turns
 from .mixture import mix
 
@@ -149,14 +149,13 @@ def _parse_pair(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict], lis
 # ---------------------------------------------------------------- loading
 
 
-def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> list[tuple[str, object, str]]:
-    """(id, parsed, source) for each valid record of one file; its problems go to `problems`, its ids to `seen`.
-
-    `sample N` and default ids count records from 0 within their file (blank JSONL lines are not records).
+def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> Iterator[tuple[str, object, str]]:
+    """(id, parsed, source) for each valid record of one file, as it is read; its problems go to `problems`, its ids
+    to `seen`. `sample N` and default ids count records from 0 within their file (blank JSONL lines are not records).
     """
     in_list = data_suffix(path) in (".json", ".json.gz")
-    out = []
-    for index, (line, obj) in enumerate(read_records(path, problems)):
+    invalid: list[str] = []  # listed after what reading the file found, as when files were read whole
+    for index, (line, obj) in enumerate(iter_records(path, problems)):
         source = f"{path}:{line}"
         raw_id = obj.get("id") if isinstance(obj, dict) else None
         valid_id = type(raw_id) is int or (isinstance(raw_id, str) and bool(raw_id.strip()))
@@ -173,10 +172,27 @@ def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> li
         if sid in seen:
             errs.append(f'duplicate id "{sid}" (first at {seen[sid]})')
         seen.setdefault(sid, source)
-        problems += [f"{where}: {e}" for e in errs]
+        invalid += [f"{where}: {e}" for e in errs]
         if not errs:
-            out.append((sid, parsed, source))
-    return out
+            yield sid, parsed, source
+    problems += invalid
+
+
+def stream(sources: list, parse, expected: str, problems: list[str]) -> Iterator[tuple[int, tuple[str, object, str]]]:
+    """(source number, (id, parsed, where)) for each valid record of `sources` (see files.resolve_sources), one at a
+    time; every problem goes to `problems`. Raise `data_error(...)` once it is exhausted if there were any."""
+    seen: dict = {}
+    for k, item in enumerate(sources):
+        for path in item.files:
+            for sample in _validate(path, parse, expected, seen, problems):
+                yield k, sample
+
+
+def data_error(problems: list[str], sources: list, max_problems: int = 20) -> DataError:
+    """One DataError listing the problems (the first `max_problems`), saying how table rows count if one is cited."""
+    tables = [str(f) for s in sources for f in s.files if located_by_row(f)]
+    by_row = any(p.startswith(t + ":") for p in problems for t in tables)
+    return DataError(problems[:max_problems], total=len(problems), note="table rows count from 1" if by_row else "")
 
 
 def _load(paths, parse, expected: str, max_problems: int, seed: int = 0,
@@ -187,16 +203,12 @@ def _load(paths, parse, expected: str, max_problems: int, seed: int = 0,
     `log` receives the lines saying what the mixture took from each source. Unweighted: every sample, in order.
     """
     problems: list[str] = []
-    sources, seen, by_row = [], {}, False
-    for item in resolve_sources(paths):
-        samples = []
-        for path in item.files:
-            before = len(problems)
-            samples += _validate(path, parse, expected, seen, problems)
-            by_row = by_row or (len(problems) > before and located_by_row(path))
-        sources.append((str(item.path), item.weight, samples))
+    items = resolve_sources(paths)
+    sources = [(str(item.path), item.weight, []) for item in items]
+    for k, sample in stream(items, parse, expected, problems):
+        sources[k][2].append(sample)
     if problems:
-        raise DataError(problems[:max_problems], total=len(problems), note="table rows count from 1" if by_row else "")
+        raise data_error(problems, items, max_problems)
     if sources[0][1] is None:
         return [sample for _, _, samples in sources for sample in samples]
     mixture, lines = mix(sources, seed)
@@ -212,6 +224,27 @@ def load_conversations(paths, max_problems: int = 20, *, seed: int = 0,
     `seed`, `log`: for a weighted mixture only (see `_load`)."""
     loaded = _load(paths, _parse_sft, SFT_FORMAT, max_problems, seed, log)
     return [Conversation(i, m, s, t) for i, (m, t), s in loaded]
+
+
+def stream_conversations(sources: list, problems: list[str]) -> Iterator[tuple[int, Conversation]]:
+    """(source number, conversation) for each valid SFT sample of `sources` (files.resolve_sources), one at a time;
+    problems go to `problems` (raise `data_error` once it is exhausted)."""
+    for k, (sid, (messages, tools), where) in stream(sources, _parse_sft, SFT_FORMAT, problems):
+        yield k, Conversation(sid, messages, where, tools)
+
+
+def check_conversations(paths, max_problems: int = 20) -> None:
+    """Validate SFT data without keeping it (one DataError with every problem); a tokens directory is checked when used."""
+    from .cache import is_tokens_dir
+
+    if isinstance(paths, str) and "," not in paths and is_tokens_dir(paths):
+        return
+    problems: list[str] = []
+    sources = resolve_sources(paths)
+    for _ in stream_conversations(sources, problems):
+        pass
+    if problems:
+        raise data_error(problems, sources, max_problems)
 
 
 def load_prompts(paths, max_problems: int = 20, *, seed: int = 0,
@@ -232,8 +265,8 @@ def load_preference_pairs(paths, max_problems: int = 20, *, seed: int = 0,
 def detect_kind(paths) -> str:
     """"preference" if the first record has chosen/rejected, else "sft" (lets `score` pick a loader)."""
     problems: list[str] = []
-    records = read_records(resolve_files(paths)[0], problems)
-    if not records:
+    first = next(iter_records(resolve_files(paths)[0], problems), None)
+    if first is None:
         raise DataError(problems)
-    obj = records[0][1]
+    obj = first[1]
     return "preference" if isinstance(obj, dict) and ("chosen" in obj or "rejected" in obj) else "sft"

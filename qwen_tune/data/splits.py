@@ -51,7 +51,7 @@ def hold_out(samples, val_size: float, seed: int):
     """(train, held out, HeldOut) from a list of encoded samples or a `datasets.Dataset` with an id column.
     `--val_size` counts distinct samples: a repeated sample's copies go with it."""
     n = len(samples)
-    groups = list(_by_original([s.id for s in samples] if isinstance(samples, list) else list(samples["id"])).values())
+    groups = list(_by_original([s.id for s in samples] if isinstance(samples, list) else samples["id"][:]).values())
     picked = random.Random(seed).sample(range(len(groups)), held_out_count(val_size, len(groups)))
     held = sorted(i for g in picked for i in groups[g])
     chosen = set(held)
@@ -61,7 +61,7 @@ def hold_out(samples, val_size: float, seed: int):
         ids = [s.id for s in evaluation]
     else:
         train, evaluation = samples.select(keep), samples.select(held)
-        ids = list(evaluation["id"])
+        ids = evaluation["id"][:]
     return train, evaluation, HeldOut(val_size, seed, n, ids)
 
 

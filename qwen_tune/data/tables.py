@@ -11,9 +11,9 @@ line where the row starts (the header is line 1).
 from __future__ import annotations
 
 import csv
-import io
 import json
 from pathlib import Path
+from typing import Iterator
 
 BATCH = 1024  # rows turned into Python objects at a time, so a large file is never converted whole
 
@@ -27,23 +27,25 @@ def without_padding(value):
     return value
 
 
-def _rows(path: Path, batches, problems: list[str]) -> list[tuple[str, dict]]:
-    """("row N", record) for the rows of Arrow record batches (or tables)."""
-    rows = [(f"row {n}", without_padding(row)) for n, row in enumerate((r for b in batches for r in b.to_pylist()), 1)]
-    if not rows:
+def _rows(path: Path, batches, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    """("row N", record) for the rows of Arrow record batches (or tables), a batch at a time."""
+    n = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            n += 1
+            yield f"row {n}", without_padding(row)
+    if not n:
         problems.append(f"{path}: the table has no rows (no samples)")
-    return rows
 
 
-def read_parquet(path: Path, problems: list[str]) -> list[tuple[str, dict]]:
+def read_parquet(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return _rows(path, pq.ParquetFile(path).iter_batches(batch_size=BATCH), problems)
+        yield from _rows(path, pq.ParquetFile(path).iter_batches(batch_size=BATCH), problems)
     except (pa.ArrowException, OSError) as e:
         problems.append(f"{path}: not a readable Parquet file ({e})")
-        return []
 
 
 def _arrow_batches(path: Path):
@@ -57,14 +59,13 @@ def _arrow_batches(path: Path):
         return pa.ipc.open_stream(pa.memory_map(str(path)))
 
 
-def read_arrow(path: Path, problems: list[str]) -> list[tuple[str, dict]]:
+def read_arrow(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
 
     try:
-        return _rows(path, _arrow_batches(path), problems)
+        yield from _rows(path, _arrow_batches(path), problems)
     except (pa.ArrowException, OSError) as e:
         problems.append(f"{path}: not a readable Arrow file ({e})")
-        return []
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -90,9 +91,10 @@ def _load_saved(path: Path, problems: list[str]):
     return ds
 
 
-def read_saved_dataset(path: Path, problems: list[str]) -> list[tuple[str, dict]]:
+def read_saved_dataset(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
     ds = _load_saved(path, problems)
-    return [] if ds is None else _rows(path, ds.with_format("arrow").iter(batch_size=BATCH), problems)
+    if ds is not None:
+        yield from _rows(path, ds.with_format("arrow").iter(batch_size=BATCH), problems)
 
 
 def count_rows(path: Path) -> int:
@@ -120,10 +122,11 @@ def _cell(text: str, column: str, where: str, problems: list[str]):
         return None
 
 
-def read_csv(path: Path, text: str, problems: list[str]) -> list[tuple[int, dict]]:
-    """(line, record) for each row: a dict of header -> cell, empty cells left out (CSV cannot tell "" from absent)."""
-    reader = csv.reader(io.StringIO(text, newline=""))
-    records, header, line, found = [], None, 0, len(problems)
+def read_csv(path: Path, lines: Iterator[str], problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line, record) for each row, read a row at a time: a dict of header -> cell, empty cells left out (CSV cannot
+    tell "" from absent). `lines`: the file's text lines (files.py reads and decodes them)."""
+    reader = csv.reader(lines)
+    header, line, found, rows = None, 0, len(problems), 0
     try:
         for cells in reader:
             start, line = line + 1, reader.line_num
@@ -134,7 +137,7 @@ def read_csv(path: Path, text: str, problems: list[str]) -> list[tuple[int, dict
                 twice = sorted({c for c in header if header.count(c) > 1})
                 if twice:
                     problems.append(f"{path}:{start}: the header names column(s) {', '.join(twice)} more than once")
-                    return []
+                    return
                 continue
             where = f"{path}:{start}"
             if len(cells) != len(header):
@@ -143,10 +146,10 @@ def read_csv(path: Path, text: str, problems: list[str]) -> list[tuple[int, dict
             before = len(problems)
             record = {k: _cell(v, k, where, problems) for k, v in zip(header, cells) if v != ""}
             if len(problems) == before:
-                records.append((start, record))
+                rows += 1
+                yield start, record
     except csv.Error as e:
         problems.append(f"{path}:{reader.line_num}: not readable as CSV ({e})")
-        return []
-    if not records and len(problems) == found:
+        return
+    if not rows and len(problems) == found:
         problems.append(f"{path}:1: the file has a header but no rows (no samples)")
-    return records

@@ -1,0 +1,446 @@
+"""Tokenize once: SFT data as a memory-mapped Arrow file of ids, labels and lengths, reused while nothing that
+makes the tokens has changed.
+
+A cache directory (`paths.cache_dir()/tokens/<key>/` by default, or what `qwen-tune preprocess --out DIR` writes):
+  data.arrow     one row per valid sample, in --data_path order, dropped ones included (a mixture draws from
+                 them, as it does from the samples it reads); columns in SCHEMA
+  tokens.json    the key and what went into it, the sources (path, weight, rows), the report of the whole data
+  complete.json  written last: data.arrow's size, sha256 and rows; without it, or when they differ, the
+                 directory is not used (it is reported in one line and rebuilt)
+The key hashes the input files' bytes (not their times) and paths (ids and locations come from them), the
+tokenizer, the chat template and format options, model_max_length, and qwen-tune's version and data code.
+Reading and validation stream (files.iter_records); tokenizing runs in worker processes, a chunk each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..errors import DataError, UserError
+from .dataset import EncodeReport
+
+DATA, INFO, MARKER = "data.arrow", "tokens.json", "complete.json"
+CHUNK = 256  # conversations per worker task
+PROGRESS_EVERY = 5.0  # seconds between progress lines
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()),
+    ("supervised", pa.int32()), ("truncated", pa.bool_()), ("reasoning_not_trained", pa.int32()), ("source", pa.string()),
+])
+TRAINING_COLUMNS = ["input_ids", "labels", "id", "length"]
+CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "dataset.py", "cache.py")
+
+
+@dataclass
+class CacheOptions:
+    """`--tokens_cache` (a directory, or "none") and `--preprocessing_num_workers` (None: min(4, CPUs))."""
+
+    root: str | None = None
+    workers: int | None = None
+
+    def directory(self) -> Path | None:
+        if self.root and self.root.lower() in ("none", "off", "false", "no"):
+            return None
+        if self.root:
+            return Path(self.root).expanduser()
+        from ..paths import cache_dir
+
+        return cache_dir() / "tokens"
+
+    def num_workers(self) -> int:
+        return max(1, self.workers if self.workers else min(4, os.cpu_count() or 1))
+
+
+def say(message: str) -> None:
+    """Cache lines come from every rank that loads (one builds, the others load), so they say which."""
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    sys.stderr.write(f"{rank}{message}\n")  # one write: lines of two ranks sharing a stderr do not interleave
+    sys.stderr.flush()
+
+
+def _sha256_file(path: Path) -> tuple[str, int]:
+    """(sha256, newlines): the bytes streamed in 1 MiB pieces; newlines estimate a JSONL/CSV file's samples for the ETA."""
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            lines += block.count(b"\n")
+    return digest.hexdigest(), lines
+
+
+def _fingerprint(path: Path) -> tuple[str, int | None]:
+    """(content hash, estimated samples or None) of a data file or a save_to_disk directory."""
+    from . import tables
+    from .files import data_suffix, located_by_row
+
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{f.relative_to(path)}\0{_sha256_file(f)[0]}\0".encode())
+        return digest.hexdigest(), _safe_rows(tables, path)
+    sha, lines = _sha256_file(path)
+    if located_by_row(path):
+        return sha, _safe_rows(tables, path)
+    return sha, lines if data_suffix(path) in (".jsonl", ".csv") else None
+
+
+def _safe_rows(tables, path: Path) -> int | None:
+    try:
+        return tables.count_rows(path)
+    except Exception:  # unreadable: validation reports it with its location
+        return None
+
+
+def format_parts(fmt, max_length: int | None) -> dict:
+    """Everything besides the data that changes the tokens (or the code making them), each as a short value."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    tokenizer = fmt.tokenizer
+    added = sorted(f"{i}:{t.content}:{t.special}" for i, t in tokenizer.added_tokens_decoder.items())
+    code = hashlib.sha256(b"".join(Path(__file__).with_name(n).read_bytes() for n in CODE)).hexdigest()[:16]
+    try:
+        ours = version("qwen-tune")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"tokenizer": sha(tokenizer.backend_tokenizer.to_str() + "\n".join(added)), "chat_template": sha(fmt.template),
+            "system_message": fmt.system_message, "template_kwargs": fmt.template_kwargs, "model_max_length": max_length,
+            "qwen_tune": f"{ours} (data code {code})"}
+
+
+def _key(parts: dict, files: list[dict]) -> str:
+    return hashlib.sha256(json.dumps({"format": parts, "data": files}, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ---------------------------------------------------------------- checking a cache
+
+
+def is_tokens_dir(path) -> bool:
+    """A directory this module wrote (`preprocess --out DIR`), which `--data_path DIR` trains from."""
+    return Path(path).is_dir() and ((Path(path) / INFO).is_file() or (Path(path) / MARKER).is_file())
+
+
+def damage(directory: Path) -> str | None:
+    """Why a cache directory cannot be used (incomplete, a file changed or cut short), or None when it can."""
+    try:
+        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+        json.loads((directory / INFO).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        return f"incomplete ({Path(e.filename).name} is missing)"
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+    data = directory / DATA
+    if not data.is_file() or data.stat().st_size != marker.get("bytes"):
+        return f"{DATA} is missing or has the wrong size"
+    if _sha256_file(data)[0] != marker.get("sha256"):
+        return f"{DATA} does not match its checksum"
+    try:
+        rows = len(_open_arrow(directory))
+    except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise several kinds on a damaged file
+        return f"{DATA} is unreadable ({type(e).__name__}: {e})"
+    return None if rows == marker.get("rows") else f"{DATA} has {rows} rows, not {marker.get('rows')}"
+
+
+def _open_arrow(directory: Path):
+    """The whole cache as a memory-mapped `datasets.Dataset` (no copy in memory)."""
+    from datasets import Dataset
+
+    return Dataset.from_file(str(directory / DATA))
+
+
+# ---------------------------------------------------------------- building
+
+
+_WORKER: tuple = ()
+
+
+def _init_worker(fmt, max_length) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER = (fmt, max_length)
+
+
+def _encode_chunk(chunk: list) -> tuple[pa.RecordBatch | None, list[str]]:
+    """A worker's task: conversations -> one Arrow record batch, or the problems that keep them from rendering."""
+    fmt, max_length = _WORKER
+    problems = [f'{c.source} (id "{c.id}"): {p}' for c in chunk for p in fmt.problems(c.messages, c.tools)]
+    if problems:
+        return None, problems
+    encoded = fmt.encode_many(chunk, [c.id for c in chunk], max_length)
+    columns = {
+        "id": [e.id for e in encoded], "input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
+        "length": [len(e.input_ids) for e in encoded], "supervised": [e.num_supervised for e in encoded],
+        "truncated": [e.truncated for e in encoded], "reasoning_not_trained": [e.reasoning_not_trained for e in encoded],
+        "source": [c.source for c in chunk],
+    }
+    return pa.RecordBatch.from_pydict(columns, schema=SCHEMA), []
+
+
+def _chunks(items, size: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded_batches(chunks, fmt, max_length, workers: int):
+    """(batch, problems) per chunk, in order; with several workers, at most 2 chunks per worker are in flight."""
+    if workers == 1:
+        _init_worker(fmt, max_length)
+        yield from map(_encode_chunk, chunks)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (fmt, max_length)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            while len(pending) > 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+class _Progress:
+    """A line every few seconds: conversations done, per second, and the time left (from the files' estimated size)."""
+
+    def __init__(self, expected: int | None):
+        self.expected, self.start, self.last, self.done = expected, time.monotonic(), time.monotonic(), 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = f", about {_duration((self.expected - self.done) / rate)} left" if self.expected and self.expected > self.done else ""
+            say(f"tokenizing: {self.done:,} conversations, {rate:,.0f}/s{left}")
+
+    def rate(self) -> float:
+        return self.done / max(time.monotonic() - self.start, 1e-9)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _build(directory: Path, sources: list, fmt, max_length, workers: int, info: dict, expected: int | None) -> None:
+    """Validate (streaming), tokenize and write the cache into a temporary directory beside `directory`, mark it
+    complete, then rename it into place; a failure leaves nothing behind. Raises DataError with every problem."""
+    from .read import data_error, stream_conversations
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        problems, render_problems, sizes = [], [], [0] * len(sources)
+        progress = _Progress(expected)
+
+        def conversations():
+            for k, conversation in stream_conversations(sources, problems):
+                sizes[k] += 1
+                yield conversation
+
+        rows = 0
+        with pa.OSFile(str(tmp / DATA), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+            for batch, found in _encoded_batches(_chunks(conversations(), CHUNK), fmt, max_length, workers):
+                render_problems += found
+                if batch is not None and not problems and not render_problems:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                progress.add(batch.num_rows if batch is not None else CHUNK)
+        if problems:
+            raise data_error(problems, sources)
+        if render_problems:
+            raise DataError(render_problems[:20], total=len(render_problems))
+        say(f"tokenized {rows:,} conversations with {workers} worker(s) at {progress.rate():,.0f}/s")
+        offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        info["sources"] = [dict(s, start=start, rows=n) for s, start, n in zip(info["sources"], offsets, sizes)]
+        dataset = _open_arrow(tmp)
+        info["report"] = _report(dataset, list(range(rows)), None).__dict__
+        del dataset
+        (tmp / INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False), encoding="utf-8")
+        sha, _ = _sha256_file(tmp / DATA)
+        (tmp / MARKER).write_text(json.dumps({"sha256": sha, "bytes": (tmp / DATA).stat().st_size, "rows": rows}),
+                                  encoding="utf-8")
+        if directory.exists():
+            if damage(directory) is None:  # another node made it meanwhile
+                return
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- using
+
+
+def _report(dataset, rows: list[int], ids: list[str] | None) -> EncodeReport:
+    """The EncodeReport of the cache rows `rows` (a selection, repeats allowed), from its small columns only;
+    `ids`: their ids when a mixture renamed copies."""
+    import numpy as np
+
+    table = dataset.data
+    column = {name: table.column(name).to_numpy() for name in ("length", "supervised", "truncated", "reasoning_not_trained")}
+    index = np.asarray(rows, dtype=np.int64)
+    if ids is None:
+        all_ids = table.column("id").to_pylist()
+        ids = [all_ids[i] for i in rows]
+    supervised, truncated = column["supervised"][index], column["truncated"][index]
+    kept = supervised > 0
+    return EncodeReport(
+        samples=len(rows), kept=int(kept.sum()),
+        truncated=[ids[j] for j in np.flatnonzero(truncated)], dropped=[ids[j] for j in np.flatnonzero(~kept)],
+        tokens=int(column["length"][index][kept].sum()), supervised_tokens=int(supervised[kept].sum()),
+        reasoning_not_trained=int(column["reasoning_not_trained"][index].sum()))
+
+
+def _select(dataset, info: dict, weights: list | None, seed: int):
+    """(the training rows as a Dataset with TRAINING_COLUMNS, their report): every row, or a weighted mixture of the
+    sources drawn by index (mixture.py), less the rows left with no supervised token."""
+    import numpy as np
+
+    from .mixture import copy_ids, draw
+
+    sources, ids, mixture_lines = info["sources"], None, []
+    if weights and weights[0] is not None:
+        picks, mixture_lines = draw([(s["path"], w, s["rows"]) for s, w in zip(sources, weights)], seed)
+        all_ids = dataset.data.column("id").to_pylist()
+        where = dataset.data.column("source")
+        taken, rows, ids = set(all_ids), [], []
+        for s, picked in zip(sources, picks):
+            start = s["start"]
+            ids += copy_ids(all_ids[start:start + s["rows"]], picked, lambda i: where[start + i].as_py(), taken)
+            rows += [start + i for i in picked]
+        if ids == [all_ids[i] for i in rows]:
+            ids = None  # no copy was renamed
+    else:
+        rows = list(range(len(dataset)))
+    report = _report(dataset, rows, ids)
+    report.mixture = mixture_lines
+    supervised = dataset.data.column("supervised").to_numpy()[np.asarray(rows, dtype=np.int64)]
+    keep = np.flatnonzero(supervised > 0)
+    out = dataset.select_columns(TRAINING_COLUMNS)
+    if ids is not None:  # copies get their own ids (ID#2, ...): the rows are written out once, with the new id column
+        out = out.select([rows[j] for j in keep]).flatten_indices(cache_file_name=_scratch("mixture.arrow"))
+        out = out.remove_columns("id").add_column("id", [ids[j] for j in keep])
+    elif len(keep) != len(dataset) or rows != list(range(len(dataset))):
+        out = out.select([rows[j] for j in keep])
+    return out, report
+
+
+@contextmanager
+def _lock(path: Path | None):
+    """An exclusive lock on a file (none for None): besides the launcher's barrier (sft), this keeps two processes
+    from tokenizing the same data into the same place at once however they were started."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _scratch(name: str) -> str:
+    """A file in a temporary directory removed when the process ends."""
+    import atexit
+
+    folder = tempfile.mkdtemp(prefix="qwen_tune_")
+    atexit.register(shutil.rmtree, folder, True)
+    return os.path.join(folder, name)
+
+
+def _plan(paths, fmt, max_length) -> tuple[list, dict, str, int | None]:
+    """(sources, the info to record, the key, estimated samples) for a --data_path of data files."""
+    from .files import resolve_sources
+
+    sources = resolve_sources(paths)
+    files, expected = [], 0
+    for s in sources:
+        for f in s.files:
+            sha, n = _fingerprint(f)
+            files.append({"path": str(f), "sha256": sha})
+            expected = None if n is None or expected is None else expected + n
+    parts = format_parts(fmt, max_length)
+    info = {"key": _key(parts, files), "format": parts, "files": files,
+            "sources": [{"path": str(s.path), "weight": str(s.weight) if s.weight else None} for s in sources]}
+    return sources, info, info["key"], expected
+
+
+def build_tokens(paths, fmt, max_length, directory: Path, workers: int) -> dict:
+    """Tokenize `paths` into `directory` (kept as it is when it already holds the same key); returns its info."""
+    sources, info, key, expected = _plan(paths, fmt, max_length)
+    if is_tokens_dir(directory) and damage(directory) is None and _info(directory)["key"] == key:
+        say(f"tokens: {directory} is up to date (key {key})")
+        return _info(directory)
+    if directory.exists() and any(directory.iterdir()) and not is_tokens_dir(directory):
+        raise UserError(f"{directory} exists and is not a tokens directory written by qwen-tune; give a new or empty directory")
+    _build(directory, sources, fmt, max_length, workers, info, expected)
+    return _info(directory)
+
+
+def _info(directory: Path) -> dict:
+    return json.loads((Path(directory) / INFO).read_text(encoding="utf-8"))
+
+
+def _check_format(directory: Path, fmt, max_length) -> None:
+    """A tokens directory given as --data_path was made with this run's tokenizer, template, options and length."""
+    theirs, ours = _info(directory)["format"], format_parts(fmt, max_length)
+    differ = [k for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} in this run" for k in differ)
+        raise UserError(f"{directory} was tokenized differently from this run ({shown}); run qwen-tune preprocess "
+                        "again with this run's tokenizer and options, or give the original data files")
+
+
+def load_tokens(paths, fmt, max_length: int | None, *, seed: int = 0, options: CacheOptions | None = None):
+    """(training rows, EncodeReport) for SFT data, memory-mapped: from the cache when its key matches, else
+    validated and tokenized into it first. `paths` may also be a tokens directory (`preprocess --out DIR`)."""
+    options = options or CacheOptions()
+    single = paths if not isinstance(paths, str) or "," not in paths else None
+    if single is not None and is_tokens_dir(single):
+        directory = Path(single)
+        if (why := damage(directory)) is not None:
+            raise UserError(f"{directory}: this tokens directory is {why}; write it again with qwen-tune preprocess --out")
+        _check_format(directory, fmt, max_length)
+        info = _info(directory)
+        say(f"tokens: training from {directory} (key {info['key']})")
+        from fractions import Fraction
+
+        weights = [Fraction(s["weight"]) if s["weight"] else None for s in info["sources"]]
+        return _select(_open_arrow(directory), info, weights, seed)
+    sources, info, key, expected = _plan(paths, fmt, max_length)
+    root = options.directory()
+    directory = (root / key) if root else Path(_scratch("tokens"))
+    with _lock(root / ".locks" / key if root else None):  # ranks (or runs) on one machine: one builds, the others wait
+        why = damage(directory) if root and directory.exists() else "absent"
+        if why is None:
+            say(f"tokens: loaded from the cache {directory}")
+        else:
+            if why != "absent":
+                say(f"tokens: the cache {directory} is {why}; rebuilding it")
+            _build(directory, sources, fmt, max_length, options.num_workers(), info, expected)
+            say(f"tokens: built the cache {directory}" if root else "tokens: tokenized (cache off)")
+    return _select(_open_arrow(directory), _info(directory), [s.weight for s in sources], seed)
