@@ -204,7 +204,7 @@ def _data_section(data_files: dict, data_reports: dict) -> list[str]:
             continue
         if is_tokens_dir(paths):  # `preprocess --out DIR`: the data files it was made from are in its tokens.json
             marker = json.loads(Path(paths, "complete.json").read_text(encoding="utf-8"))
-            lines.append(f"| {split} | `{Path(paths).resolve()}` (tokens) | {marker['rows']} | `{marker['sha256']}` |")
+            lines.append(f"| {split} | `{Path(paths).resolve()}` (tokens) | {marker['rows']} | `xxh3_128 {marker['xxh3_128']}` |")
             continue
         for source in resolve_sources(paths):
             weight = f" (weight {float(source.weight):g})" if source.weight is not None else ""

@@ -27,15 +27,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
+            # One (chunk, vocab) fp32 buffer holds the logits, then the probabilities, then d(sum CE)/d logits.
             logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            # d(sum CE)/d logits = softmax - onehot; reuse the logits buffer for it.
-            grad = logits.sub_(lse[:, None]).exp_()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += ((top + norm.log()).squeeze(1) - picked).sum()
+            grad = probs.div_(norm)  # softmax - onehot:
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if needs_w:
-                grad_weight += grad.T @ h.float()
+                grad_weight.addmm_(grad.T, h.float())  # in place: no second (vocab, dim) buffer per chunk
         ctx.save_for_backward(grad_hidden, grad_weight if needs_w else torch.empty(0))
         ctx.needs_w = needs_w
         return total
@@ -47,6 +50,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None
 
 
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about LOGITS_CHUNK_BYTES (441 rows for Qwen's 151,936
+    words): the loss step's memory stays flat in the sequence length, and each chunk is still a large GEMM."""
+    return max(32, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of every position whose *next* token is supervised, and those next tokens."""
     shifted = labels[:, 1:]
@@ -55,7 +67,7 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+                              chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of token cross-entropies over supervised tokens and their count.
 
     `hidden` is the final hidden state (batch, seq, dim), `weight` the output projection (vocab, dim),
@@ -67,7 +79,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     if n == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
     selected = hidden[rows, cols]
-    return ChunkedLinearCrossEntropy.apply(selected, weight, targets, chunk_size), n
+    return ChunkedLinearCrossEntropy.apply(selected, weight, targets, chunk_size or chunk_rows(weight.shape[0])), n
 
 
 def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -92,7 +104,7 @@ def backbone_and_head(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int = 1024) -> torch.Tensor:
+def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int | None = None) -> torch.Tensor:
     """Sum of log p(token) over each sequence's supervised tokens: (n_sequences,).
 
     `batch["sequence"]` gives every position's sequence index (packed rows hold several). As in
@@ -106,6 +118,7 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int = 10
         token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     else:
         weight = backbone_and_head(model)[1].weight
+        chunk_size = chunk_size or chunk_rows(weight.shape[0])
         token_logps = torch.cat([
             torch.utils.checkpoint.checkpoint(_token_logprobs, hidden[rows[s : s + chunk_size], cols[s : s + chunk_size]], weight,
                                               targets[s : s + chunk_size], use_reentrant=False)
@@ -140,7 +153,7 @@ def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tenso
     return captured["h"], None
 
 
-def causal_lm_loss_sum(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropies over the batch's supervised tokens, and their count: logits only at
     supervised positions, chunked, no logits kept for backward (see `supervised_forward`)."""
     labels = batch["labels"]
