@@ -9,7 +9,9 @@ sampled every 0.1 s with psutil):
 - `qwen-tune preprocess --out DIR` on `--old_n` with 1 and 2 workers: conversations tokenized per second;
 - the malformed file: every malformed sample must be listed with file and line;
 - `qwen-tune sft --max_steps 1` (embedded model) on N, twice: the first run tokenizes into the cache, the second
-  starts from it; time to the first training step, and peak memory.
+  starts from it; time to the first training step, and peak memory;
+- the data path alone from the cache (load_tokens in a process that has imported it and loaded the tokenizer);
+- the same sft on 1,000 conversations: what a run costs whatever the data.
 Writes a Markdown table to bench/data_scale.md (with the command that produced it).
 """
 
@@ -119,6 +121,19 @@ print(report.summary())
 """
 
 
+DATA_PATH_ONLY = """
+import sys, time
+import datasets  # imported by every sft run before its data (through transformers' Trainer)
+from qwen_tune.data.cache import load_tokens
+from qwen_tune.data.chat_format import resolve_format
+from qwen_tune.tokenizer import load_tokenizer
+fmt = resolve_format(load_tokenizer())
+start = time.monotonic()
+rows, report = load_tokens(sys.argv[1], fmt, 512)
+print(f"data path: {time.monotonic() - start:.2f} s for {len(rows):,} rows")
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000, help="conversations for the cached path's training runs")
@@ -162,10 +177,12 @@ def main() -> None:
                  f"file:line ({', '.join(map(str, bad_lines))}), in {r['seconds']:.1f} s")
     print(notes[-1], flush=True)
 
-    sft = cli + ["sft", "--data_path", str(big), "--output_dir", str(scratch / "out"), "--max_steps", "1", "--report_to", "none",
-                 "--save_strategy", "no", "--overwrite_output_dir", "True", "--preprocessing_num_workers", "2"]
+    def sft_on(data: Path) -> list[str]:
+        return cli + ["sft", "--data_path", str(data), "--output_dir", str(scratch / "out"), "--max_steps", "1", "--report_to", "none",
+                      "--save_strategy", "no", "--overwrite_output_dir", "True", "--preprocessing_num_workers", "2"]
+
     for run in ("first run: tokenizes into the cache", "second run: from the cache"):
-        r = measure(sft, env, first_step="step 1/1")
+        r = measure(sft_on(big), env, first_step="step 1/1")
         assert r["rc"] == 0, r["stderr"][-3000:]
         rows.append((f"new: sft --max_steps 1, {run}", f"{a.n:,}", f"{r['first_step']:.1f} s to step 1", "",
                      f"{r['peak_mb']:,.0f}"))
@@ -174,9 +191,16 @@ def main() -> None:
             rate = re.search(r"at ([\d,]+)/s", r["stderr"])
             notes.append(f"first sft run tokenized {a.n:,} conversations at {rate.group(1) if rate else '?'}/s with 2 workers")
 
+    r = measure([sys.executable, "-c", DATA_PATH_ONLY, str(big)], env)
+    assert r["rc"] == 0, r["stderr"][-3000:]
+    took = re.search(r"data path: ([\d.]+) s", r["stdout"]).group(1)
+    rows.append(("new: the data path alone from the cache (key, checksum, open, report; after imports and the tokenizer)",
+                 f"{a.n:,}", f"{took} s", "", f"{r['peak_mb']:,.0f}"))
+    print(rows[-1], flush=True)
+
     tiny = scratch / "tiny_1000.jsonl"
     generate(tiny, 1000, False)
-    r = measure(sft[:3] + [str(tiny)] + sft[4:], env, first_step="step 1/1")
+    r = measure(sft_on(tiny), env, first_step="step 1/1")
     assert r["rc"] == 0, r["stderr"][-3000:]
     rows.append(("baseline: the same sft on 1,000 conversations (model, optimizer, one packed batch)", "1,000",
                  f"{r['first_step']:.1f} s to step 1", "", f"{r['peak_mb']:,.0f}"))
