@@ -82,6 +82,13 @@ def generate(path: Path, n: int, malformed: bool) -> list[int]:
     return bad_at
 
 
+def started_training(r: dict) -> str:
+    """'T s to step 1 (training began at S s)': S is T less the Trainer's own train_runtime of that one step."""
+    runtime = re.search(r"train_runtime ([\d.]+)", r["stdout"])
+    began = f" (training began at {r['first_step'] - float(runtime.group(1)):.1f} s)" if runtime else ""
+    return f"{r['first_step']:.1f} s to step 1{began}"
+
+
 def measure(cmd: list[str], env: dict, first_step: str | None = None) -> dict:
     """Run cmd; wall seconds, peak PSS of it and its children (MB), seconds until `first_step` appears in its output
     (stdout and stderr together)."""
@@ -125,13 +132,38 @@ DATA_PATH_ONLY = """
 import sys, time
 import datasets  # imported by every sft run before its data (through transformers' Trainer)
 from qwen_tune.data.cache import load_tokens
-from qwen_tune.data.chat_format import resolve_format
+from qwen_tune.args import DataArguments
+from qwen_tune.model import resolve_model_path
 from qwen_tune.tokenizer import load_tokenizer
-fmt = resolve_format(load_tokenizer())
+fmt = DataArguments().chat_format(load_tokenizer(resolve_model_path(None)))  # what sft uses: the same cache key
 start = time.monotonic()
 rows, report = load_tokens(sys.argv[1], fmt, 512)
 print(f"data path: {time.monotonic() - start:.2f} s for {len(rows):,} rows")
 """
+
+
+class Progress:
+    """The rows and notes of the stages measured so far, kept in SCRATCH/progress.json: `--resume` skips those
+    stages (and the generation), so a run cut short goes on where it stopped."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.stages = json.loads(path.read_text()) if resume and path.exists() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def add(self, stage: str, rows=(), notes=(), **extra) -> None:
+        self.stages[stage] = {"rows": [list(r) for r in rows], "notes": list(notes), **extra}
+        self.path.write_text(json.dumps(self.stages, indent=1))
+        for line in list(rows) + list(notes):
+            print(line, flush=True)
+
+    def rows(self) -> list:
+        return [r for s in self.stages.values() for r in s["rows"]]
+
+    def notes(self) -> list:
+        return [n for s in self.stages.values() for n in s["notes"]]
 
 
 def main() -> None:
@@ -139,78 +171,86 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1_000_000, help="conversations for the cached path's training runs")
     p.add_argument("--old_n", type=int, default=100_000, help="conversations for the old path and the per-worker rates")
     p.add_argument("--scratch", default="/tmp/qwen_tune_data_scale", help="where the data and caches are written")
+    p.add_argument("--resume", action="store_true", help="keep SCRATCH and skip the stages already measured there")
     a = p.parse_args()
     scratch = Path(a.scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    if not a.resume:
+        shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    progress = Progress(scratch / "progress.json", a.resume)
     env = dict(os.environ, QWEN_TUNE_CACHE=str(scratch / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     small, bad, big = scratch / f"small_{a.old_n}.jsonl", scratch / "malformed.jsonl", scratch / f"big_{a.n}.jsonl"
-    t = time.monotonic()
-    generate(small, a.old_n, False)
-    bad_lines = generate(bad, a.old_n, True)
-    generate(big, a.n, False)
-    print(f"generated in {time.monotonic() - t:.0f} s: {big.stat().st_size / 2**20:,.0f} MB for {a.n:,}", flush=True)
-    rows, notes = [], []
     cli = [sys.executable, "-m", "qwen_tune"]
+    if not progress.done("generate"):
+        t = time.monotonic()
+        generate(small, a.old_n, False)
+        bad_lines = generate(bad, a.old_n, True)
+        generate(big, a.n, False)
+        progress.add("generate", bad_lines=bad_lines,
+                     notes=[f"generated in {time.monotonic() - t:.0f} s: {big.stat().st_size / 2**20:,.0f} MB of JSONL for {a.n:,}"])
+    bad_lines = progress.stages["generate"]["bad_lines"]
 
-    r = measure([sys.executable, "-c", OLD, str(small)], env)
-    assert r["rc"] == 0, r["stderr"][-3000:]
-    tokens = re.search(r"(\d+) tokens", r["stdout"]).group(1)
-    rows.append(("old in-memory path (load_sft_dataset), 1 process", f"{a.old_n:,}", f"{r['seconds']:.1f} s (data loaded)",
-                 f"{a.old_n / r['seconds']:,.0f}", f"{r['peak_mb']:,.0f}"))
-    notes.append(f"{a.old_n:,} conversations = {int(tokens):,} tokens (model_max_length 512)")
-    print(rows[-1], flush=True)
+    if not progress.done("old"):
+        r = measure([sys.executable, "-c", OLD, str(small)], env)
+        assert r["rc"] == 0, r["stderr"][-3000:]
+        tokens = re.search(r"(\d+) tokens", r["stdout"]).group(1)
+        progress.add("old", rows=[("old in-memory path (load_sft_dataset), 1 process", f"{a.old_n:,}",
+                                   f"{r['seconds']:.1f} s (data loaded)", f"{a.old_n / r['seconds']:,.0f}", f"{r['peak_mb']:,.0f}")],
+                     notes=[f"{a.old_n:,} conversations = {int(tokens):,} tokens (model_max_length 512)"])
 
     for workers in (1, 2):
-        r = measure(cli + ["preprocess", "--data", str(small), "--out", str(scratch / f"tokens_{workers}"),
-                           "--preprocessing_num_workers", str(workers)], env)
-        assert r["rc"] == 0, r["stderr"][-3000:]
-        rate = re.search(r"at ([\d,]+)/s", r["stderr"]).group(1)
-        rows.append((f"new: preprocess --out DIR, {workers} worker(s)", f"{a.old_n:,}", f"{r['seconds']:.1f} s (all)", rate,
-                     f"{r['peak_mb']:,.0f}"))
-        print(rows[-1], flush=True)
+        if not progress.done(f"workers {workers}"):
+            r = measure(cli + ["preprocess", "--data", str(small), "--out", str(scratch / f"tokens_{workers}"),
+                               "--preprocessing_num_workers", str(workers)], env)
+            assert r["rc"] == 0, r["stderr"][-3000:]
+            rate = re.search(r"at ([\d,]+)/s", r["stderr"]).group(1)
+            progress.add(f"workers {workers}", rows=[(f"new: preprocess --out DIR, {workers} worker(s)", f"{a.old_n:,}",
+                                                      f"{r['seconds']:.1f} s (all)", rate, f"{r['peak_mb']:,.0f}")])
 
-    r = measure(cli + ["preprocess", "--data", str(bad), "--out", str(scratch / "tokens_bad")], env)
-    listed = [n for n in bad_lines if f"{bad}:{n}" in r["stderr"]]
-    notes.append(f"malformed file: exit {r['rc']}, {len(listed)} of the {len(bad_lines)} malformed samples listed with "
-                 f"file:line ({', '.join(map(str, bad_lines))}), in {r['seconds']:.1f} s")
-    print(notes[-1], flush=True)
+    if not progress.done("malformed"):
+        r = measure(cli + ["preprocess", "--data", str(bad), "--out", str(scratch / "tokens_bad")], env)
+        listed = [n for n in bad_lines if f"{bad}:{n}" in r["stderr"]]
+        progress.add("malformed", notes=[f"malformed file: exit {r['rc']}, {len(listed)} of the {len(bad_lines)} malformed "
+                                         f"samples listed with file:line ({', '.join(map(str, bad_lines))}), in {r['seconds']:.1f} s"])
 
     def sft_on(data: Path) -> list[str]:
         return cli + ["sft", "--data_path", str(data), "--output_dir", str(scratch / "out"), "--max_steps", "1", "--report_to", "none",
                       "--save_strategy", "no", "--overwrite_output_dir", "True", "--preprocessing_num_workers", "2"]
 
     for run in ("first run: tokenizes into the cache", "second run: from the cache"):
+        if progress.done(run):
+            continue
         r = measure(sft_on(big), env, first_step="step 1/1")
         assert r["rc"] == 0, r["stderr"][-3000:]
-        rows.append((f"new: sft --max_steps 1, {run}", f"{a.n:,}", f"{r['first_step']:.1f} s to step 1", "",
-                     f"{r['peak_mb']:,.0f}"))
-        print(rows[-1], flush=True)
-        if "first" in run:
-            rate = re.search(r"at ([\d,]+)/s", r["stderr"])
-            notes.append(f"first sft run tokenized {a.n:,} conversations at {rate.group(1) if rate else '?'}/s with 2 workers")
+        rate = re.search(r"at ([\d,]+)/s", r["stderr"])
+        progress.add(run, rows=[(f"new: sft --max_steps 1, {run}", f"{a.n:,}", started_training(r), "",
+                                 f"{r['peak_mb']:,.0f}")],
+                     notes=[f"first sft run tokenized {a.n:,} conversations at {rate.group(1) if rate else '?'}/s with 2 workers"]
+                     if "first" in run else [])
 
-    r = measure([sys.executable, "-c", DATA_PATH_ONLY, str(big)], env)
-    assert r["rc"] == 0, r["stderr"][-3000:]
-    took = re.search(r"data path: ([\d.]+) s", r["stdout"]).group(1)
-    rows.append(("new: the data path alone from the cache (key, checksum, open, report; after imports and the tokenizer)",
-                 f"{a.n:,}", f"{took} s", "", f"{r['peak_mb']:,.0f}"))
-    print(rows[-1], flush=True)
+    if not progress.done("data path"):
+        r = measure([sys.executable, "-c", DATA_PATH_ONLY, str(big)], env)
+        assert r["rc"] == 0, r["stderr"][-3000:]
+        assert "loaded from the cache" in r["stderr"], r["stderr"][-3000:]  # the same key as the sft runs
+        took = re.search(r"data path: ([\d.]+) s", r["stdout"]).group(1)
+        progress.add("data path", rows=[("new: the data path alone from the cache (key, checksum, open, report; after imports "
+                                         "and the tokenizer)", f"{a.n:,}", f"{took} s", "", f"{r['peak_mb']:,.0f}")])
 
-    tiny = scratch / "tiny_1000.jsonl"
-    generate(tiny, 1000, False)
-    r = measure(sft_on(tiny), env, first_step="step 1/1")
-    assert r["rc"] == 0, r["stderr"][-3000:]
-    rows.append(("baseline: the same sft on 1,000 conversations (model, optimizer, one packed batch)", "1,000",
-                 f"{r['first_step']:.1f} s to step 1", "", f"{r['peak_mb']:,.0f}"))
-    print(rows[-1], flush=True)
+    if not progress.done("baseline"):
+        tiny = scratch / "tiny_1000.jsonl"
+        generate(tiny, 1000, False)
+        measure(sft_on(tiny), env)  # tokenize it once, so that the timed run starts from the cache like the second run
+        r = measure(sft_on(tiny), env, first_step="step 1/1")
+        assert r["rc"] == 0, r["stderr"][-3000:]
+        progress.add("baseline", rows=[("baseline: the same sft on 1,000 conversations, from the cache (model, optimizer, one "
+                                        "packed batch)", "1,000", started_training(r), "", f"{r['peak_mb']:,.0f}")])
 
     table = ["| run | conversations | time | conversations/s | peak memory (PSS, MB, with children) |", "|---|---|---|---|---|"]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
+    table += ["| " + " | ".join(r) + " |" for r in progress.rows()]
     text = (f"# SFT data at scale\n\n`nice python bench/data_scale.py --n {a.n} --old_n {a.old_n}` "
             f"({os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GB)\n\n" + "\n".join(table)
-            + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+            + "\n\n" + "\n".join(f"- {n}" for n in progress.notes()) + "\n")
     (ROOT / "bench" / "data_scale.md").write_text(text, encoding="utf-8")
     print(text)
 

@@ -1,18 +1,34 @@
-"""SFT throughput and memory: qwen-tune's default vs the seed's pad-to-max vs TRL's SFTTrainer.
+"""SFT throughput, MFU and memory: qwen-tune against TRL's SFTTrainer at its best settings, on real Qwen shapes.
 
-    python bench/sft_throughput.py                    # embedded model, CPU, a few minutes
-    python bench/sft_throughput.py --model /path/to/Qwen2.5-0.5B-Instruct --steps 20 --batch_size 8
+    python bench/sft_throughput.py                              # embedded model: every row, a few minutes
+    python bench/sft_throughput.py --shape qwen2.5-0.5b         # Qwen2.5-0.5B's shape, random weights (CPU: ~30 min)
+    python bench/sft_throughput.py --shape qwen3-0.6b --rows qwen-tune,trl-packed
+    python bench/sft_throughput.py --shape qwen2.5-0.5b --device cuda   # bf16, sdpa; adds TRL + Liger rows
 
-One deterministic data set with a realistic length spread (mostly short chats, some medium, a few
-up to ~2,000 tokens), the same samples in the same order (sequential sampler), the same model and
-number of steps for every configuration, each in a fresh subprocess:
-  pad-to-max  qwen-tune --pad_to_max_length True with the plain full-logits loss (the seed's way)
-  trl         TRL SFTTrainer, its defaults (dynamic padding, full-logits loss on all tokens), fp32
-  qwen-tune   qwen-tune's default: padding-free packing + chunked supervised-only loss
-Real (non-pad) tokens/s is timed from the end of the first step to the end of the last (the first
-step is warm-up); peak memory is the child's peak RSS (CPU) or torch.cuda.max_memory_allocated (GPU).
-A second table measures one loss step (forward + backward) on a 2,048-token row: chunked vs plain.
-Writes bench/results.md and bench/throughput.png.
+Every row trains the same generated chats (mostly short, some medium, a few long; a fixed seed) for one epoch,
+in order, in a fresh process, from the same random-weight checkpoint (bench/shapes.py: the published
+configuration, the real tokenizer and the checkpoint's official chat template), in fp32 on CPU (TRL's default
+bf16 autocast falls back to a naive GEMM on CPUs without bf16 support) or bf16 on CUDA. The rows:
+
+  qwen-tune         qwen-tune's default: each batch packed into one row, loss only on supervised tokens (chunked)
+  qwen-tune-lora    the same with --use_lora True (r 64, alpha 16, all linear layers: qwen-tune's defaults)
+  qwen-tune-qlora   the same with --q_lora True (bitsandbytes NF4 base)
+  trl-packed        TRL SFTTrainer, packing=True, packing_strategy="bfd" (padding-free), assistant_only_loss=True
+                    (TRL's training template for Qwen), its fused chunked LM head; one max_length block a step
+  trl-padded        TRL SFTTrainer, dynamic padding, assistant_only_loss=True, same batch size as qwen-tune
+  trl-liger         trl-packed + use_liger_kernel=True (CUDA only: Liger's kernels are Triton)
+  trl-lora          trl-packed + the same PEFT LoraConfig as qwen-tune-lora
+  trl-qlora         trl-lora on the same NF4 base as qwen-tune-qlora
+  trl-defaults      reference: TRL SFTTrainer defaults (dynamic padding, loss on every token)
+  pad-to-max        reference: the seed's way (pad every sample to model_max_length, full-logits loss); embedded only
+                    by default (on a real shape it computes ~8x the tokens)
+
+Real (non-pad) tokens/s is timed from the end of the first optimizer step to the end of the epoch (the first
+step is warm-up). MFU = model FLOPs per real token (bench/flops.py: the same assistant-only job for every row)
+x real tokens/s / the fastest of the model's own GEMMs measured in the same run. Peak memory: the process's peak
+RSS (CPU) or torch.cuda.max_memory_allocated (CUDA). A second table measures the loss step alone (hidden states
+and output projection -> loss -> backward) at 1k, 4k and 16k tokens, chunked against full logits.
+The tables go into this shape's section of bench/results.md, with the command; the plot to bench/sft_<shape>.png.
 """
 
 from __future__ import annotations
@@ -27,13 +43,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import flops_per_token, matmul_peak  # noqa: E402
+from shapes import SHAPES, build_shape, config_of, parameter_counts  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant."
-CONFIGS = {
-    "pad-to-max": "seed-style: pad every sample to model_max_length, full-logits loss",
-    "trl": "TRL SFTTrainer defaults (dynamic padding, full-logits loss)",
-    "qwen-tune": "qwen-tune default: packing + chunked supervised-only loss",
+ROWS = ("qwen-tune", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-padded", "trl-liger", "trl-lora",
+        "trl-qlora", "trl-defaults", "pad-to-max")
+FLAGS = {
+    "qwen-tune": "defaults (packing, chunked supervised-only loss)",
+    "qwen-tune-lora": "--use_lora True",
+    "qwen-tune-qlora": "--use_lora True --q_lora True",
+    "trl-packed": "packing=True, packing_strategy='bfd', assistant_only_loss=True",
+    "trl-padded": "assistant_only_loss=True (dynamic padding)",
+    "trl-liger": "packing=True, packing_strategy='bfd', assistant_only_loss=True, use_liger_kernel=True",
+    "trl-lora": "trl-packed + peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules='all-linear')",
+    "trl-qlora": "trl-lora on the NF4 base (BitsAndBytesConfig 4-bit, double quant)",
+    "trl-defaults": "SFTConfig defaults (dynamic padding, loss on every token)",
+    "pad-to-max": "qwen-tune --pad_to_max_length True with the full-logits loss (the seed's way)",
 }
 WORDS = ("the model learns to answer questions about data code and language with short clear sentences "
          "while keeping track of context across turns and explaining each step in plain words").split()
@@ -45,7 +75,7 @@ def text_of(rng: random.Random, n_words: int) -> str:
 
 
 def make_dataset(n: int, max_length: int, tokenizer) -> list[dict]:
-    """Mostly short chats, every 5th medium, every 16th long (up to ~max_length tokens), fixed seed."""
+    """Mostly short chats, every 5th medium, every 16th long (up to ~max_length tokens), fixed seed; never truncated."""
     rng = random.Random(0)
     convs = []
     for i in range(n):
@@ -55,29 +85,29 @@ def make_dataset(n: int, max_length: int, tokenizer) -> list[dict]:
             user, answer = rng.randint(60, 200), rng.randint(200, 600)
         else:
             user, answer = rng.randint(8, 60), rng.randint(20, 200)
-        turns = [{"from": "user", "value": text_of(rng, user)}, {"from": "assistant", "value": text_of(rng, answer)}]
-        while n_tokens(tokenizer, turns) > max_length - 8:  # never truncated, by either trainer
-            longer = max(turns, key=lambda t: len(t["value"]))
-            longer["value"] = longer["value"][: int(len(longer["value"]) * 0.9)] + "."
-        convs.append({"id": f"bench_{i}", "conversations": turns})
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text_of(rng, user)},
+                    {"role": "assistant", "content": text_of(rng, answer)}]
+        while n_tokens(tokenizer, messages) > max_length - 8:
+            longer = max(messages[1:], key=lambda m: len(m["content"]))
+            longer["content"] = longer["content"][: int(len(longer["content"]) * 0.9)] + "."
+        convs.append({"id": f"bench_{i}", "messages": messages})
     return convs
 
 
-def n_tokens(tokenizer, turns) -> int:
-    messages = [{"role": "system", "content": SYSTEM}] + [{"role": t["from"], "content": t["value"]} for t in turns]
+def n_tokens(tokenizer, messages) -> int:
     return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
 
-# ---------------------------------------------------------------- children (one config each)
-def peak_memory_mb() -> float:
+# ---------------------------------------------------------------- children (one row each, fresh process)
+def peak_memory_mb(device: str) -> float:
     import torch
 
-    if torch.cuda.is_available():
+    if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def step_timer():
+def step_timer(device: str):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -88,88 +118,61 @@ def step_timer():
         def on_step_end(self, args, state, control, **kw):
             import torch
 
-            if torch.cuda.is_available():
+            if device == "cuda":
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
     return StepTimer()
 
 
-def child_train(cfg: str, a) -> dict:
-    timer = step_timer()
-    common = dict(steps=a.steps, batch=a.batch_size)
-    if cfg == "trl":
-        from datasets import Dataset
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import SFTConfig, SFTTrainer
-
-        from qwen_tune.model import resolve_model_path
-
-        path = resolve_model_path(a.model)
-        convs = json.load(open(a.data))
-        ds = Dataset.from_list([{"messages": [{"role": "system", "content": SYSTEM}]
-                                 + [{"role": t["from"], "content": t["value"]} for t in c["conversations"]]} for c in convs])
-        config = SFTConfig(output_dir=a.tmp, max_length=a.max_length, per_device_train_batch_size=a.batch_size,
-                           max_steps=a.steps, learning_rate=1e-4, train_sampling_strategy="sequential",
-                           save_strategy="no", report_to="none", logging_steps=1, bf16=a.bf16,
-                           include_num_input_tokens_seen="non_padding")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="bfloat16" if a.bf16 else "float32")
-        trainer = SFTTrainer(model=model, args=config, train_dataset=ds,
-                             processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer])
-        trainer.train()
+def child_train(row: str, a) -> dict:
+    timer = step_timer(a.device)
+    bf16 = a.device == "cuda"
+    if row.startswith("trl"):
+        train_trl(row, a, timer, bf16)
     else:
-        from qwen_tune import sft
-
-        argv = ["--data_path", a.data, "--output_dir", a.tmp, "--model_max_length", str(a.max_length),
-                "--per_device_train_batch_size", str(a.batch_size), "--max_steps", str(a.steps),
-                "--learning_rate", "1e-4", "--train_sampling_strategy", "sequential", "--save_strategy", "no",
-                "--report_to", "none", "--system_message", SYSTEM, "--bf16", str(a.bf16)]
-        if a.model:
-            argv += ["--model_name_or_path", a.model]
-        if cfg == "pad-to-max":
-            argv += ["--pad_to_max_length", "True"]
-            sft.causal_lm_loss_sum = plain_loss  # the seed's full-logits loss, in this benchmark process only
-        sft.run(*sft.parse(sft.ARGUMENTS, argv), callbacks=(timer,))
+        train_qwen_tune(row, a, timer, bf16)
     (t0, tok0), (t1, tok1) = timer.marks[0], timer.marks[-1]
-    return dict(common, real_tokens=int(tok1 - tok0), seconds=t1 - t0, tokens_per_s=(tok1 - tok0) / (t1 - t0),
-                all_real_tokens=int(tok1), peak_mb=peak_memory_mb())
+    return dict(steps=len(timer.marks), real_tokens=int(tok1 - tok0), seconds=t1 - t0, tokens_per_s=(tok1 - tok0) / (t1 - t0),
+                all_real_tokens=int(tok1), peak_mb=peak_memory_mb(a.device))
 
 
-def child_loss(kind: str, a) -> dict:
-    """One forward+backward of the loss on a 2,048-token packed row of real samples."""
+def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
+    from qwen_tune import sft
+
+    argv = ["--model_name_or_path", a.model, "--data_path", a.data, "--output_dir", a.tmp,
+            "--model_max_length", str(a.max_length), "--per_device_train_batch_size", str(a.batch_size),
+            "--num_train_epochs", "1", "--learning_rate", "1e-5", "--train_sampling_strategy", "sequential",
+            "--save_strategy", "no", "--report_to", "none", "--bf16", str(bf16), "--tokens_cache", "none"]
+    if row in ("qwen-tune-lora", "qwen-tune-qlora"):
+        argv += ["--use_lora", "True"] + (["--q_lora", "True"] if row == "qwen-tune-qlora" else [])
+    if row == "pad-to-max":
+        argv += ["--pad_to_max_length", "True"]
+        sft.causal_lm_loss_sum = plain_loss  # the seed's full-logits loss, in this benchmark process only
+    sft.run(*sft.parse(sft.ARGUMENTS, argv), callbacks=(timer,))
+
+
+def train_trl(row: str, a, timer, bf16: bool) -> None:
     import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
 
-    from qwen_tune.data.collate import PackedCollator
-    from qwen_tune.data.chat_format import resolve_format
-    from qwen_tune.data.dataset import load_sft_dataset
-    from qwen_tune.train.loss import causal_lm_loss_sum
-    from qwen_tune.model import load_model, resolve_model_path
-    from qwen_tune.tokenizer import load_tokenizer
+    from qwen_tune.model import load_model, lora_config
 
-    path = resolve_model_path(a.model)
-    samples, _ = load_sft_dataset(a.data, resolve_format(load_tokenizer(path), system_message=SYSTEM), a.max_length)
-    row, used = [], 0
-    for s in samples:
-        if used + len(s.input_ids) > a.max_length:
-            continue
-        row.append({"input_ids": s.input_ids, "labels": s.labels})
-        used += len(s.input_ids)
-    batch = PackedCollator()(row)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(path, dtype=torch.bfloat16 if a.bf16 else torch.float32).to(device)
-    model.config.use_cache = False
-    batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # resident now
-    start = time.perf_counter()
-    loss, n = (plain_loss if kind == "plain" else causal_lm_loss_sum)(model, batch)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    peak = peak_memory_mb()
-    return dict(tokens=used, supervised=n, loss=loss.item(), seconds=seconds, peak_mb=peak, above_base_mb=peak - base)
+    packed = row in ("trl-packed", "trl-liger", "trl-lora", "trl-qlora")
+    options = dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1) if packed else \
+        dict(per_device_train_batch_size=a.batch_size)
+    config = SFTConfig(output_dir=a.tmp, max_length=a.max_length, num_train_epochs=1, learning_rate=1e-5,
+                       train_sampling_strategy="sequential", save_strategy="no", report_to="none", logging_steps=1,
+                       bf16=bf16, include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
+                       assistant_only_loss=row != "trl-defaults", use_liger_kernel=row == "trl-liger", **options)
+    convs = json.load(open(a.data))
+    dataset = Dataset.from_list([{"messages": c["messages"]} for c in convs])
+    model = load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, q_lora=row == "trl-qlora")
+    peft = lora_config(r=64, alpha=16, dropout=0.05, target_modules="all-linear") if row in ("trl-lora", "trl-qlora") else None
+    SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(a.model),
+               peft_config=peft, callbacks=[timer]).train()
 
 
 def plain_loss(model, batch: dict):
@@ -180,113 +183,210 @@ def plain_loss(model, batch: dict):
     return plain_cross_entropy_sum(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
+def child_loss(kind: str, a) -> dict:
+    """One loss step alone on `a.tokens` positions, all supervised: the final hidden states and the output
+    projection of the shape -> loss -> backward. Memory above what the inputs already hold."""
+    import torch
+
+    from qwen_tune.train.loss import chunked_cross_entropy_sum, plain_cross_entropy_sum
+
+    config = config_of(a.shape)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    hidden = torch.randn(1, a.tokens, config.hidden_size, dtype=dtype, device=a.device, requires_grad=True)
+    weight = (torch.randn(config.vocab_size, config.hidden_size, dtype=dtype, device=a.device) * 0.02).requires_grad_()
+    labels = torch.randint(0, config.vocab_size, (1, a.tokens), device=a.device)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # resident now
+    start = time.perf_counter()
+    if kind == "chunked":
+        loss, _ = chunked_cross_entropy_sum(hidden[0], weight, labels)
+    else:
+        loss, _ = plain_cross_entropy_sum((hidden @ weight.T), labels)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = peak_memory_mb(a.device)
+    return dict(tokens=a.tokens, seconds=seconds, peak_mb=peak, above_base_mb=peak - base)
+
+
 # ---------------------------------------------------------------- parent
-def run_child(what: str, a, data: str) -> dict:
+def run_child(what: str, a, extra: list[str]) -> dict | str:
+    """A row's result, or why it did not run (its error's last line)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--data", data, "--tmp", tmp,
-               "--steps", str(a.steps), "--batch_size", str(a.batch_size), "--max_length", str(a.max_length),
-               "--bf16", str(a.bf16)] + (["--model", a.model] if a.model else [])
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--tmp", tmp, "--shape", a.shape,
+               "--device", a.device, "--max_length", str(a.max_length), "--batch_size", str(a.batch_size)] + extra
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{what} failed:\n{proc.stderr[-4000:]}")
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or [f"exit {proc.returncode}"]
+        print(f"{what} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return lines[-1][:200]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def default_rows(shape: str, device: str) -> list[str]:
+    rows = [r for r in ROWS if r != "trl-liger" or device == "cuda"]
+    if shape != "embedded":
+        rows.remove("pad-to-max")
+    return rows
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local checkpoint (default: the embedded tiny Qwen2)")
-    p.add_argument("--samples", type=int, default=300)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--max_length", type=int, default=2048)
-    p.add_argument("--bf16", type=lambda s: s.lower() == "true", default=False)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench"))
-    p.add_argument("--only", default=None, help="comma-separated configs to run (default: all)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="embedded", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rows", default=None, help=f"comma-separated rows (default: all that apply); of {', '.join(ROWS)}")
+    p.add_argument("--samples", type=int, default=48, help="chats trained, one epoch")
+    p.add_argument("--batch_size", type=int, default=8, help="chats a step (rows that batch by sample)")
+    p.add_argument("--max_length", type=int, default=2048, help="model_max_length; TRL's packed block length")
+    p.add_argument("--loss_tokens", default="1024,4096,16384", help="the loss step table's lengths")
+    p.add_argument("--scratch", default="/tmp/qwen_tune_bench", help="where the shape's checkpoint is written")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
+    p.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         result = child_loss(a.child[5:], a) if a.child.startswith("loss-") else child_train(a.child, a)
         print(json.dumps(result))
         return
 
-    from qwen_tune.model import resolve_model_path
-    from qwen_tune.tokenizer import load_tokenizer
+    import torch
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(resolve_model_path(a.model))
+    from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.data.dataset import encode_conversations
+    from qwen_tune.data.read import load_conversations
+
+    model = str(build_shape(a.shape, Path(a.scratch) / a.shape))
+    config = config_of(a.shape)
+    tokenizer = AutoTokenizer.from_pretrained(model)
     convs = make_dataset(a.samples, a.max_length, tokenizer)
-    lengths = sorted(n_tokens(tokenizer, c["conversations"]) for c in convs)
-    window = [n_tokens(tokenizer, c["conversations"]) for c in convs[: a.steps * a.batch_size]]
     data = os.path.join(tempfile.mkdtemp(prefix="qt-bench-"), "bench_sft.json")
     json.dump(convs, open(data, "w"))
+    encoded, _ = encode_conversations(load_conversations(data), resolve_format(tokenizer), a.max_length)
+    lengths, supervised = [len(e.input_ids) for e in encoded], [e.num_supervised for e in encoded]
+    counts = parameter_counts(config)
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    peak, gemm = matmul_peak(config, dtype, a.device)
     load = os.getloadavg()
-    print(f"data: {len(convs)} samples, tokens min/median/max {lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; "
-          f"the {len(window)} trained samples: {sum(window)} tokens, max {max(window)}; load average {load[0]:.1f}", flush=True)
+    print(f"{a.shape}: {counts['blocks'] / 1e6:.0f}M block parameters; data {len(lengths)} chats, {sum(lengths)} tokens "
+          f"({sum(supervised)} supervised); GEMM peak {peak / 1e9:.0f} GFLOP/s {gemm}; load {load[0]:.1f}", flush=True)
 
     results = {}
-    for cfg in (a.only.split(",") if a.only else CONFIGS):
-        results[cfg] = run_child(cfg, a, data)
-        print(f"{cfg}: {results[cfg]['tokens_per_s']:.0f} real tokens/s, peak {results[cfg]['peak_mb']:.0f} MiB", flush=True)
-    losses = {k: run_child(f"loss-{k}", a, data) for k in ("chunked", "plain")}
-    for k, r in losses.items():
-        print(f"loss step {k}: {r['above_base_mb']:.0f} MiB above resting, {r['seconds']:.1f} s", flush=True)
-    report = render(a, results, losses, lengths, window, load)
-    print(report)
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(report)
-    plot(results, os.path.join(a.out, "throughput.png"))
+    for row in (a.rows.split(",") if a.rows else default_rows(a.shape, a.device)):
+        results[row] = run_child(row, a, ["--data", data, "--model", model])
+        r = results[row]
+        print(f"{row}: " + (f"{r['tokens_per_s']:.1f} real tokens/s, peak {r['peak_mb']:.0f} MiB" if isinstance(r, dict) else r),
+              flush=True)
+    losses = {}
+    for n in (int(t) for t in a.loss_tokens.split(",")):
+        for kind in ("chunked", "plain"):
+            need = 3 * n * config.vocab_size * (2 if a.device == "cuda" else 4) / 2**20  # logits, softmax, gradient
+            total = (torch.cuda.get_device_properties(0).total_memory if a.device == "cuda"
+                     else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 2**20
+            losses[(kind, n)] = (f"not run: full logits need about {need / 1024:.0f} GiB, the machine has {total / 1024:.0f}"
+                                 if kind == "plain" and need > 0.7 * total else run_child(f"loss-{kind}", a, ["--tokens", str(n)]))
+            r = losses[(kind, n)]
+            print(f"loss {kind} {n}: " + (f"{r['above_base_mb']:.0f} MiB above the inputs, {r['seconds']:.2f} s"
+                                          if isinstance(r, dict) else r), flush=True)
+    fpt = {frozen: flops_per_token(counts, lengths, supervised, frozen) for frozen in (False, True)}
+    section = render(a, config, counts, results, losses, lengths, supervised, fpt, peak, gemm, load)
+    write_section(ROOT / "bench" / "results.md", a.shape, a.device, section)
+    plot(results, losses, ROOT / "bench" / f"sft_{a.shape}{'_cuda' if a.device == 'cuda' else ''}.png", a.shape)
+    print(section)
 
 
-def render(a, results, losses, lengths, window, load) -> str:
+def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, gemm, load) -> str:
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
-    ours = results.get("qwen-tune", {}).get("tokens_per_s")
+    device = (torch.cuda.get_device_name() if a.device == "cuda"
+              else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
+    best_trl = max((r["tokens_per_s"] for k, r in results.items() if isinstance(r, dict) and k in ("trl-packed", "trl-padded", "trl-liger")),
+                   default=None)
+    ours = results.get("qwen-tune")
+    command = " ".join(["python", "bench/sft_throughput.py"] + sys.argv[1:])
     lines = [
-        "# SFT throughput: qwen-tune vs pad-to-max vs TRL SFTTrainer", "",
-        f"`python bench/sft_throughput.py {' '.join(sys.argv[1:])}`".replace("  ", " "), "",
-        f"- device: {device}; load average at start {load[0]:.1f} (shared machine: timings are noisy)",
-        f"- model: {a.model or 'embedded tiny Qwen2 (151,936 vocabulary, hidden 64, 2 layers)'}; "
-        f"{'bf16' if a.bf16 else 'fp32'}; model_max_length {a.max_length}",
-        f"- data: {len(lengths)} generated chats, tokens min/median/max {lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[-1]}; "
-        f"each run trains the same first {len(window)} samples in order ({a.steps} steps x batch {a.batch_size}, "
-        f"{sum(window)} real tokens, longest {max(window)}); timed from step 1's end to step {a.steps}'s end", "",
-        "| configuration | real tokens/s | qwen-tune speed-up | peak memory (MiB) | real tokens timed | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"## SFT on the {a.shape} shape ({a.device})", "",
+        f"`{command}`", "",
+        f"- device: {device}; load average at start {load[0]:.1f}; {'bf16' if a.device == 'cuda' else 'fp32'}",
+        f"- model: {a.shape} ({counts['blocks'] / 1e6:.1f}M block parameters + {counts['vocab_projection'] / 1e6:.1f}M "
+        f"vocabulary projection, tied; hidden {config.hidden_size}, {config.num_hidden_layers} layers), random weights",
+        f"- data: {len(lengths)} generated chats, one epoch, in order; {sum(lengths)} tokens, {sum(supervised)} supervised; "
+        f"tokens min/median/max {min(lengths)}/{sorted(lengths)[len(lengths) // 2]}/{max(lengths)}; max_length {a.max_length}; "
+        f"batch {a.batch_size} chats (TRL packed: one {a.max_length}-token block a step)",
+        f"- GEMM peak measured in this run: {peak / 1e9:.1f} GFLOP/s ({gemm}); model FLOPs per real token "
+        f"{fpt[False] / 1e9:.2f} G (full), {fpt[True] / 1e9:.2f} G (LoRA / Q-LoRA: frozen weights)", "",
+        "| row | flags | real tokens/s | qwen-tune default vs this | MFU | peak memory (MiB) | steps | seconds timed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for cfg, r in results.items():
-        ratio = f"{ours / r['tokens_per_s']:.2f}x" if ours else "-"
-        lines.append(f"| {cfg}: {CONFIGS[cfg]} | {r['tokens_per_s']:.0f} | {ratio} | {r['peak_mb']:.0f} | {r['real_tokens']} | {r['seconds']:.1f} |")
-    c, pl = losses["chunked"], losses["plain"]
-    lines += [
-        "", f"## One loss step (forward + backward) on a {c['tokens']}-token packed row ({c['supervised']} supervised tokens)", "",
-        "| loss | memory above resting (MiB) | peak (MiB) | seconds | loss sum |", "|---|---:|---:|---:|---:|",
-        f"| chunked supervised-only (qwen-tune) | {c['above_base_mb']:.0f} | {c['peak_mb']:.0f} | {c['seconds']:.2f} | {c['loss']:.2f} |",
-        f"| plain full logits | {pl['above_base_mb']:.0f} | {pl['peak_mb']:.0f} | {pl['seconds']:.2f} | {pl['loss']:.2f} |",
-        "", f"Plain / chunked memory above resting: **{pl['above_base_mb'] / max(c['above_base_mb'], 1):.1f}x**; "
-        f"peak: {pl['peak_mb'] / c['peak_mb']:.2f}x. (CPU: peak RSS of a fresh process minus its resident size before the step.)", "",
-    ]
-    return "\n".join(lines)
+    for row, r in results.items():
+        if not isinstance(r, dict):
+            lines.append(f"| {row} | {FLAGS[row]} | did not run: {r} | | | | | |")
+            continue
+        frozen = "lora" in row
+        mfu = r["tokens_per_s"] * fpt[frozen] / peak
+        ratio = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if isinstance(ours, dict) else "-"
+        lines.append(f"| {row} | {FLAGS[row]} | {r['tokens_per_s']:.1f} | {ratio} | {100 * mfu:.1f}% | {r['peak_mb']:.0f} | "
+                     f"{r['steps']} | {r['seconds']:.1f} |")
+    if isinstance(ours, dict) and best_trl:
+        lines += ["", f"qwen-tune's default against TRL's fastest assistant-only row: **{ours['tokens_per_s'] / best_trl:.2f}x** "
+                      "real tokens/s."]
+    lines += ["", "### The loss step alone (all positions supervised)", "",
+              "| tokens | chunked: memory above inputs (MiB) | chunked: seconds | full logits: memory above inputs (MiB) | "
+              "full logits: seconds | chunked / full memory |", "|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({n for _, n in losses}):
+        c, f = losses[("chunked", n)], losses[("plain", n)]
+        cells = [f"{c['above_base_mb']:.0f}", f"{c['seconds']:.2f}"] if isinstance(c, dict) else [c, ""]
+        cells += [f"{f['above_base_mb']:.0f}", f"{f['seconds']:.2f}"] if isinstance(f, dict) else [f, ""]
+        ratio = (f"{c['above_base_mb'] / f['above_base_mb']:.2f}x" if isinstance(c, dict) and isinstance(f, dict) else
+                 f"{c['above_base_mb'] / (3 * n * config.vocab_size * 4 / 2**20):.2f}x of the estimate" if isinstance(c, dict) else "")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
-def plot(results, path) -> None:
+def write_section(path: Path, shape: str, device: str, section: str) -> None:
+    """Replace this shape's section of results.md (between its markers), or add it; other sections stay."""
+    start, end = f"<!-- sft_throughput {shape} {device} -->", f"<!-- end sft_throughput {shape} {device} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    block = f"{start}\n{section}{end}\n"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text, encoding="utf-8")
+
+
+def plot(results, losses, path: Path, shape: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    values = [results[n]["tokens_per_s"] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(names, values, color=["#999999", "#6a9fd8", "#e07b39"][: len(names)])
-    ax.bar_label(bars, labels=[f"{v:.0f}" for v in values])
-    ax.set_ylabel("real (non-pad) tokens / s")
-    ax.set_title("SFT throughput, same data and steps")
+    ran = {k: r for k, r in results.items() if isinstance(r, dict)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    colors = ["#e07b39" if k.startswith("qwen-tune") else "#6a9fd8" if k.startswith("trl") else "#999999" for k in ran]
+    bars = left.barh(list(ran), [r["tokens_per_s"] for r in ran.values()], color=colors)
+    left.bar_label(bars, labels=[f"{r['tokens_per_s']:.0f}" for r in ran.values()])
+    left.invert_yaxis()
+    left.set_xlabel("real (non-pad) tokens / s")
+    left.set_title(f"SFT throughput, {shape}, same data")
+    for kind, style in (("chunked", "o-"), ("plain", "s--")):
+        points = sorted((n, r["above_base_mb"]) for (k, n), r in losses.items() if k == kind and isinstance(r, dict))
+        if points:
+            right.plot([n for n, _ in points], [m / 1024 for _, m in points], style,
+                       label="chunked (qwen-tune)" if kind == "chunked" else "full logits")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("tokens in the step")
+    right.set_ylabel("GiB above the inputs")
+    right.set_title("loss step memory")
+    right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,36 @@ def format_arguments(namespace) -> FormatArguments:
 
 
 @dataclass
-class DataArguments(FormatArguments):
+class CacheArguments:
+    """How conversations are tokenized once and kept (data/cache.py): sft, preprocess and eval take these."""
+
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (unset: min(4, CPU count))."}
+    )
+    tokens_cache: str | None = field(
+        default=None, metadata={"help": "Where tokenized data is kept and reused while data, tokenizer, template and options are "
+                                       "unchanged (unset: $QWEN_TUNE_CACHE/tokens, default ~/.cache/qwen_tune/tokens; none: off)."}
+    )
+
+
+def add_cache_arguments(parser) -> None:
+    """The `CacheArguments` options on a plain argparse parser (preprocess, eval)."""
+    from dataclasses import fields
+
+    for f in fields(CacheArguments):
+        kind = int if f.name == "preprocessing_num_workers" else str
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"])
+
+
+def cache_options(namespace):
+    """The `data.cache.CacheOptions` of parsed `CacheArguments` (a DataArguments or an argparse namespace)."""
+    from .data.cache import CacheOptions
+
+    return CacheOptions(namespace.tokens_cache, namespace.preprocessing_num_workers)
+
+
+@dataclass
+class DataArguments(CacheArguments, FormatArguments):
     _argument_group_name = "data"
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: a .json/.jsonl(.gz), .csv, .parquet or .arrow file, a datasets save_to_disk "
@@ -118,18 +147,6 @@ class DataArguments(FormatArguments):
         default=False, metadata={"help": "The seed's behaviour: pad every sample to model_max_length (for comparison)."}
     )
     lazy_preprocess: bool = field(default=False, metadata={"help": "Accepted for the seed's scripts; has no effect."})
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes that tokenize the data (unset: min(4, CPU count))."}
-    )
-    tokens_cache: str | None = field(
-        default=None, metadata={"help": "Where tokenized data is kept and reused while data, tokenizer, template and options are "
-                                       "unchanged (unset: $QWEN_TUNE_CACHE/tokens, default ~/.cache/qwen_tune/tokens; none: off)."}
-    )
-
-    def cache_options(self):
-        from .data.cache import CacheOptions
-
-        return CacheOptions(self.tokens_cache, self.preprocessing_num_workers)
 
 
 @dataclass

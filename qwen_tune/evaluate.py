@@ -38,23 +38,21 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .args import format_arguments, inference_parser
+    from .args import add_cache_arguments, cache_options, format_arguments, inference_parser
     from .chat import load_for_inference
 
     p = inference_parser("qwen-tune eval", __doc__)
     p.add_argument("--data", required=True, help="conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list")
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
-    p.add_argument("--preprocessing_num_workers", type=int, default=None, help="tokenizing processes (unset: min(4, CPUs))")
-    p.add_argument("--tokens_cache", default=None, help="the tokens cache (unset: $QWEN_TUNE_CACHE/tokens; none: off)")
+    add_cache_arguments(p)
     a = p.parse_args(argv)
-    from .data.cache import CacheOptions
     from .data.read import check_conversations
 
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
     model, tokenizer = load_for_inference(a.model)
     fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
     result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size,
-                      options=CacheOptions(a.tokens_cache, a.preprocessing_num_workers))
+                      options=cache_options(a))
     print(json.dumps(result))
     return result

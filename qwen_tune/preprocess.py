@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from .args import add_format_arguments, format_arguments
+from .args import add_cache_arguments, add_format_arguments, cache_options, format_arguments
 from .data.chat_format import IGNORE
-from .data.cache import CacheOptions, build_tokens, load_tokens
+from .data.cache import build_tokens, load_tokens
 from .tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"
@@ -30,12 +30,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples (head kept; counted)")
     p.add_argument("--out", default=None, help="a directory: write the tokens there for sft --data_path DIR; a .jsonl file: "
                    "the kept samples as JSON lines")
-    p.add_argument("--preprocessing_num_workers", type=int, default=None, help="tokenizing processes (unset: min(4, CPUs))")
-    p.add_argument("--tokens_cache", default=None, help="the tokens cache (unset: $QWEN_TUNE_CACHE/tokens; none: off); "
-                   "not used with --out DIR")
     p.add_argument("--show", type=int, default=0, help="print N samples with supervised spans highlighted")
     p.add_argument("--trust_remote_code", action="store_true", help="allow a checkpoint's own tokenizer code")
     add_format_arguments(p)
+    add_cache_arguments(p)  # --tokens_cache is not used with --out DIR
     return p
 
 
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(source, trust_remote_code=a.trust_remote_code)
     fmt = format_arguments(a).chat_format(tokenizer, source=a.tokenizer or "the embedded model")
     print(f"format: {fmt.description}")
-    options = CacheOptions(a.tokens_cache, a.preprocessing_num_workers)
+    options = cache_options(a)
     if a.out and not a.out.endswith(".jsonl"):
         build_tokens(a.data, fmt, a.model_max_length, Path(a.out), options.num_workers())
         data = a.out

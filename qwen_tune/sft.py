@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
+from .args import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, cache_options, parse, resolve_options,
+                   train_dtype)
 from .data.collate import PackedCollator, PaddedCollator
 from .data.cache import load_tokens
 from .data.splits import load_splits
@@ -81,7 +82,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
     fmt = data_args.chat_format(tokenizer, source=model_path)
     log(f"format: {fmt.description}")
     def load(paths):
-        return load_tokens(paths, fmt, args.model_max_length, seed=args.seed, options=data_args.cache_options())
+        return load_tokens(paths, fmt, args.model_max_length, seed=args.seed, options=cache_options(data_args))
 
     with args.main_process_first(local=True, desc="tokenizing the data"):  # one rank per node tokenizes, the others map its cache
         train_samples, train_report, eval_samples, eval_report = load_splits(data_args, args.seed, load, log)
