@@ -3,8 +3,8 @@
 Model FLOPs count only what training must compute (the MFU convention): per real token, 2 FLOPs a block
 parameter forward and 4 backward (2 when the weight is frozen: LoRA / Q-LoRA need the gradients of the
 activations, not of the weights); the output projection only at positions whose next token is supervised
-(logits elsewhere are not needed); causal attention 6 x layers x width x sequence^2 / ... per sequence
-(the score and value matmuls, half of them masked, forward + backward). Padding, recomputation and
+(logits elsewhere are not needed); causal attention 6 x layers x width x length^2 per sequence (the
+score and value matmuls, 4 x length^2 x width forward, half of it masked, and twice that backward). Padding, recomputation and
 logits at unsupervised positions are work a configuration chose, not work the model needs.
 """
 
@@ -25,7 +25,8 @@ def flops_per_token(counts: dict, lengths: list[int], supervised: list[int], fro
 
 
 def matmul_peak(config, dtype, device: str, rows: int = 2048, repeats: int = 5) -> tuple[float, str]:
-    """(FLOP/s, which GEMM) of the fastest of the model's own matmul shapes on this machine, best of `repeats`."""
+    """(FLOP/s, which GEMM) of the fastest of the model's own matmul shapes on this machine, best of `repeats`
+    timings of at least 0.2 s each (tiny shapes are repeated, so that timer noise does not flatter them)."""
     import torch
 
     h, inter = config.hidden_size, config.intermediate_size
@@ -37,14 +38,19 @@ def matmul_peak(config, dtype, device: str, rows: int = 2048, repeats: int = 5) 
         a = torch.randn(m, k, dtype=dtype, device=device)
         b = torch.randn(k, n, dtype=dtype, device=device)
         a @ b  # warm-up
+        start, times = time.perf_counter(), 0
+        while time.perf_counter() - start < 0.2:
+            a @ b
+            times += 1
         for _ in range(repeats):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            a @ b
+            for _ in range(times):
+                a @ b
             if device == "cuda":
                 torch.cuda.synchronize()
-            rate = 2 * m * k * n / (time.perf_counter() - start)
+            rate = 2 * m * k * n * times / (time.perf_counter() - start)
             if rate > best:
                 best, which = rate, name
     return best, which

@@ -203,7 +203,7 @@ def child_loss(kind: str, a) -> dict:
         base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # resident now
     start = time.perf_counter()
     if kind == "chunked":
-        loss, _ = chunked_cross_entropy_sum(hidden[0], weight, labels)
+        loss, _ = chunked_cross_entropy_sum(hidden, weight, labels)
     else:
         loss, _ = plain_cross_entropy_sum((hidden @ weight.T), labels)
     loss.backward()
@@ -221,9 +221,11 @@ def run_child(what: str, a, extra: list[str]) -> dict | str:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or [f"exit {proc.returncode}"]
+        errors = [line for line in proc.stderr.splitlines() if "Error" in line]
         print(f"{what} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
-        return lines[-1][:200]
+        if errors:
+            return errors[-1][:200]
+        return "killed (out of memory)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -232,6 +234,19 @@ def default_rows(shape: str, device: str) -> list[str]:
     if shape != "embedded":
         rows.remove("pad-to-max")
     return rows
+
+
+def machine_mib(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory / 2**20
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def logits_mib(tokens: int, vocab: int, device: str) -> float:
+    """What a full-logits loss holds at once: the logits, their softmax and its gradient."""
+    return 3 * tokens * vocab * (2 if device == "cuda" else 4) / 2**20
 
 
 def main() -> None:
@@ -277,27 +292,33 @@ def main() -> None:
     print(f"{a.shape}: {counts['blocks'] / 1e6:.0f}M block parameters; data {len(lengths)} chats, {sum(lengths)} tokens "
           f"({sum(supervised)} supervised); GEMM peak {peak / 1e9:.0f} GFLOP/s {gemm}; load {load[0]:.1f}", flush=True)
 
-    results = {}
-    for row in (a.rows.split(",") if a.rows else default_rows(a.shape, a.device)):
-        results[row] = run_child(row, a, ["--data", data, "--model", model])
-        r = results[row]
-        print(f"{row}: " + (f"{r['tokens_per_s']:.1f} real tokens/s, peak {r['peak_mb']:.0f} MiB" if isinstance(r, dict) else r),
-              flush=True)
-    losses = {}
+    fpt = {frozen: flops_per_token(counts, lengths, supervised, frozen) for frozen in (False, True)}
+    results, losses = {}, {}
+
+    def save() -> str:  # after every row: a long run cut short keeps what it measured
+        section = render(a, config, counts, results, losses, lengths, supervised, fpt, peak, gemm, load)
+        write_section(ROOT / "bench" / "results.md", a.shape, a.device, section)
+        plot(results, losses, ROOT / "bench" / f"sft_{a.shape}{'_cuda' if a.device == 'cuda' else ''}.png", a.shape)
+        return section
+
     for n in (int(t) for t in a.loss_tokens.split(",")):
         for kind in ("chunked", "plain"):
-            need = 3 * n * config.vocab_size * (2 if a.device == "cuda" else 4) / 2**20  # logits, softmax, gradient
-            total = (torch.cuda.get_device_properties(0).total_memory if a.device == "cuda"
-                     else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 2**20
+            need, total = logits_mib(n, config.vocab_size, a.device), machine_mib(a.device)
             losses[(kind, n)] = (f"not run: full logits need about {need / 1024:.0f} GiB, the machine has {total / 1024:.0f}"
                                  if kind == "plain" and need > 0.7 * total else run_child(f"loss-{kind}", a, ["--tokens", str(n)]))
             r = losses[(kind, n)]
             print(f"loss {kind} {n}: " + (f"{r['above_base_mb']:.0f} MiB above the inputs, {r['seconds']:.2f} s"
                                           if isinstance(r, dict) else r), flush=True)
-    fpt = {frozen: flops_per_token(counts, lengths, supervised, frozen) for frozen in (False, True)}
-    section = render(a, config, counts, results, losses, lengths, supervised, fpt, peak, gemm, load)
-    write_section(ROOT / "bench" / "results.md", a.shape, a.device, section)
-    plot(results, losses, ROOT / "bench" / f"sft_{a.shape}{'_cuda' if a.device == 'cuda' else ''}.png", a.shape)
+    for row in (a.rows.split(",") if a.rows else default_rows(a.shape, a.device)):
+        need = logits_mib(a.batch_size * a.max_length, config.vocab_size, a.device)
+        if row == "pad-to-max" and need > 0.7 * machine_mib(a.device):
+            results[row] = f"its full logits ({a.batch_size} x {a.max_length} positions) need about {need / 1024:.0f} GiB"
+        else:
+            results[row] = run_child(row, a, ["--data", data, "--model", model])
+        r = results[row]
+        print(f"{row}: " + (f"{r['tokens_per_s']:.1f} real tokens/s, peak {r['peak_mb']:.0f} MiB" if isinstance(r, dict) else r),
+              flush=True)
+        section = save()
     print(section)
 
 
@@ -344,7 +365,7 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
         cells = [f"{c['above_base_mb']:.0f}", f"{c['seconds']:.2f}"] if isinstance(c, dict) else [c, ""]
         cells += [f"{f['above_base_mb']:.0f}", f"{f['seconds']:.2f}"] if isinstance(f, dict) else [f, ""]
         ratio = (f"{c['above_base_mb'] / f['above_base_mb']:.2f}x" if isinstance(c, dict) and isinstance(f, dict) else
-                 f"{c['above_base_mb'] / (3 * n * config.vocab_size * 4 / 2**20):.2f}x of the estimate" if isinstance(c, dict) else "")
+                 f"{c['above_base_mb'] / logits_mib(n, config.vocab_size, a.device):.2f}x of the estimate" if isinstance(c, dict) else "")
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,8 @@ from ..data.chat_format import IGNORE
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), gradients precomputed chunk by chunk."""
+    """sum_i CE(hidden_i @ weight.T, target_i), gradients precomputed chunk by chunk (one backward per forward,
+    as in a training step)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
@@ -39,15 +40,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if needs_w:
                 grad_weight.addmm_(grad.T, h.float())  # in place: no second (vocab, dim) buffer per chunk
-        ctx.save_for_backward(grad_hidden, grad_weight if needs_w else torch.empty(0))
-        ctx.needs_w = needs_w
+        # Kept on ctx, not saved for backward: backward scales them in place and hands them over (a step's single
+        # backward), so no second (vocab, dim) copy exists next to the weight's .grad.
+        ctx.grads = grad_hidden, grad_weight
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if ctx.needs_w else None
-        return grad_hidden * grad_out.to(grad_hidden.dtype), gw, None, None
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_hidden.mul_(grad_out.to(grad_hidden.dtype)), gw, None, None
 
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
