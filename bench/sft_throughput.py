@@ -11,10 +11,13 @@ configuration, the real tokenizer and the checkpoint's official chat template), 
 bf16 autocast falls back to a naive GEMM on CPUs without bf16 support) or bf16 on CUDA. The rows:
 
   qwen-tune         qwen-tune's default: each batch packed into one row, loss only on supervised tokens (chunked)
+  qwen-tune-checkpointing   the same with --gradient_checkpointing True (against TRL's default memory)
   qwen-tune-lora    the same with --use_lora True (r 64, alpha 16, all linear layers: qwen-tune's defaults)
   qwen-tune-qlora   the same with --q_lora True (bitsandbytes NF4 base)
   trl-packed        TRL SFTTrainer, packing=True, packing_strategy="bfd" (padding-free), assistant_only_loss=True
-                    (TRL's training template for Qwen), its fused chunked LM head; one max_length block a step
+                    (TRL's training template for Qwen), its fused chunked LM head; one max_length block a step;
+                    SFTConfig's default gradient_checkpointing=True (less memory, one more forward a step)
+  trl-packed-no-checkpointing   the same with gradient_checkpointing=False (TRL's fastest)
   trl-padded        TRL SFTTrainer, dynamic padding, assistant_only_loss=True, same batch size as qwen-tune
   trl-liger         trl-packed + use_liger_kernel=True (CUDA only: Liger's kernels are Triton)
   trl-lora          trl-packed + the same PEFT LoraConfig as qwen-tune-lora
@@ -51,14 +54,16 @@ from shapes import SHAPES, build_shape, config_of, parameter_counts  # noqa: E40
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant."
-ROWS = ("qwen-tune", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-padded", "trl-liger", "trl-lora",
-        "trl-qlora", "trl-defaults", "pad-to-max")
+ROWS = ("qwen-tune", "qwen-tune-checkpointing", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-packed-no-checkpointing",
+        "trl-padded", "trl-liger", "trl-lora", "trl-qlora", "trl-defaults", "pad-to-max")
 FLAGS = {
     "qwen-tune": "defaults (packing, chunked supervised-only loss)",
+    "qwen-tune-checkpointing": "--gradient_checkpointing True (TRL's default: activations recomputed in backward)",
     "qwen-tune-lora": "--use_lora True",
     "qwen-tune-qlora": "--use_lora True --q_lora True",
-    "trl-packed": "packing=True, packing_strategy='bfd', assistant_only_loss=True",
-    "trl-padded": "assistant_only_loss=True (dynamic padding)",
+    "trl-packed": "packing=True, packing_strategy='bfd', assistant_only_loss=True (and SFTConfig's default gradient_checkpointing=True)",
+    "trl-packed-no-checkpointing": "trl-packed with gradient_checkpointing=False",
+    "trl-padded": "assistant_only_loss=True (dynamic padding; gradient_checkpointing=True, SFTConfig's default)",
     "trl-liger": "packing=True, packing_strategy='bfd', assistant_only_loss=True, use_liger_kernel=True",
     "trl-lora": "trl-packed + peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules='all-linear')",
     "trl-qlora": "trl-lora on the NF4 base (BitsAndBytesConfig 4-bit, double quant)",
@@ -144,6 +149,8 @@ def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
             "--model_max_length", str(a.max_length), "--per_device_train_batch_size", str(a.batch_size),
             "--num_train_epochs", "1", "--learning_rate", "1e-5", "--train_sampling_strategy", "sequential",
             "--save_strategy", "no", "--report_to", "none", "--bf16", str(bf16), "--tokens_cache", "none"]
+    if row == "qwen-tune-checkpointing":
+        argv += ["--gradient_checkpointing", "True"]
     if row in ("qwen-tune-lora", "qwen-tune-qlora"):
         argv += ["--use_lora", "True"] + (["--q_lora", "True"] if row == "qwen-tune-qlora" else [])
     if row == "pad-to-max":
@@ -160,13 +167,14 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
 
     from qwen_tune.model import load_model, lora_config
 
-    packed = row in ("trl-packed", "trl-liger", "trl-lora", "trl-qlora")
+    packed = row in ("trl-packed", "trl-packed-no-checkpointing", "trl-liger", "trl-lora", "trl-qlora")
     options = dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1) if packed else \
         dict(per_device_train_batch_size=a.batch_size)
     config = SFTConfig(output_dir=a.tmp, max_length=a.max_length, num_train_epochs=1, learning_rate=1e-5,
                        train_sampling_strategy="sequential", save_strategy="no", report_to="none", logging_steps=1,
                        bf16=bf16, include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
-                       assistant_only_loss=row != "trl-defaults", use_liger_kernel=row == "trl-liger", **options)
+                       assistant_only_loss=row != "trl-defaults", use_liger_kernel=row == "trl-liger",
+                       gradient_checkpointing=row != "trl-packed-no-checkpointing", **options)
     convs = json.load(open(a.data))
     dataset = Dataset.from_list([{"messages": c["messages"]} for c in convs])
     model = load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, q_lora=row == "trl-qlora")
@@ -327,7 +335,8 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
 
     device = (torch.cuda.get_device_name() if a.device == "cuda"
               else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    best_trl = max((r["tokens_per_s"] for k, r in results.items() if isinstance(r, dict) and k in ("trl-packed", "trl-padded", "trl-liger")),
+    best_trl = max((r["tokens_per_s"] for k, r in results.items()
+                    if isinstance(r, dict) and k in ("trl-packed", "trl-packed-no-checkpointing", "trl-padded", "trl-liger")),
                    default=None)
     ours = results.get("qwen-tune")
     command = " ".join(["python", "bench/sft_throughput.py"] + sys.argv[1:])
