@@ -350,7 +350,9 @@ def _select(dataset, info: dict, weights: list | None, seed: int):
             rows += [start + i for i in picked]
         if ids == [all_ids[i] for i in rows]:
             ids = None  # no copy was renamed
-    rows = np.asarray(rows, dtype=np.int64) if weights and weights[0] is not None else np.arange(len(dataset))
+        rows = np.asarray(rows, dtype=np.int64)
+    else:
+        rows = np.arange(len(dataset))
     report = _report(dataset, rows, ids)
     report.mixture = mixture_lines
     keep = np.flatnonzero(dataset.data.column("supervised").to_numpy()[rows] > 0)
@@ -398,8 +400,7 @@ def _plan(paths, fmt, max_length) -> tuple[list, dict, str]:
     files = []
     for s in sources:
         for f in s.files:
-            sha = _fingerprint(f)
-            files.append({"path": str(f), "xxh3_128": sha})
+            files.append({"path": str(f), "xxh3_128": _fingerprint(f)})
     parts = format_parts(fmt, max_length)
     info = {"key": _key(parts, files), "format": parts, "files": files,
             "sources": [{"path": str(s.path), "weight": str(s.weight) if s.weight else None} for s in sources]}
