@@ -18,6 +18,8 @@ bf16 autocast falls back to a naive GEMM on CPUs without bf16 support) or bf16 o
                     (TRL's training template for Qwen), its fused chunked LM head; one max_length block a step;
                     SFTConfig's default gradient_checkpointing=True (less memory, one more forward a step)
   trl-packed-no-checkpointing   the same with gradient_checkpointing=False (TRL's fastest)
+  trl-reusing-memory   trl-packed-no-checkpointing with qwen-tune's glibc setting set in its process (not a TRL
+                    option; qwen_tune/train/cpu_memory.py): how much of the gap is that setting, CPU only
   trl-padded        TRL SFTTrainer, dynamic padding, assistant_only_loss=True, same batch size as qwen-tune
   trl-liger         trl-packed + use_liger_kernel=True (CUDA only: Liger's kernels are Triton)
   trl-lora          trl-packed + the same PEFT LoraConfig as qwen-tune-lora
@@ -55,7 +57,7 @@ from shapes import SHAPES, build_shape, config_of, parameter_counts  # noqa: E40
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant."
 ROWS = ("qwen-tune", "qwen-tune-checkpointing", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-packed-no-checkpointing",
-        "trl-padded", "trl-liger", "trl-lora", "trl-qlora", "trl-defaults", "pad-to-max")
+        "trl-reusing-memory", "trl-padded", "trl-liger", "trl-lora", "trl-qlora", "trl-defaults", "pad-to-max")
 FLAGS = {
     "qwen-tune": "defaults (packing, chunked supervised-only loss)",
     "qwen-tune-checkpointing": "--gradient_checkpointing True (TRL's default: activations recomputed in backward)",
@@ -63,6 +65,7 @@ FLAGS = {
     "qwen-tune-qlora": "--use_lora True --q_lora True",
     "trl-packed": "packing=True, packing_strategy='bfd', assistant_only_loss=True (and SFTConfig's default gradient_checkpointing=True)",
     "trl-packed-no-checkpointing": "trl-packed with gradient_checkpointing=False",
+    "trl-reusing-memory": "trl-packed-no-checkpointing in a process with qwen-tune's glibc setting (train/cpu_memory.py; not a TRL option)",
     "trl-padded": "assistant_only_loss=True (dynamic padding; gradient_checkpointing=True, SFTConfig's default)",
     "trl-liger": "packing=True, packing_strategy='bfd', assistant_only_loss=True, use_liger_kernel=True",
     "trl-lora": "trl-packed + peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules='all-linear')",
@@ -167,14 +170,18 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
 
     from qwen_tune.model import load_model, lora_config
 
-    packed = row in ("trl-packed", "trl-packed-no-checkpointing", "trl-liger", "trl-lora", "trl-qlora")
+    from qwen_tune.train.cpu_memory import reuse_freed_memory
+
+    if row == "trl-reusing-memory":
+        reuse_freed_memory()
+    packed = row in ("trl-packed", "trl-packed-no-checkpointing", "trl-reusing-memory", "trl-liger", "trl-lora", "trl-qlora")
     options = dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1) if packed else \
         dict(per_device_train_batch_size=a.batch_size)
     config = SFTConfig(output_dir=a.tmp, max_length=a.max_length, num_train_epochs=1, learning_rate=1e-5,
                        train_sampling_strategy="sequential", save_strategy="no", report_to="none", logging_steps=1,
                        bf16=bf16, include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
                        assistant_only_loss=row != "trl-defaults", use_liger_kernel=row == "trl-liger",
-                       gradient_checkpointing=row != "trl-packed-no-checkpointing", **options)
+                       gradient_checkpointing=row not in ("trl-packed-no-checkpointing", "trl-reusing-memory"), **options)
     convs = json.load(open(a.data))
     dataset = Dataset.from_list([{"messages": c["messages"]} for c in convs])
     model = load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, q_lora=row == "trl-qlora")
@@ -238,7 +245,7 @@ def run_child(what: str, a, extra: list[str]) -> dict | str:
 
 
 def default_rows(shape: str, device: str) -> list[str]:
-    rows = [r for r in ROWS if r != "trl-liger" or device == "cuda"]
+    rows = [r for r in ROWS if r != ("trl-reusing-memory" if device == "cuda" else "trl-liger")]
     if shape != "embedded":
         rows.remove("pad-to-max")
     return rows
@@ -335,9 +342,9 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
 
     device = (torch.cuda.get_device_name() if a.device == "cuda"
               else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    best_trl = max((r["tokens_per_s"] for k, r in results.items()
+    best_trl = max((r for k, r in results.items()
                     if isinstance(r, dict) and k in ("trl-packed", "trl-packed-no-checkpointing", "trl-padded", "trl-liger")),
-                   default=None)
+                   key=lambda r: r["tokens_per_s"], default=None)
     ours = results.get("qwen-tune")
     command = " ".join(["python", "bench/sft_throughput.py"] + sys.argv[1:])
     lines = [
@@ -364,8 +371,12 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
         lines.append(f"| {row} | {FLAGS[row]} | {r['tokens_per_s']:.1f} | {ratio} | {100 * mfu:.1f}% | {r['peak_mb']:.0f} | "
                      f"{r['steps']} | {r['seconds']:.1f} |")
     if isinstance(ours, dict) and best_trl:
-        lines += ["", f"qwen-tune's default against TRL's fastest assistant-only row: **{ours['tokens_per_s'] / best_trl:.2f}x** "
-                      "real tokens/s."]
+        lines += ["", f"qwen-tune's default against TRL's fastest assistant-only row: **{ours['tokens_per_s'] / best_trl['tokens_per_s']:.2f}x** "
+                      f"real tokens/s, at {ours['peak_mb']:.0f} MiB peak against its {best_trl['peak_mb']:.0f} MiB."]
+        same_setting = results.get("trl-reusing-memory")
+        if isinstance(same_setting, dict):
+            lines += [f"Against TRL with qwen-tune's allocator setting in its process too: "
+                      f"{ours['tokens_per_s'] / same_setting['tokens_per_s']:.2f}x, at {same_setting['peak_mb']:.0f} MiB."]
     lines += ["", "### The loss step alone (all positions supervised)", "",
               "| tokens | chunked: memory above inputs (MiB) | chunked: seconds | full logits: memory above inputs (MiB) | "
               "full logits: seconds | chunked / full memory |", "|---:|---:|---:|---:|---:|---:|"]
