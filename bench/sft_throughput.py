@@ -58,6 +58,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant."
 ROWS = ("qwen-tune", "qwen-tune-checkpointing", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-packed-no-checkpointing",
         "trl-reusing-memory", "trl-padded", "trl-liger", "trl-lora", "trl-qlora", "trl-defaults", "pad-to-max")
+PAIRS = (  # (qwen-tune row, TRL row, what they share): the summary under the table
+    ("qwen-tune", "trl-packed-no-checkpointing", "defaults, no activation checkpointing on either side (TRL's fastest)"),
+    ("qwen-tune-checkpointing", "trl-packed", "activation checkpointing on both sides (TRL's default)"),
+    ("qwen-tune", "trl-liger", "defaults against TRL with Liger's kernels"),
+    ("qwen-tune-lora", "trl-lora", "LoRA, the same LoraConfig (TRL with its default checkpointing)"),
+    ("qwen-tune-qlora", "trl-qlora", "Q-LoRA, the same NF4 base and LoraConfig (TRL with its default checkpointing)"),
+    ("qwen-tune", "trl-reusing-memory", "with qwen-tune's allocator setting in TRL's process too (not a TRL option)"),
+)
 FLAGS = {
     "qwen-tune": "defaults (packing, chunked supervised-only loss)",
     "qwen-tune-checkpointing": "--gradient_checkpointing True (TRL's default: activations recomputed in backward)",
@@ -342,9 +350,6 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
 
     device = (torch.cuda.get_device_name() if a.device == "cuda"
               else f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})")
-    best_trl = max((r for k, r in results.items()
-                    if isinstance(r, dict) and k in ("trl-packed", "trl-packed-no-checkpointing", "trl-padded", "trl-liger")),
-                   key=lambda r: r["tokens_per_s"], default=None)
     ours = results.get("qwen-tune")
     command = " ".join(["python", "bench/sft_throughput.py"] + sys.argv[1:])
     lines = [
@@ -370,13 +375,11 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
         ratio = f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x" if isinstance(ours, dict) else "-"
         lines.append(f"| {row} | {FLAGS[row]} | {r['tokens_per_s']:.1f} | {ratio} | {100 * mfu:.1f}% | {r['peak_mb']:.0f} | "
                      f"{r['steps']} | {r['seconds']:.1f} |")
-    if isinstance(ours, dict) and best_trl:
-        lines += ["", f"qwen-tune's default against TRL's fastest assistant-only row: **{ours['tokens_per_s'] / best_trl['tokens_per_s']:.2f}x** "
-                      f"real tokens/s, at {ours['peak_mb']:.0f} MiB peak against its {best_trl['peak_mb']:.0f} MiB."]
-        same_setting = results.get("trl-reusing-memory")
-        if isinstance(same_setting, dict):
-            lines += [f"Against TRL with qwen-tune's allocator setting in its process too: "
-                      f"{ours['tokens_per_s'] / same_setting['tokens_per_s']:.2f}x, at {same_setting['peak_mb']:.0f} MiB."]
+    pairs = [f"- {label}: {mine} against {theirs}: **{results[mine]['tokens_per_s'] / results[theirs]['tokens_per_s']:.2f}x** "
+             f"real tokens/s, peak {results[mine]['peak_mb']:.0f} against {results[theirs]['peak_mb']:.0f} MiB"
+             for mine, theirs, label in PAIRS if isinstance(results.get(mine), dict) and isinstance(results.get(theirs), dict)]
+    if pairs:
+        lines += ["", "Like for like:"] + pairs
     lines += ["", "### The loss step alone (all positions supervised)", "",
               "| tokens | chunked: memory above inputs (MiB) | chunked: seconds | full logits: memory above inputs (MiB) | "
               "full logits: seconds | chunked / full memory |", "|---:|---:|---:|---:|---:|---:|"]

@@ -77,3 +77,9 @@ def parameter_counts(config) -> dict:
     mlp = 3 * h * inter
     return {"blocks": layers * (attention + mlp), "vocab_projection": config.vocab_size * h,
             "attention_width": q, "layers": layers}
+
+
+if __name__ == "__main__":  # python bench/shapes.py SHAPE DIRECTORY: write the checkpoint, print its path
+    import sys
+
+    print(build_shape(sys.argv[1], Path(sys.argv[2])))

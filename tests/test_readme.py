@@ -29,7 +29,7 @@ NOT_RUN_HERE = {
     "NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 MASTER_PORT=6001 sh recipes/finetune_ds.sh -m /models/Qwen2.5-7B -d data.json -o out":
         "two machines and a real checkpoint; test_distributed runs two nodes on localhost",
     "python bench/sft_throughput.py": "a benchmark of minutes; its results are bench/results.md",
-    "python bench/sft_throughput.py --shape qwen2.5-0.5b --samples 24 --batch_size 4": "a benchmark of 45 minutes on 2 cores",
+    "python bench/sft_throughput.py --shape qwen2.5-0.5b --samples 24 --batch_size 4": "a benchmark of about an hour on 2 cores",
     "qwen-tune sft --config recipes/finetune_lora.yaml --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path my.json":
         "a real checkpoint; test_cli resolves every finetune YAML for a checkpoint name",
 }
