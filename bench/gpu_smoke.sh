@@ -2,7 +2,7 @@
 # Every recipe for a few steps on a real Qwen shape (random weights: nothing is downloaded), each output reloaded
 # in a fresh process and made to answer (or, the reward model, to score). Made for a GPU machine: the recipes use
 # every local GPU (torchrun, bf16, ZeRO-2/3 over NCCL, bitsandbytes 4-bit on CUDA). On a CPU it checks the same
-# path on 2 gloo ranks (use the embedded shape there: the 0.5B shape takes hours).
+# path on 2 gloo ranks (use the embedded shape there: 6 minutes on 2 cores).
 #   sh bench/gpu_smoke.sh [SHAPE] [WORK_DIR]       SHAPE: qwen2.5-0.5b (default), qwen3-0.6b, embedded
 # Prints one line per recipe (seconds, and the reload's first words) and the device, and exits non-zero if any failed.
 set -u

@@ -5,7 +5,8 @@ activations, gradients and logits chunks come back from the kernel as new pages,
 4 KiB page at a time. On the 2-core machine the benchmarks run on, that was up to a quarter of the CPU time
 of a Qwen2.5-0.5B-shaped SFT step. Serving blocks up to 1 GiB from the heap, and keeping up to 2 GiB of it
 free at the top, lets the next step reuse the same pages: the benchmark's SFT went from 41.5 to 49.3 tokens/s
-at about the same peak memory (bench/results.md).
+(bench/results.md). The price is some fragmentation: that run peaked 0.3 GB higher, the embedded model's
+benchmark row 0.6 GB.
 
 Only where training runs on the CPU (a GPU's memory has its own caching allocator), only with glibc, and
 never over a user's own MALLOC_* / GLIBC_TUNABLES settings.
