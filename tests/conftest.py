@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 
@@ -7,6 +8,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per test process (and the processes it starts): pytest-xdist runs one worker per core, and
+    # two workers with a thread per core each would oversubscribe the cores (the tiny test models scale poorly anyway).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The suite's time budget on the CI machine (2 cores), enforced when CI is set: growth is seen the day it happens.
+SUITE_BUDGET_S, TEST_BUDGET_S = 20 * 60, 90
+_durations: dict[str, float] = {}
+_started = time.monotonic()
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +41,30 @@ def chatml(tokenizer):
     from qwen_tune.data.chat_format import resolve_format
 
     return resolve_format(copy.copy(tokenizer))
+
+
+def pytest_runtest_logreport(report):
+    """A test's time is its setup (the fixtures it builds first), call and teardown."""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Over budget with CI set: the run fails (it is reported in the terminal summary)."""
+    if hasattr(session.config, "workerinput"):
+        return
+    total = time.monotonic() - _started
+    over = sorted(((d, n) for n, d in _durations.items() if d > TEST_BUDGET_S), reverse=True)
+    enforced = bool(os.environ.get("CI"))
+    lines = [f"time budget: suite {total / 60:.1f} of {SUITE_BUDGET_S // 60} min, {len(over)} tests over {TEST_BUDGET_S} s "
+             f"({'enforced: CI is set' if enforced else 'not enforced: CI is not set'})"]
+    lines += [f"  {d:6.1f} s  {n}" for d, n in over]
+    if enforced and (over or total > SUITE_BUDGET_S):
+        lines.append("time budget exceeded: make the slowest tests above smaller (see the durations above)")
+        if session.exitstatus == 0:
+            session.exitstatus = 1
+    session.config._qwen_tune_budget = lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in getattr(config, "_qwen_tune_budget", []):
+        terminalreporter.write_line(line)

@@ -1,27 +1,73 @@
-"""Running qwen-tune as a user does: in a fresh process, offline, with no remote code."""
+"""Running qwen-tune as a user does: in a fresh process, offline, with no remote code (see tests/forkserver.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
 
 
+class Forkserver:
+    """The test process's zygote (tests/forkserver.py), started on first use and stopped at exit: `python` and
+    `qwen-tune` on the PATH of `fresh_env()` are its clients, so a fresh process costs no library imports."""
+
+    directory: str | None = None
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, env: dict) -> dict:
+        if cls.directory is None:
+            import atexit
+
+            from forkserver import write_clients
+
+            cls.directory = tempfile.mkdtemp(prefix="qwen-tune-forkserver-")
+            write_clients(os.path.join(cls.directory, "bin"))
+            socket_path = os.path.join(cls.directory, "socket")
+            env = dict(env, PATH=os.path.join(cls.directory, "bin") + os.pathsep + env.get("PATH", ""),
+                       QWEN_TUNE_TEST_FORKSERVER=socket_path)
+            cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            atexit.register(cls.proc.kill)
+            ready = False
+            while not ready and select.select([cls.proc.stdout], [], [], 300)[0]:
+                line = cls.proc.stdout.readline()  # libraries may print while they are imported
+                ready = line.strip() == "ready"
+                if not line:
+                    break
+            if not ready:  # the clients then run real interpreters: slower, never wrong
+                cls.proc.kill()
+                env.pop("QWEN_TUNE_TEST_FORKSERVER")
+            cls.env = env
+        return dict(cls.env)
+
+
 def fresh_env(**extra) -> dict:
+    """The environment of a user's shell, offline; `python` and `qwen-tune` are the forkserver's clients. Any extra
+    variable makes them run a real interpreter (libraries read some variables at import)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env = Forkserver.start(env)
     env.update(extra)
     return env
 
 
+def run_python(argv: list[str], code: str | None = None, cwd: str = ROOT, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    """`python -m qwen_tune ARGV` (or `python -c CODE ARGV`) in a fresh process, offline, with no remote code."""
+    command = ["python", *(["-c", code] if code is not None else ["-m", "qwen_tune"]), *argv]
+    return subprocess.run(command, cwd=cwd, env=fresh_env(**env), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def run_cli(*args: str, check: bool = True, timeout: int = 600, **env) -> subprocess.CompletedProcess:
-    """`python -m qwen_tune ARGS` in a fresh process; returns the completed process (text output)."""
-    proc = subprocess.run([sys.executable, "-m", "qwen_tune", *args], cwd=ROOT, env=fresh_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    """`qwen-tune ARGS` in a fresh process; returns the completed process (text output)."""
+    proc = run_python(list(args), timeout=timeout, **env)
     if check and proc.returncode != 0:
         raise AssertionError(f"qwen-tune {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -48,8 +94,7 @@ print(json.dumps(answers))
 
 def generate_in_fresh_process(out: str, conversations: list[list[dict]], adapter: bool) -> list[str]:
     """Reload `out` in a new offline Python (no trust_remote_code) and greedily answer each conversation."""
-    proc = subprocess.run([sys.executable, "-c", GENERATE, out, "adapter" if adapter else "full", json.dumps(conversations)],
-                          env=fresh_env(), capture_output=True, text=True, timeout=300)
+    proc = run_python([out, "adapter" if adapter else "full", json.dumps(conversations)], code=GENERATE, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -74,8 +119,7 @@ print(json.dumps(tok.batch_decode(gen[:, ids["input_ids"].shape[1]:], skip_speci
 def sample_in_fresh_process(prompt: list[dict], out: str, n: int, adapter: bool = False) -> list[str]:
     """Reload `out` offline in a new Python and sample n replies to `prompt` at temperature 1, rendered with
     the chat template saved with the model."""
-    proc = subprocess.run([sys.executable, "-c", SAMPLE, out, "adapter" if adapter else "full", str(n), json.dumps(prompt)],
-                          env=fresh_env(), capture_output=True, text=True, timeout=300)
+    proc = run_python([out, "adapter" if adapter else "full", str(n), json.dumps(prompt)], code=SAMPLE, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -69,7 +69,7 @@ def option_blocks(help_text: str) -> dict[str, str]:
 def test_sft_help_all_is_grouped_and_every_option_has_an_explanation_and_its_default(argv, tmp_path):
     env = {"QWEN_TUNE_CACHE": str(tmp_path)}  # made anew, not read from an earlier run's cache
     if argv[0] == "python":
-        out = subprocess.run([sys.executable, "finetune.py", "--help-all"], cwd=ROOT, env=fresh_env(**env),
+        out = subprocess.run(["python", "finetune.py", "--help-all"], cwd=ROOT, env=fresh_env(**env),
                              capture_output=True, text=True, check=True).stdout
     else:
         out = run_cli(*argv, **env).stdout
@@ -265,7 +265,7 @@ def test_out_of_memory_becomes_advice_with_the_options_that_reduce_memory(tmp_pa
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     # a training step that runs out of memory: the advice, exit 2, no traceback
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "faults.py"), "--oom_at_step", "1", "sft",
+    proc = subprocess.run(["python", os.path.join(ROOT, "tests", "faults.py"), "--oom_at_step", "1", "sft",
                            "--data_path", os.path.join(ROOT, "data", "sft_example.json"), "--output_dir", str(tmp_path / "out"),
                            "--max_steps", "2", "--model_max_length", "64", "--report_to", "none"],
                           cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=300)

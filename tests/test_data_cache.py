@@ -7,7 +7,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -192,7 +191,7 @@ def test_preprocess_out_dir_then_sft_trains_from_it(tmp_path):
 def test_two_ranks_tokenize_once(tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+        ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
          "-m", "qwen_tune", "sft", "--data_path", f"{DATA}/sft_example.jsonl", "--output_dir", str(tmp_path / "o"),
          "--max_steps", "1", "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no",
          "--tokens_cache", str(cache)],

@@ -5,11 +5,10 @@ import os
 import random
 import re
 import subprocess
-import sys
 
 import pytest
 
-from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process
+from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process, run_python
 
 pytestmark = pytest.mark.slow
 TRAIN = os.path.join(DATA, "sft_example.json")
@@ -53,7 +52,7 @@ def test_zero3_full_partitions_saves_complete_and_reloads(tmp_path, base_model_p
         "assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)\n"
         "print('complete')\n"
     )
-    res = subprocess.run([sys.executable, "-c", check, out, base_model_path], env=fresh_env(), capture_output=True, text=True)
+    res = run_python([out, base_model_path], code=check)
     assert res.returncode == 0 and "complete" in res.stdout, res.stderr[-3000:]
 
 
@@ -73,7 +72,7 @@ def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
     recipe("finetune_ds.sh", "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
            "--gradient_checkpointing", "False", *FEW_STEPS)
     single = str(tmp_path / "single")
-    proc = subprocess.run([sys.executable, "finetune.py", "--data_path", TRAIN, "--output_dir", single,
+    proc = subprocess.run(["python", "finetune.py", "--data_path", TRAIN, "--output_dir", single,
                            "--per_device_train_batch_size", "2", *FEW_STEPS], cwd=ROOT, env=fresh_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,7 +121,7 @@ def test_resume_from_a_zero3_checkpoint_continues_exactly(tmp_path):
 def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     """Full-parameter DPO on 2 ZeRO-3 ranks: the policy is sharded, the frozen reference too, and the pairs are learned."""
     out = str(tmp_path / "dpo_z3")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port(),
+    proc = subprocess.run(["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port(),
                            "-m", "qwen_tune", "dpo", "--data_path", os.path.join(DATA, "preference_example.json"), "--output_dir", out,
                            "--deepspeed", os.path.join(ROOT, "recipes", "ds_config_zero3.json"), "--max_steps", "3",
                            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",

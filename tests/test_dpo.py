@@ -34,7 +34,12 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tmp_path, 
 
 def test_packed_pair_logprobs_equal_one_by_one_forwards_with_gradients(tokenizer, base_model_path):
     """What the DPO loss sees: per-sequence sums over the reply tokens, all pairs packed in one row, equal the
-    plain full-logits forward of each prompt+reply alone, and so do their gradients."""
+    plain full-logits forward of each prompt+reply alone, and so do their gradients.
+
+    In float64, so that the comparison tests packing, not a CPU's fp32 summation order: the packed and the plain
+    paths add the same terms in other orders (chunks, one row vs many), which in fp32 moved an embedding gradient
+    by 7e-4 on one CPU and 2e-5 on another. In fp64 (eps 1.1e-16) sums of a few thousand terms of magnitude <= 1e3
+    differ by < 1e-9; a sample seeing another one changes values by orders of magnitude more (0.1 and up)."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -46,7 +51,7 @@ def test_packed_pair_logprobs_equal_one_by_one_forwards_with_gradients(tokenizer
 
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
     features = [pairs[i] for i in range(3)]
-    model = AutoModelForCausalLM.from_pretrained(base_model_path)
+    model = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float64)
     packed = sequence_logprobs(model, PackedPairCollator()(features), 6, chunk_size=7)  # chunks cut through replies
     packed.sum().backward()
     grad_packed = model.model.embed_tokens.weight.grad.clone()
@@ -54,13 +59,14 @@ def test_packed_pair_logprobs_equal_one_by_one_forwards_with_gradients(tokenizer
 
     def logp(prompt, reply):
         ids = torch.tensor([prompt + reply])
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+        logits = model(ids).logits[0, len(prompt) - 1 : -1]
         return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum()
 
     one_by_one = torch.stack([logp(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
     one_by_one.sum().backward()
-    torch.testing.assert_close(packed, one_by_one, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(grad_packed, model.model.embed_tokens.weight.grad, atol=1e-5, rtol=1e-4)
+    assert packed.dtype == torch.float64
+    torch.testing.assert_close(packed, one_by_one, atol=1e-9, rtol=1e-12)
+    torch.testing.assert_close(grad_packed, model.model.embed_tokens.weight.grad, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prom
     args = ["--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "1", "--max_steps", "6"]
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     run_cli(*grpo_args(sft_policy, prompts, rewards, reference, *args))
-    cmd = [sys.executable, "-m", "qwen_tune", *grpo_args(sft_policy, prompts, rewards, stopped, *args)]
+    cmd = ["python", "-m", "qwen_tune", *grpo_args(sft_policy, prompts, rewards, stopped, *args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=fresh_env(), stderr=subprocess.PIPE, text=True)
     while latest_complete_checkpoint(stopped) is None:
         assert proc.poll() is None, "the run ended before its first checkpoint"

@@ -14,12 +14,11 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
+from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, run_python, train_tiny_reward_model
 from helpers import sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
@@ -183,7 +182,7 @@ def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompt
 
 
 def ppo_on_two_ranks(config: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+    cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
            "-m", "qwen_tune", "ppo", *args, "--deepspeed", os.path.join(ROOT, "recipes", config)]
     proc = subprocess.run(cmd, cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -222,7 +221,7 @@ def test_ppo_under_zero3_shards_generates_and_saves_complete_weights(sft_policy,
              "sb = b.state_dict()\n"
              "assert all(v.shape == sb[k].shape and v.numel() for k, v in m.state_dict().items())\n"
              "print(sum(not torch.equal(v, sb[k]) for k, v in m.state_dict().items()), 'tensors changed')\n")
-    res = subprocess.run([sys.executable, "-c", check, out, sft_policy], env=fresh_env(), capture_output=True, text=True, timeout=300)
+    res = run_python([out, sft_policy], code=check, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert int(res.stdout.split()[-3]) > 0, res.stdout  # trained, and saved complete (no empty shards)
     [reply] = generate_in_fresh_process(out, [PROMPT], adapter=False)
@@ -268,7 +267,7 @@ def test_ppo_killed_then_resumed_matches_an_uninterrupted_run(sft_policy, prompt
 
     reward_py = tmp_path / "reward.py"
     reward_py.write_text(REWARD_FN)
-    ppo = [sys.executable, "-m", "qwen_tune", "ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats",
+    ppo = ["python", "-m", "qwen_tune", "ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats",
            "--prompts", prompts, "--num_train_epochs", "3", "--per_device_train_batch_size", "4", "--max_new_tokens", "8",
            "--ppo_epochs", "2", "--adaptive_kl", "True", "--save_steps", "2", "--save_total_limit", "1"]
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")

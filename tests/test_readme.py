@@ -96,29 +96,37 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
         assert "--help-all" in proc.stdout or "sft" in proc.stdout
 
 
-def test_the_readme_commands_run_as_written_and_do_what_it_says(tmp_path):
-    commands = readme_commands(open(README, encoding="utf-8").read())
-    assert set(NOT_RUN_HERE) <= set(commands), set(NOT_RUN_HERE) - set(commands)  # no stale exception
-    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert 'pip install -q -e ".[test]" -c constraints.txt' in ci and "\npython -m pytest\n" in ci  # the README's test command
+COMMANDS = readme_commands(open(README, encoding="utf-8").read())
 
-    work = str(tmp_path / "repo")
+
+def test_every_readme_command_is_run_here_or_has_a_reason():
+    assert set(NOT_RUN_HERE) <= set(COMMANDS), set(NOT_RUN_HERE) - set(COMMANDS)  # no stale exception
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert 'pip install -q -e ".[test]" -c constraints.txt' in ci and "\npython -m pytest" in ci  # the README's test command
+    assert len([c for c in COMMANDS if c not in NOT_RUN_HERE]) >= 20
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> str:
+    """A copy of the repository's data, recipes and finetune.py: the README's `output/...` lands here."""
+    work = str(tmp_path_factory.mktemp("readme") / "repo")
     os.makedirs(work)
     for name in ("data", "recipes"):
         shutil.copytree(os.path.join(ROOT, name), os.path.join(work, name))
     shutil.copy(os.path.join(ROOT, "finetune.py"), work)
+    return work
+
+
+# In the README's order, on one pytest-xdist worker: later commands use what earlier ones wrote (output/demo, output/rm).
+@pytest.mark.xdist_group("readme")
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c not in NOT_RUN_HERE])
+def test_readme_command_runs_as_written_and_does_what_it_says(command, work):
+    if command.startswith("pip install -e . -c constraints.txt && "):  # the main job: installing is .ci/run's part
+        command = command.split("&& ", 1)[1]
     env = fresh_env(MASTER_PORT=str(random.randint(20000, 40000)))
-    ran = 0
-    for command in commands:
-        if command in NOT_RUN_HERE:
-            continue
-        if command.startswith("pip install -e . -c constraints.txt && "):  # the main job: installing is .ci/run's part
-            command = command.split("&& ", 1)[1]
-        started = time.monotonic()
-        proc = subprocess.run(command, shell=True, executable="/bin/sh", cwd=work, env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        check(command, proc, work)
-        print(f"{time.monotonic() - started:5.0f} s  {command}")  # shown with -s: what each README command costs
-        ran += 1
-    assert ran >= 20
+    started = time.monotonic()
+    proc = subprocess.run(command, shell=True, executable="/bin/sh", cwd=work, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    check(command, proc, work)
+    print(f"{time.monotonic() - started:5.0f} s  {command}")  # shown with -s: what each README command costs

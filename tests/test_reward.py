@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from helpers import ROOT, fresh_env, run_cli
+from helpers import ROOT, fresh_env, run_cli, run_python
 from pairs_gen import HELD_OUT_SUBJECTS, TRAIN_SUBJECTS, polite_pairs, write_jsonl
 
 FAST = ["--system_message", "", "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "8",
@@ -54,8 +53,7 @@ with torch.no_grad():
 
 def reload_score(model_dir, kind: str, data: str) -> dict:
     """Load the output with the standard Auto class in a fresh offline process; score the first pair's chosen reply."""
-    proc = subprocess.run([sys.executable, "-c", RELOAD, str(model_dir), kind, data], env=fresh_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python([str(model_dir), kind, data], code=RELOAD, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -118,7 +116,7 @@ def test_recipe_runs_preference_pretraining_then_finetuning(pairs, tmp_path):
     proc = subprocess.run(
         ["sh", "recipes/train_reward.sh", "-d", pairs["train"], "-f", pairs["finetune"], "-o", str(out),
          "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "1e-2", "--max_steps", "6", *FAST],
-        cwd=ROOT, env=fresh_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+        cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     commands = [line for line in proc.stderr.splitlines() if line.startswith("+ ")]
     assert len(commands) == 2 and f"--model_name_or_path {out}/pmp" in commands[1]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import DATA, ROOT, generate_in_fresh_process, run_cli
+from helpers import DATA, ROOT, generate_in_fresh_process, run_cli, run_python
 from qwen_tune.errors import UserError
 
 # Short conversations the tiny model can learn in a few dozen steps.
@@ -74,11 +74,10 @@ def test_learns_and_reloads_in_fresh_process(mode, flags, train_file, tmp_path):
 def test_finetune_py_is_the_seed_entry_point(tmp_path):
     out = str(tmp_path / "seed")
     import subprocess
-    import sys
 
     from helpers import fresh_env
 
-    proc = subprocess.run([sys.executable, "finetune.py", "--data_path", os.path.join(DATA, "sft_example.json"),
+    proc = subprocess.run(["python", "finetune.py", "--data_path", os.path.join(DATA, "sft_example.json"),
                            "--output_dir", out, "--max_steps", "2", "--lazy_preprocess", "True", "--bf16", "False",
                            "--warmup_ratio", "0.01", "--save_strategy", "no", "--report_to", "none"],
                           cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=300)
@@ -222,11 +221,6 @@ print(json.dumps(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tok
 def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path):
     """Tool-call data with the official Qwen3 template: the reloaded adapter, prompted by the saved tokenizer's
     own apply_chat_template(tools=...), generates the trained call on a held-out question."""
-    import subprocess
-    import sys
-
-    from helpers import fresh_env
-
     from qwen_tune.data.chat_format import official_templates
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
@@ -248,8 +242,7 @@ def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path)
         saved = open(os.path.join(out, "chat_template.jinja"), encoding="utf-8").read()
     assert saved.strip() == official_templates()["qwen3"].read_text(encoding="utf-8").strip()
     held_out = [{"role": "user", "content": "How is the weather in Paris today?"}]
-    gen = subprocess.run([sys.executable, "-c", TOOL_CALL_GENERATE, out, json.dumps(held_out), json.dumps(tools)],
-                         env=fresh_env(), capture_output=True, text=True, timeout=300)
+    gen = run_python([out, json.dumps(held_out), json.dumps(tools)], code=TOOL_CALL_GENERATE, timeout=300)
     assert gen.returncode == 0, gen.stderr
     reply = json.loads(gen.stdout.strip().splitlines()[-1])
     assert reply.startswith("<tool_call>\n") and reply.endswith("\n</tool_call>"), reply

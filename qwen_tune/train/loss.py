@@ -14,6 +14,11 @@ import torch.utils.checkpoint
 from ..data.chat_format import IGNORE
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Softmax precision: bf16 / fp16 logits in fp32; fp32 stays fp32 and fp64 stays fp64 (exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), gradients precomputed chunk by chunk (one backward per forward,
     as in a training step)."""
@@ -23,13 +28,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         needs_w = weight.requires_grad
         ctx.weight_dtype = weight.dtype
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=acc) if needs_w else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            # One (chunk, vocab) fp32 buffer holds the logits, then the probabilities, then d(sum CE)/d logits.
-            logits = (h @ weight.T).float()
+            # One (chunk, vocab) fp32 (fp64 for fp64) buffer holds the logits, then the probabilities, then d(sum CE)/d logits.
+            logits = upcast(h @ weight.T)
             picked = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()
@@ -39,7 +45,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if needs_w:
-                grad_weight.addmm_(grad.T, h.float())  # in place: no second (vocab, dim) buffer per chunk
+                grad_weight.addmm_(grad.T, h.to(acc))  # in place: no second (vocab, dim) buffer per chunk
         # Kept on ctx, not saved for backward: backward scales them in place and hands them over (a step's single
         # backward), so no second (vocab, dim) copy exists next to the weight's .grad.
         ctx.grads = grad_hidden, grad_weight
@@ -87,7 +93,7 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
 
 def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Reference loss from full logits (what the seed and TRL compute): sum over supervised tokens."""
-    shifted_logits = logits[:, :-1].float()
+    shifted_logits = upcast(logits[:, :-1])
     shifted_labels = labels[:, 1:]
     n = int((shifted_labels != IGNORE).sum())
     loss = torch.nn.functional.cross_entropy(
@@ -131,7 +137,7 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int | No
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return (hidden @ weight.T).float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return upcast(hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor):
@@ -146,7 +152,7 @@ def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tenso
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        return None, logits[rows, torch.searchsorted(keep, cols)].float()
+        return None, upcast(logits[rows, torch.searchsorted(keep, cols)])
     captured = {}
     hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
     try:

@@ -1,0 +1,189 @@
+"""Fresh processes without paying the imports each time.
+
+Every end-to-end test runs qwen-tune as a user does: a new `python` / `qwen-tune` process, alone or inside a recipe's
+shell script. Each such process used to spend about 6 s (9 s on a loaded machine) importing torch, transformers,
+PEFT, TRL and DeepSpeed before doing anything, which was a third of the suite's time.
+
+Here a zygote imports them once and forks a child per command. The tests call `python` and `qwen-tune` through
+small client programs (`write_clients`, put first on PATH by `helpers.fresh_env`) that hand the zygote their
+argv, working directory, environment and their stdin / stdout / stderr file descriptors, wait, and exit with the
+child's status. Signals sent to a client (SIGTERM, SIGINT) are passed on to the child; a client that dies kills it.
+
+A child is a new process in everything a test relies on: its own pid, environment, working directory, argv,
+standard streams and exit status, and nothing of any model, tokenizer or training: the zygote only imports.
+What it shares is what the imports did, so a command whose environment differs from the zygote's in anything but
+the variables in RUN_TIME_VARIABLES (which libraries read when they run, not when they are imported), or that uses
+an interpreter option (`python -X importtime`), runs in a real interpreter instead: the client simply execs it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import sys
+import threading
+
+PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "safetensors",
+           "qwen_tune.cli", "qwen_tune.sft", "qwen_tune.reward", "qwen_tune.dpo", "qwen_tune.ppo", "qwen_tune.grpo",
+           "qwen_tune.score", "qwen_tune.export", "qwen_tune.chat", "qwen_tune.evaluate", "qwen_tune.preprocess")
+SET_BY_IMPORTS: dict[str, str] = {}
+RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE"}
+
+CLIENT = '''#!{python} -S
+"""`{name} ARGS` through the test suite's forkserver (tests/forkserver.py); a real interpreter when it declines."""
+import json, os, signal, socket, sys
+argv = {prefix} + sys.argv[1:]
+real = lambda: os.execv({python!r}, [{python!r}] + argv)
+try:
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(os.environ["QWEN_TUNE_TEST_FORKSERVER"])
+    request = json.dumps({{"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+    socket.send_fds(conn, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+except (KeyError, OSError):
+    real()
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda signum, frame: conn.sendall(b"%d\\n" % signum))
+reply = b""
+while not reply.endswith(b"\\n"):
+    chunk = conn.recv(64)
+    if not chunk:
+        sys.exit(1)
+    reply += chunk
+status = json.loads(reply)
+if status == "real":
+    real()
+if status < 0:
+    signal.signal(-status, signal.SIG_DFL)
+    os.kill(os.getpid(), -status)
+sys.exit(status)
+'''
+
+
+def write_clients(directory: str) -> None:
+    """`python` and `qwen-tune` clients in `directory`, for the front of PATH."""
+    os.makedirs(directory, exist_ok=True)
+    for name, prefix in (("python", []), ("python3", []), ("qwen-tune", ["-m", "qwen_tune"])):
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(CLIENT.format(python=sys.executable, name=name, prefix=prefix))
+        os.chmod(path, 0o755)
+
+
+def python_entry(argv: list[str]) -> tuple[str, str] | None:
+    """('-c', code) / ('-m', module) / ('script', path) for the command lines a child can run; None otherwise."""
+    if len(argv) >= 2 and argv[0] in ("-c", "-m"):
+        return argv[0], argv[1]
+    if argv and argv[0].endswith(".py") and not argv[0].startswith("-"):
+        return "script", argv[0]
+    return None
+
+
+def run_child(request: dict) -> None:
+    """In the forked child, with the client's streams on fds 0-2: become `python ARGV` and exit with its status."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"], **SET_BY_IMPORTS)  # as the imports did in a real process
+    kind, target = python_entry(request["argv"])
+    rest = request["argv"][2:] if kind != "script" else request["argv"][1:]
+    status = 0
+    try:
+        if kind == "-c":
+            sys.argv, sys.path[0] = ["-c", *rest], ""
+            exec(compile(target, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        elif kind == "-m":
+            sys.argv, sys.path[0] = [target, *rest], os.getcwd()
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            sys.argv, sys.path[0] = [target, *rest], os.path.dirname(os.path.abspath(target))
+            runpy.run_path(target, run_name="__main__")
+    except SystemExit as e:  # as the interpreter reads it
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    exit_as_python_does(status)
+
+
+def exit_as_python_does(status: int) -> None:
+    """What an interpreter does at exit that a test can see: wait for non-daemon threads, run atexit handlers,
+    flush the streams. Not the teardown of every module (2-3 s for these libraries; nothing observable)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status & 0xFF)
+
+
+def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict) -> None:
+    """A forked handler per client: run its command in a grandchild, pass signals on, report the exit status."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    listener.close()
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    size = int.from_bytes(message[:8], "big")
+    while len(message) < 8 + size:
+        message += conn.recv(1 << 20)
+    request = json.loads(message[8:])
+    differs = {k for k in set(request["env"]) | set(zygote_env) if request["env"].get(k) != zygote_env.get(k)}
+    if python_entry(request["argv"]) is None or differs - RUN_TIME_VARIABLES:
+        conn.sendall(b'"real"\n')
+        os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        for fd, target in zip(fds, (0, 1, 2)):
+            os.dup2(fd, target)
+            os.close(fd)
+        run_child(request)
+    for fd in fds:
+        os.close(fd)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            conn.sendall(b"%d\n" % os.waitstatus_to_exitcode(status))
+            os._exit(0)
+        if select.select([conn], [], [], 0.05)[0]:
+            data = conn.recv(64)
+            if not data:  # the client died: so does its command
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                os._exit(0)
+            for signum in data.split():
+                os.kill(pid, int(signum))
+
+
+def serve(path: str) -> None:
+    zygote_env = dict(os.environ)  # what a client must have to be served
+    for name in PRELOAD:
+        __import__(name)
+    global SET_BY_IMPORTS
+    SET_BY_IMPORTS = {k: v for k, v in os.environ.items() if zygote_env.get(k) != v}  # torch sets two
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        if os.fork() == 0:
+            handle(conn, listener, zygote_env)
+        conn.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
