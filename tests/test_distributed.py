@@ -33,14 +33,26 @@ def losses(out):
     return [v for _, v in json.load(open(os.path.join(out, "loss.json")))["loss"]]
 
 
-def test_zero3_full_partitions_saves_complete_and_reloads(tmp_path, base_model_path):
-    out = str(tmp_path / "z3")
-    proc = recipe("finetune_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", "1", *FEW_STEPS)
+def test_zero3_on_two_ranks_partitions_equals_one_process_and_saves_complete_weights(tmp_path, base_model_path):
+    """fp32: sh recipes/finetune_ds.sh with a batch of 2 split over 2 ZeRO-3 ranks logs the same loss at every step as
+    one process with the batch of 2, and its gathered save is complete and reloads to the same model."""
+    ranks = str(tmp_path / "ranks")
+    proc = recipe("finetune_ds.sh", "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
+                  "--gradient_checkpointing", "False", *FEW_STEPS)
     assert "+ torchrun --nproc_per_node 2" in proc.stderr
     # each of the 2 ranks holds half of the weights: ZeRO-3 really partitioned them
     # (searched anywhere: two ranks share one stderr, so a line may follow another rank's partial line)
     shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
     assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
+    single = str(tmp_path / "single")
+    proc = subprocess.run(["python", "finetune.py", "--data_path", TRAIN, "--output_dir", single,
+                           "--per_device_train_batch_size", "2", *FEW_STEPS], cwd=ROOT, env=fresh_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(ranks), losses(single)
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4), (a, b)  # fp32 sums over 2 ranks vs one: rounding, far below a wrong step
+    assert a[0] != a[-1]  # the steps really differ, so equality is not a coincidence of one value
     # the saved model is complete (no empty partitioned tensors) and trained
     check = (
         "import sys, torch\n"
@@ -52,8 +64,11 @@ def test_zero3_full_partitions_saves_complete_and_reloads(tmp_path, base_model_p
         "assert not torch.equal(m.model.layers[0].mlp.up_proj.weight, b.model.layers[0].mlp.up_proj.weight)\n"
         "print('complete')\n"
     )
-    res = run_python([out, base_model_path], code=check)
+    res = run_python([ranks, base_model_path], code=check)
     assert res.returncode == 0 and "complete" in res.stdout, res.stderr[-3000:]
+    # the ZeRO-3 save reloads to the same model as the single process's: the same greedy replies
+    prompts = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2+2?")]
+    assert generate_in_fresh_process(ranks, prompts, adapter=False) == generate_in_fresh_process(single, prompts, adapter=False)
 
 
 def test_zero2_lora_adapter_reloads_with_autopeft(tmp_path):
@@ -64,25 +79,6 @@ def test_zero2_lora_adapter_reloads_with_autopeft(tmp_path):
     lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: every adapter matrix was trained and saved
     generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=True)  # AutoPeft reloads it offline
-
-
-def test_two_ranks_of_batch_1_equal_one_process_of_batch_2(tmp_path):
-    """fp32: the loss of every step is the same whether a batch of 2 is split over 2 ranks or not."""
-    ranks = str(tmp_path / "ranks")
-    recipe("finetune_ds.sh", "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
-           "--gradient_checkpointing", "False", *FEW_STEPS)
-    single = str(tmp_path / "single")
-    proc = subprocess.run(["python", "finetune.py", "--data_path", TRAIN, "--output_dir", single,
-                           "--per_device_train_batch_size", "2", *FEW_STEPS], cwd=ROOT, env=fresh_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = losses(ranks), losses(single)
-    assert len(a) == len(b) == 3
-    assert a == pytest.approx(b, rel=1e-4), (a, b)
-    assert a[0] != a[-1]  # the steps really differ, so equality is not a coincidence of one value
-    # the ZeRO-3 save reloads to the same model as the single process's: the same greedy replies
-    prompts = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2+2?")]
-    assert generate_in_fresh_process(ranks, prompts, adapter=False) == generate_in_fresh_process(single, prompts, adapter=False)
 
 
 def test_two_nodes_on_localhost_train_and_save(tmp_path):

@@ -111,16 +111,6 @@ def test_ppo_recipe_against_a_reward_model_learns_and_the_reload_answers_as_rewa
         assert os.path.exists(os.path.join(out, name)), name
 
 
-@pytest.mark.slow
-def test_ppo_with_a_reward_function(sft_policy, prompts, workdir):
-    reward_py = workdir / "reward.py"
-    reward_py.write_text(REWARD_FN)
-    out = str(workdir / "ppo_fn")
-    run_cli("ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:prefers_cats", "--prompts", prompts,
-            "--output_dir", out, "--num_train_epochs", "24")
-    check_trained(out)
-
-
 BATCH_REWARD = '''
 def names_the_answer(prompts, completions, answer, **kwargs):
     """TRL's convention (as grpo): a batch, with the prompts file's `answer` column."""
@@ -148,7 +138,7 @@ def exactly_cats(prompt_messages, response_text):
 
 @pytest.mark.slow
 def test_ppo_with_default_settings_rises_and_stays_without_collapse(sft_policy, prompts, tmp_path):
-    """Issue 16's run: with the defaults, the reward rose to 1 by step 5 and then collapsed (the policy said
+    """A `--reward_fn` (one reply at a time) drives the learning. Issue 16's run: with the defaults, the reward rose to 1 by step 5 and then collapsed (the policy said
     "I cats" when every reward was equal and the critic's errors were whitened into advantages)."""
     reward_py = tmp_path / "reward.py"
     reward_py.write_text(EXACT_REWARD)
