@@ -32,7 +32,12 @@ PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "de
            "qwen_tune.cli", "qwen_tune.sft", "qwen_tune.reward", "qwen_tune.dpo", "qwen_tune.ppo", "qwen_tune.grpo",
            "qwen_tune.score", "qwen_tune.export", "qwen_tune.chat", "qwen_tune.evaluate", "qwen_tune.preprocess")
 SET_BY_IMPORTS: dict[str, str] = {}
-RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE"}
+RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE",
+                      # what torchrun gives each rank (read by torch.distributed, accelerate and DeepSpeed at init)
+                      "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_NAME",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_MAX_RESTARTS",
+                      "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_SIGNALS_TO_HANDLE",
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
 
 CLIENT = '''#!{python} -S
 """`{name} ARGS` through the test suite's forkserver (tests/forkserver.py); a real interpreter when it declines."""
@@ -75,7 +80,10 @@ def write_clients(directory: str) -> None:
 
 
 def python_entry(argv: list[str]) -> tuple[str, str] | None:
-    """('-c', code) / ('-m', module) / ('script', path) for the command lines a child can run; None otherwise."""
+    """('-c', code) / ('-m', module) / ('script', path) for the command lines a child can run (after an optional
+    -u, which torchrun gives its ranks); None otherwise."""
+    if argv[:1] == ["-u"]:
+        argv = argv[1:]
     if len(argv) >= 2 and argv[0] in ("-c", "-m"):
         return argv[0], argv[1]
     if argv and argv[0].endswith(".py") and not argv[0].startswith("-"):
@@ -88,8 +96,13 @@ def run_child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"], **SET_BY_IMPORTS)  # as the imports did in a real process
-    kind, target = python_entry(request["argv"])
-    rest = request["argv"][2:] if kind != "script" else request["argv"][1:]
+    argv = request["argv"]
+    if argv[:1] == ["-u"]:  # unbuffered streams
+        argv = argv[1:]
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(write_through=True)
+    kind, target = python_entry(argv)
+    rest = argv[2:] if kind != "script" else argv[1:]
     status = 0
     try:
         if kind == "-c":

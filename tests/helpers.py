@@ -31,7 +31,8 @@ class Forkserver:
             write_clients(os.path.join(cls.directory, "bin"))
             socket_path = os.path.join(cls.directory, "socket")
             env = dict(env, PATH=os.path.join(cls.directory, "bin") + os.pathsep + env.get("PATH", ""),
-                       QWEN_TUNE_TEST_FORKSERVER=socket_path)
+                       QWEN_TUNE_TEST_FORKSERVER=socket_path,
+                       PYTHON_EXEC=os.path.join(cls.directory, "bin", "python"))  # torchrun starts its ranks with it
             cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
                                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
             atexit.register(cls.proc.kill)
@@ -46,6 +47,11 @@ class Forkserver:
                 env.pop("QWEN_TUNE_TEST_FORKSERVER")
             cls.env = env
         return dict(cls.env)
+
+
+# A variable nothing reads: given to fresh_env / run_cli, it makes `python` and `qwen-tune` run a real interpreter,
+# for tests of what happens while libraries are imported (their messages, import time).
+REAL_INTERPRETER = {"QWEN_TUNE_TEST_REAL_INTERPRETER": "1"}
 
 
 def fresh_env(**extra) -> dict:

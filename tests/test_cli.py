@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from helpers import DATA, ROOT, fresh_env, run_cli
+from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env, run_cli
 
 TRAIN = [
     {"id": "c0", "conversations": [{"from": "user", "value": "What is the secret word?"},
@@ -36,7 +36,8 @@ def trained(train_file, tmp_path_factory):
     config = d / "run.yaml"
     config.write_text(f"data_path: {train_file}\noutput_dir: {d / 'out'}\nlearning_rate: 1.0e-2\nmax_steps: 1000\n"
                       "per_device_train_batch_size: 2\nsave_strategy: 'no'\nreport_to: none\nlogging_steps: 5\n")
-    proc = run_cli("sft", "--config", str(config), "--max_steps", "40", "--gradient_checkpointing", "True")
+    # a real interpreter: the console must show no library noise, and some is printed while libraries are imported
+    proc = run_cli("sft", "--config", str(config), "--max_steps", "40", "--gradient_checkpointing", "True", **REAL_INTERPRETER)
     (d / "out" / "console.txt").write_text(proc.stdout + proc.stderr)
     return d / "out"
 

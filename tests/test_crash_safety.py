@@ -12,12 +12,11 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from helpers import DATA, ROOT, fresh_env
+from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env
 from safetensors.torch import load_file
 
 from qwen_tune.args import TrainingArguments
@@ -35,11 +34,14 @@ TRAIN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--max_st
 FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 
-def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN) -> subprocess.Popen:
+def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN,
+          to_be_killed: bool = False) -> subprocess.Popen:
+    """A run in a fresh process. One `to_be_killed` (SIGKILL) is a real interpreter, so that the signal ends the
+    training process itself, at once (a forkserver child would outlive its client by a moment)."""
     log = open(out + ".log", "a")
     faults = ["--trace", trace] + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
-    return subprocess.Popen([sys.executable, FAULTS, *faults, *command, "--output_dir", out, *extra], cwd=ROOT,
-                            env=fresh_env(), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(["python", FAULTS, *faults, *command, "--output_dir", out, *extra], cwd=ROOT,
+                            env=fresh_env(**(REAL_INTERPRETER if to_be_killed else {})), stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, out: str) -> tuple[int, str]:
@@ -101,7 +103,7 @@ def test_uninterrupted_run_keeps_only_complete_checkpoints_and_no_pickles(refere
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path):
     out, trace1, trace2 = str(tmp_path / "out"), str(tmp_path / "t1.jsonl"), str(tmp_path / "t2.jsonl")
     kill_at = random.randint(SAVE_STEPS + 1, MAX_STEPS - 1)
-    proc = start(out, trace1)
+    proc = start(out, trace1, to_be_killed=True)
     wait_until_step(proc, trace1, kill_at, out)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -187,7 +189,7 @@ def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tm
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
     assert rc == 0, log
-    proc = start(killed, str(tmp_path / "k1.jsonl"), command=command)
+    proc = start(killed, str(tmp_path / "k1.jsonl"), command=command, to_be_killed=True)
     wait_until_step(proc, str(tmp_path / "k1.jsonl"), 4, killed)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
