@@ -3,7 +3,9 @@
 Without it glibc returns every block above 32 MB to the kernel, and each step's activations are
 page-faulted and zeroed again: measured as the page faults of allocating a 128 MB tensor a second time,
 in a fresh process, after the real `qwen-tune sft` option parsing (or without it, or with the user's own
-glibc setting, which must be left alone).
+glibc setting, which must be left alone). The fewest faults of three reallocations: about one run in eight, the
+heap's free space after the first block does not fit the next aligned block of the same size and the heap grows
+once; from then on the blocks are reused (without the setting, every reallocation faults its 128 MB in again).
 """
 
 import subprocess
@@ -21,11 +23,12 @@ if sys.argv[1] == "sft":
     parse(sft.ARGUMENTS, ["--data_path", "data/sft_example.json", "--output_dir", sys.argv[2]])
 block = 2**25  # float32 values: 128 MB
 torch.ones(block)  # allocated and freed
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(block)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-import os
-print("settings:", {k: v for k, v in os.environ.items() if k.startswith(("MALLOC", "GLIBC", "OMP", "LD_"))}, torch.cuda.is_available(), file=sys.stderr)
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults))
 """
 PAGES = 2**27 // 4096  # a 128 MB block faulted in anew
 
@@ -39,4 +42,4 @@ def test_freed_blocks_are_reused_by_a_cpu_training_run(tmp_path, parsed, env, re
     out = subprocess.run([sys.executable, "-c", REALLOCATE, parsed, str(tmp_path / "out")], cwd=ROOT, text=True,
                          env=fresh_env(CUDA_VISIBLE_DEVICES="", **env), capture_output=True, timeout=300, check=True)
     faults = int(out.stdout.split()[-1])
-    assert (faults < PAGES // 10) if reused else (faults > PAGES // 2), (faults, out.stderr[-2000:])
+    assert (faults < PAGES // 10) if reused else (faults > PAGES // 2), faults
