@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from transformers import Trainer, set_seed
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
-from .data.collate import PackedPairCollator
+from .data.collate import PackedPairCollator, PaddedPairCollator
 from .data.pairs import encode_pairs
 from .data.splits import load_splits
 from .errors import UserError
-from .model import add_lora, load_model, resolve_model_path
+from .model import add_lora, load_model, packing_for, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
@@ -144,7 +144,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=PackedPairCollator(),
+        data_collator=PackedPairCollator() if packing_for(model.config, True, log) else PaddedPairCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )

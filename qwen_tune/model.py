@@ -156,6 +156,27 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
+EXACTLY_PACKED_LAYERS = ("full_attention", "sliding_attention")
+
+
+def packing_is_exact(config) -> bool:
+    """Whether samples packed into one row stay apart in every layer. Attention layers keep them apart through the
+    restarting `position_ids`; the linear-attention (Gated DeltaNet) layers of Qwen3-Next and Qwen3.5+ carry their
+    convolution window and recurrent state from one sample into the next (transformers' CPU implementation takes no
+    sequence boundaries), and so would any layer type not known here."""
+    return all(kind in EXACTLY_PACKED_LAYERS for kind in getattr(config.get_text_config(), "layer_types", None) or ())
+
+
+def packing_for(config, asked: bool, log) -> bool:
+    """`--packing` as it can be honoured on this model: off, with one line saying why, where it would not be exact."""
+    if asked and not packing_is_exact(config):
+        kinds = sorted(set(config.get_text_config().layer_types) - set(EXACTLY_PACKED_LAYERS))
+        log(f"packing: off: {config.model_type} has {', '.join(kinds)} layers, which would carry one sample into the next "
+            "in a packed row; batches are padded instead")
+        return False
+    return asked
+
+
 def load_model(
     path: str,
     *,

@@ -16,7 +16,7 @@ from .data.collate import PackedCollator, PaddedCollator
 from .data.cache import load_tokens
 from .data.splits import load_splits
 from .errors import UserError
-from .model import add_lora, load_model, resolve_model_path
+from .model import add_lora, load_model, packing_for, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
@@ -63,10 +63,11 @@ def resolve_sft_options(data_args: DataArguments, args: TrainingArguments) -> No
         args.train_sampling_strategy = "group_by_length" if not data_args.packing and not data_args.pad_to_max_length else "random"
 
 
-def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int):
+def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int, packing: bool):
+    """`packing`: `--packing` as the model can honour it (model.packing_for)."""
     if data_args.pad_to_max_length:
         return PaddedCollator(pad_token_id, pad_to=args.model_max_length)
-    if data_args.packing:
+    if packing:
         return PackedCollator()
     return PaddedCollator(pad_token_id)
 
@@ -106,7 +107,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         args=args,
         train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length
         eval_dataset=eval_samples if eval_samples else None,
-        data_collator=collator_for(data_args, args, tokenizer.pad_token_id),
+        data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing_for(model.config, data_args.packing, log)),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )

@@ -57,7 +57,7 @@ reply = b""
 while not reply.endswith(b"\\n"):
     chunk = conn.recv(64)
     if not chunk:
-        sys.exit(1)
+        sys.exit("qwen-tune test forkserver: the connection to the forkserver was lost")
     reply += chunk
 status = json.loads(reply)
 if status == "real":
@@ -191,7 +191,7 @@ def serve(path: str) -> None:
     listener.bind(path)
     listener.listen(16)
     print("ready", flush=True)
-    while True:
+    while select.select([listener, sys.stdin], [], [])[0] != [sys.stdin]:  # stdin at EOF: the test process ended
         conn, _ = listener.accept()
         if os.fork() == 0:
             handle(conn, listener, zygote_env)

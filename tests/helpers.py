@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ class Forkserver:
 
     directory: str | None = None
     proc: subprocess.Popen | None = None
+    env: dict = {}
 
     @classmethod
     def start(cls, env: dict) -> dict:
@@ -33,9 +35,10 @@ class Forkserver:
             env = dict(env, PATH=os.path.join(cls.directory, "bin") + os.pathsep + env.get("PATH", ""),
                        QWEN_TUNE_TEST_FORKSERVER=socket_path,
                        PYTHON_EXEC=os.path.join(cls.directory, "bin", "python"))  # torchrun starts its ranks with it
+            # its stdin is a pipe from this process: when this process ends, however it ends, the zygote does too
             cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
-                                        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-            atexit.register(cls.proc.kill)
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(cls.stop)
             ready = False
             while not ready and select.select([cls.proc.stdout], [], [], 300)[0]:
                 line = cls.proc.stdout.readline()  # libraries may print while they are imported
@@ -47,6 +50,12 @@ class Forkserver:
                 env.pop("QWEN_TUNE_TEST_FORKSERVER")
             cls.env = env
         return dict(cls.env)
+
+    @classmethod
+    def stop(cls) -> None:
+        cls.proc.kill()
+        cls.proc.wait()
+        shutil.rmtree(cls.directory, ignore_errors=True)
 
 
 # A variable nothing reads: given to fresh_env / run_cli, it makes `python` and `qwen-tune` run a real interpreter,

@@ -138,7 +138,7 @@ def test_length_grouped_batches_waste_less_padding(model, samples, tokenizer, tm
     for extra in ([], ["--train_sampling_strategy", "random"]):
         data_args, args = parsed("--packing", "False", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *extra)
         trainer = SFTTrainer(model=model, args=args, train_dataset=SFTDataset_of(spread),
-                             data_collator=collator_for(data_args, args, tokenizer.pad_token_id), processing_class=tokenizer)
+                             data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing=False), processing_class=tokenizer)
         fractions[args.train_sampling_strategy] = padding_fraction(trainer)
     assert fractions["group_by_length"] < 0.5 * fractions["random"], fractions
 

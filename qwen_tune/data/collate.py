@@ -1,5 +1,8 @@
 """Batching: padding-free packing (default), dynamic padding, or the seed's pad-to-max.
 
+Packing is exact only where every layer keeps samples apart (model.packing_is_exact); other models get padded
+batches (PaddedCollator, PaddedPairCollator).
+
 Packing concatenates the samples of a batch into one row with `position_ids` restarting at every
 sample; transformers then keeps attention inside each sample (flash-attention varlen on GPU, a
 block-diagonal mask with SDPA/eager). No pad token is ever computed on, and labels come from
@@ -73,5 +76,32 @@ class PackedPairCollator:
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([position_ids]),
             "sequence": torch.tensor([sequence]),
+            "sample_ids": [f.get("id") for f in features],
+        }
+
+
+@dataclass
+class PaddedPairCollator:
+    """Preference pairs one sequence per row, right-padded, in PackedPairCollator's order and keys: for models whose
+    layers cannot keep packed sequences apart (model.packing_is_exact)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        sides = [(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features]
+        width = max(len(prompt) + len(reply) for prompt, reply in sides)
+        input_ids = torch.full((len(sides), width), self.pad_token_id)
+        labels = torch.full((len(sides), width), IGNORE)
+        attention_mask = torch.zeros((len(sides), width), dtype=torch.long)
+        for index, (prompt, reply) in enumerate(sides):
+            n = len(prompt) + len(reply)
+            input_ids[index, :n] = torch.tensor(prompt + reply)
+            labels[index, len(prompt) : n] = torch.tensor(reply)
+            attention_mask[index, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "sequence": torch.arange(len(sides))[:, None].expand(len(sides), width),
             "sample_ids": [f.get("id") for f in features],
         }
