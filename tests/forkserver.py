@@ -31,7 +31,6 @@ import threading
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "safetensors",
            "qwen_tune.cli", "qwen_tune.sft", "qwen_tune.reward", "qwen_tune.dpo", "qwen_tune.ppo", "qwen_tune.grpo",
            "qwen_tune.score", "qwen_tune.export", "qwen_tune.chat", "qwen_tune.evaluate", "qwen_tune.preprocess")
-SET_BY_IMPORTS: dict[str, str] = {}
 RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE",
                       # what torchrun gives each rank (read by torch.distributed, accelerate and DeepSpeed at init)
                       "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_NAME",
@@ -79,30 +78,27 @@ def write_clients(directory: str) -> None:
         os.chmod(path, 0o755)
 
 
-def python_entry(argv: list[str]) -> tuple[str, str] | None:
-    """('-c', code) / ('-m', module) / ('script', path) for the command lines a child can run (after an optional
-    -u, which torchrun gives its ranks); None otherwise."""
-    if argv[:1] == ["-u"]:
-        argv = argv[1:]
+def parse_python_argv(argv: list[str]) -> tuple[str, str, list[str], bool] | None:
+    """(kind, target, its arguments, unbuffered) for the command lines a child can run: `[-u] -c CODE ...`,
+    `[-u] -m MODULE ...`, `[-u] SCRIPT.py ...` (torchrun gives its ranks -u); None for anything else."""
+    unbuffered = argv[:1] == ["-u"]
+    argv = argv[1:] if unbuffered else argv
     if len(argv) >= 2 and argv[0] in ("-c", "-m"):
-        return argv[0], argv[1]
+        return argv[0], argv[1], argv[2:], unbuffered
     if argv and argv[0].endswith(".py") and not argv[0].startswith("-"):
-        return "script", argv[0]
+        return "script", argv[0], argv[1:], unbuffered
     return None
 
 
-def run_child(request: dict) -> None:
+def run_child(request: dict, set_by_imports: dict) -> None:
     """In the forked child, with the client's streams on fds 0-2: become `python ARGV` and exit with its status."""
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"], **SET_BY_IMPORTS)  # as the imports did in a real process
-    argv = request["argv"]
-    if argv[:1] == ["-u"]:  # unbuffered streams
-        argv = argv[1:]
+    os.environ.update(request["env"], **set_by_imports)  # as the imports did in a real process
+    kind, target, rest, unbuffered = parse_python_argv(request["argv"])
+    if unbuffered:
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(write_through=True)
-    kind, target = python_entry(argv)
-    rest = argv[2:] if kind != "script" else argv[1:]
     status = 0
     try:
         if kind == "-c":
@@ -141,7 +137,7 @@ def exit_as_python_does(status: int) -> None:
     os._exit(status & 0xFF)
 
 
-def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict) -> None:
+def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict, set_by_imports: dict) -> None:
     """A forked handler per client: run its command in a grandchild, pass signals on, report the exit status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     listener.close()
@@ -151,7 +147,7 @@ def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict) -> No
         message += conn.recv(1 << 20)
     request = json.loads(message[8:])
     differs = {k for k in set(request["env"]) | set(zygote_env) if request["env"].get(k) != zygote_env.get(k)}
-    if python_entry(request["argv"]) is None or differs - RUN_TIME_VARIABLES:
+    if parse_python_argv(request["argv"]) is None or differs - RUN_TIME_VARIABLES:
         conn.sendall(b'"real"\n')
         os._exit(0)
     sys.stdout.flush()
@@ -162,7 +158,7 @@ def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict) -> No
         for fd, target in zip(fds, (0, 1, 2)):
             os.dup2(fd, target)
             os.close(fd)
-        run_child(request)
+        run_child(request, set_by_imports)
     for fd in fds:
         os.close(fd)
     while True:
@@ -184,8 +180,7 @@ def serve(path: str) -> None:
     zygote_env = dict(os.environ)  # what a client must have to be served
     for name in PRELOAD:
         __import__(name)
-    global SET_BY_IMPORTS
-    SET_BY_IMPORTS = {k: v for k, v in os.environ.items() if zygote_env.get(k) != v}  # torch sets two
+    set_by_imports = {k: v for k, v in os.environ.items() if zygote_env.get(k) != v}  # torch sets two
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
@@ -194,7 +189,7 @@ def serve(path: str) -> None:
     while select.select([listener, sys.stdin], [], [])[0] != [sys.stdin]:  # stdin at EOF: the test process ended
         conn, _ = listener.accept()
         if os.fork() == 0:
-            handle(conn, listener, zygote_env)
+            handle(conn, listener, zygote_env, set_by_imports)
         conn.close()
 
 

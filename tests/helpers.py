@@ -20,36 +20,41 @@ class Forkserver:
 
     directory: str | None = None
     proc: subprocess.Popen | None = None
-    env: dict = {}
+    ready = False
 
     @classmethod
-    def start(cls, env: dict) -> dict:
+    def clients(cls, env: dict) -> dict:
+        """`env` with the clients first on PATH (and as torchrun's PYTHON_EXEC), starting the zygote with that
+        environment the first time. The zygote serves a client only while the client's environment is the same."""
         if cls.directory is None:
-            import atexit
+            cls.start(env)
+        bin_dir = os.path.join(cls.directory, "bin")
+        env = dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""), PYTHON_EXEC=os.path.join(bin_dir, "python"))
+        if cls.ready:  # otherwise the clients run real interpreters: slower, never wrong
+            env["QWEN_TUNE_TEST_FORKSERVER"] = os.path.join(cls.directory, "socket")
+        return env
 
-            from forkserver import write_clients
+    @classmethod
+    def start(cls, env: dict) -> None:
+        import atexit
 
-            cls.directory = tempfile.mkdtemp(prefix="qwen-tune-forkserver-")
-            write_clients(os.path.join(cls.directory, "bin"))
-            socket_path = os.path.join(cls.directory, "socket")
-            env = dict(env, PATH=os.path.join(cls.directory, "bin") + os.pathsep + env.get("PATH", ""),
-                       QWEN_TUNE_TEST_FORKSERVER=socket_path,
-                       PYTHON_EXEC=os.path.join(cls.directory, "bin", "python"))  # torchrun starts its ranks with it
-            # its stdin is a pipe from this process: when this process ends, however it ends, the zygote does too
-            cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
-                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            atexit.register(cls.stop)
-            ready = False
-            while not ready and select.select([cls.proc.stdout], [], [], 300)[0]:
-                line = cls.proc.stdout.readline()  # libraries may print while they are imported
-                ready = line.strip() == "ready"
-                if not line:
-                    break
-            if not ready:  # the clients then run real interpreters: slower, never wrong
-                cls.proc.kill()
-                env.pop("QWEN_TUNE_TEST_FORKSERVER")
-            cls.env = env
-        return dict(cls.env)
+        from forkserver import write_clients
+
+        cls.directory = tempfile.mkdtemp(prefix="qwen-tune-forkserver-")
+        write_clients(os.path.join(cls.directory, "bin"))
+        socket_path = os.path.join(cls.directory, "socket")
+        # its stdin is a pipe from this process: when this process ends, however it ends, the zygote does too
+        cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
+                                    env=dict(cls.clients(env), QWEN_TUNE_TEST_FORKSERVER=socket_path), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        atexit.register(cls.stop)
+        while not cls.ready and select.select([cls.proc.stdout], [], [], 300)[0]:
+            line = cls.proc.stdout.readline()  # libraries may print while they are imported
+            cls.ready = line.strip() == "ready"
+            if not line:
+                break
+        if not cls.ready:
+            cls.proc.kill()
 
     @classmethod
     def stop(cls) -> None:
@@ -68,9 +73,7 @@ def fresh_env(**extra) -> dict:
     variable makes them run a real interpreter (libraries read some variables at import)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env = Forkserver.start(env)
-    env.update(extra)
-    return env
+    return dict(Forkserver.clients(env), **extra)
 
 
 def run_python(argv: list[str], code: str | None = None, cwd: str = ROOT, timeout: float = 600, **env) -> subprocess.CompletedProcess:
