@@ -20,41 +20,41 @@ class Forkserver:
 
     directory: str | None = None
     proc: subprocess.Popen | None = None
-    ready = False
+    env: dict | None = None
 
     @classmethod
-    def clients(cls, env: dict) -> dict:
-        """`env` with the clients first on PATH (and as torchrun's PYTHON_EXEC), starting the zygote with that
-        environment the first time. The zygote serves a client only while the client's environment is the same."""
-        if cls.directory is None:
-            cls.start(env)
-        bin_dir = os.path.join(cls.directory, "bin")
-        env = dict(env, PATH=bin_dir + os.pathsep + env.get("PATH", ""), PYTHON_EXEC=os.path.join(bin_dir, "python"))
-        if cls.ready:  # otherwise the clients run real interpreters: slower, never wrong
-            env["QWEN_TUNE_TEST_FORKSERVER"] = os.path.join(cls.directory, "socket")
-        return env
+    def environment(cls) -> dict:
+        """A user's shell for every fresh process of this test run: this process's environment when first asked,
+        offline, with the clients first on PATH (and as torchrun's PYTHON_EXEC). Taken once: what this process
+        changes later (variables its own imports or in-process runs set) is not the user's, and would also make
+        the zygote, which serves only that environment, decline every client."""
+        if cls.env is None:
+            import atexit
 
-    @classmethod
-    def start(cls, env: dict) -> None:
-        import atexit
+            from forkserver import write_clients
 
-        from forkserver import write_clients
-
-        cls.directory = tempfile.mkdtemp(prefix="qwen-tune-forkserver-")
-        write_clients(os.path.join(cls.directory, "bin"))
-        socket_path = os.path.join(cls.directory, "socket")
-        # its stdin is a pipe from this process: when this process ends, however it ends, the zygote does too
-        cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
-                                    env=dict(cls.clients(env), QWEN_TUNE_TEST_FORKSERVER=socket_path), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-        atexit.register(cls.stop)
-        while not cls.ready and select.select([cls.proc.stdout], [], [], 300)[0]:
-            line = cls.proc.stdout.readline()  # libraries may print while they are imported
-            cls.ready = line.strip() == "ready"
-            if not line:
-                break
-        if not cls.ready:
-            cls.proc.kill()
+            env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+            cls.directory = tempfile.mkdtemp(prefix="qwen-tune-forkserver-")
+            bin_dir, socket_path = os.path.join(cls.directory, "bin"), os.path.join(cls.directory, "socket")
+            write_clients(bin_dir)
+            env.update(PATH=bin_dir + os.pathsep + env.get("PATH", ""), PYTHON_EXEC=os.path.join(bin_dir, "python"),
+                       QWEN_TUNE_TEST_FORKSERVER=socket_path)
+            # its stdin is a pipe from this process: when this process ends, however it ends, the zygote does too
+            cls.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py"), socket_path], cwd=ROOT,
+                                        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            atexit.register(cls.stop)
+            ready = False
+            while not ready and select.select([cls.proc.stdout], [], [], 300)[0]:
+                line = cls.proc.stdout.readline()  # libraries may print while they are imported
+                ready = line.strip() == "ready"
+                if not line:
+                    break
+            if not ready:  # the clients then run real interpreters: slower, never wrong
+                cls.proc.kill()
+                env.pop("QWEN_TUNE_TEST_FORKSERVER")
+            cls.env = env
+        return dict(cls.env)
 
     @classmethod
     def stop(cls) -> None:
@@ -71,9 +71,7 @@ REAL_INTERPRETER = {"QWEN_TUNE_TEST_REAL_INTERPRETER": "1"}
 def fresh_env(**extra) -> dict:
     """The environment of a user's shell, offline; `python` and `qwen-tune` are the forkserver's clients. Any extra
     variable makes them run a real interpreter (libraries read some variables at import)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return dict(Forkserver.clients(env), **extra)
+    return dict(Forkserver.environment(), **extra)
 
 
 def run_python(argv: list[str], code: str | None = None, cwd: str = ROOT, timeout: float = 600, **env) -> subprocess.CompletedProcess:
