@@ -144,7 +144,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=PackedPairCollator() if packing_for(model.config, True, log) else PaddedPairCollator(tokenizer.pad_token_id),
+        data_collator=PackedPairCollator() if packing_for(model, True, log) else PaddedPairCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import UserError
+from .linear_attention import split_linear_attention, splits_packed_rows
 from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
 
 EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
@@ -156,23 +157,23 @@ def check_weights_format(path: str, allow_pickle: bool) -> None:
         )
 
 
-EXACTLY_PACKED_LAYERS = ("full_attention", "sliding_attention")
+PACKABLE_LAYERS = ("full_attention", "sliding_attention", "linear_attention")
 
 
-def packing_is_exact(config) -> bool:
+def packing_is_exact(model) -> bool:
     """Whether samples packed into one row stay apart in every layer. Attention layers keep them apart through the
-    restarting `position_ids`; the linear-attention (Gated DeltaNet) layers of Qwen3-Next and Qwen3.5+ carry their
-    convolution window and recurrent state from one sample into the next (transformers' CPU implementation takes no
-    sequence boundaries), and so would any layer type not known here."""
-    return all(kind in EXACTLY_PACKED_LAYERS for kind in getattr(config.get_text_config(), "layer_types", None) or ())
+    restarting `position_ids`; the linear-attention (Gated DeltaNet) layers of Qwen3-Next and Qwen3.5+ only once
+    `split_linear_attention` runs them per sample (load_model does); a layer type not known here might not."""
+    kinds = getattr(model.config.get_text_config(), "layer_types", None) or ()
+    return all(kind in PACKABLE_LAYERS for kind in kinds) and splits_packed_rows(model)
 
 
-def packing_for(config, asked: bool, log) -> bool:
+def packing_for(model, asked: bool, log) -> bool:
     """`--packing` as it can be honoured on this model: off, with one line saying why, where it would not be exact."""
-    if asked and not packing_is_exact(config):
-        kinds = sorted(set(config.get_text_config().layer_types) - set(EXACTLY_PACKED_LAYERS))
-        log(f"packing: off: {config.model_type} has {', '.join(kinds)} layers, which would carry one sample into the next "
-            "in a packed row; batches are padded instead")
+    if asked and not packing_is_exact(model):
+        kinds = sorted(set(model.config.get_text_config().layer_types) - set(PACKABLE_LAYERS)) or ["linear_attention"]
+        log(f"packing: off: {model.config.model_type} has {', '.join(kinds)} layers, which would carry one sample into the "
+            "next in a packed row; batches are padded instead")
         return False
     return asked
 
@@ -219,6 +220,7 @@ def load_model(
             raise UserError(f"{path} has custom code; pass --trust_remote_code if you trust it. ({e})") from e
         raise
     set_generation_defaults(model)
+    split_linear_attention(model)
     return model
 
 

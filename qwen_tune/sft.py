@@ -107,7 +107,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         args=args,
         train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length
         eval_dataset=eval_samples if eval_samples else None,
-        data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing_for(model.config, data_args.packing, log)),
+        data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing_for(model, data_args.packing, log)),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
     )

@@ -1,11 +1,11 @@
-"""Every Qwen text type is trained on batches whose samples cannot see each other: packed where that is exact, padded
-on hybrid models (Qwen3-Next, Qwen3.5+: Gated DeltaNet linear attention before every fourth full-attention layer).
+"""Every Qwen text type is trained on packed batches whose samples cannot see each other.
 
-Packing restarts `position_ids`, which keeps samples apart in attention layers only: the linear-attention layers'
-convolution window and recurrent state run across the row. So on these models sft and dpo pad instead (one line
-says so), and what they compute equals each sample alone. Tiny random checkpoints of each type are built from
-config (no download), with the embedded model's tokenizer, in float64 so that equality tests the layout, not
-summation order.
+Packing restarts `position_ids`, which keeps samples apart in attention layers only; the linear-attention layers
+of hybrid models (Qwen3-Next, Qwen3.5+: Gated DeltaNet before every fourth full-attention layer) carry their
+convolution window and recurrent state across the row unless they run once per sample (linear_attention.py, which
+load_model installs). So what sft, dpo and rm compute equals each sample alone, and one training step packed equals
+one step padded. Tiny random checkpoints of each type are built from config (no download), with the embedded
+model's tokenizer, in float64 so that equality tests the layout, not summation order.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ import torch
 
 from helpers import DATA, run_cli
 from qwen_tune.data.chat_format import IGNORE, resolve_format
-from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedPairCollator
+from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator
 from qwen_tune.data.dataset import load_sft_dataset
 from qwen_tune.data.pairs import encode_pairs
+from qwen_tune.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
 from qwen_tune.model import packing_for, packing_is_exact
+from qwen_tune.reward_model import score_token_ids
 from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
 
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
@@ -33,13 +35,27 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
              vocab_size=151936, tie_word_embeddings=True)
 
 
-def tiny_model(model_type: str):
+def tiny_model(model_type: str, model_class=None):
+    """A random float64 model of `model_type`, its linear-attention layers split per sample as load_model does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **SMALL)
     # the experts' grouped GEMM has no float64 kernel: the per-expert loop computes the same
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float64, experts_implementation="eager").eval()
+    model = (model_class or AutoModelForCausalLM).from_config(config, dtype=torch.float64, experts_implementation="eager")
+    split_linear_attention(model)
+    return model.eval()
+
+
+def unsplit(model):
+    """The model as transformers runs it: linear attention along the whole row (the check's control)."""
+    for layer in linear_attention_layers(model):
+        del layer.forward
+    return model
+
+
+def without_boundaries(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in BOUNDARY_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +69,60 @@ def one_by_one_loss(model, features):
 
 
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID)
-def test_sft_batches_equal_each_sample_alone_on_every_qwen_text_type(model_type, conversations):
-    """The batch sft builds (packed where exact, padded on hybrids, with one line saying so) gives the loss of each
-    sample alone, in float64: sums of a few hundred token losses agree to ~1e-12, a sample seeing another one moves
-    the loss by far more."""
+def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_text_type(model_type, conversations):
+    """sft's default batch is packed on every type and gives the loss of each sample alone, in float64: sums of a
+    few hundred token losses agree to ~1e-12, a sample seeing another one moves the loss by far more."""
     from qwen_tune.args import parse
     from qwen_tune.sft import ARGUMENTS, collator_for
 
     model = tiny_model(model_type)
     lines = []
     data_args, args = (parse(ARGUMENTS, ["--data_path", f"{DATA}/sft_example.json", "--output_dir", "/nonexistent"]))[1::2]
-    collator = collator_for(data_args, args, 0, packing_for(model.config, data_args.packing, lines.append))
-    assert isinstance(collator, PackedCollator) == (model_type in ATTENTION_ONLY) == packing_is_exact(model.config)
-    if model_type in HYBRID:
-        assert lines == [f"packing: off: {model.config.model_type} has linear_attention layers, which would carry one "
-                         "sample into the next in a packed row; batches are padded instead"]
+    collator = collator_for(data_args, args, 0, packing_for(model, data_args.packing, lines.append))
+    assert isinstance(collator, PackedCollator) and packing_is_exact(model) and lines == []
     with torch.no_grad():
-        batched = causal_lm_loss_sum(model, collator(conversations))[0]
+        packed = causal_lm_loss_sum(model, collator(conversations))[0]
         alone = one_by_one_loss(model, conversations)
-        packed = causal_lm_loss_sum(model, PackedCollator()(conversations))[0]
-    torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
+        if model_type in HYBRID:  # what the row would give without the split: the check above can fail
+            mixed = causal_lm_loss_sum(unsplit(model), without_boundaries(collator(conversations)))[0]
+            assert abs(mixed - alone) > 1e-4
+
+
+def test_a_hybrid_model_whose_layers_are_not_split_is_padded_and_says_so():
+    """A model built without load_model (or a layer type we do not know) is not packed: one line says why."""
+    model = unsplit(tiny_model("qwen3_5_text"))
+    lines = []
+    assert not packing_is_exact(model) and not packing_for(model, True, lines.append)
+    assert lines == ["packing: off: qwen3_5_text has linear_attention layers, which would carry one sample into the next "
+                     "in a packed row; batches are padded instead"]
+    assert packing_for(model, False, lines.append) is False and len(lines) == 1
+
+
+def gradients(model, batch: dict) -> dict[str, torch.Tensor]:
+    loss_sum, n = causal_lm_loss_sum(model.train(), batch)
+    (loss_sum / n).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def largest_relative_difference(grads: dict, reference: dict) -> float:
+    assert grads.keys() == reference.keys()
+    return max(float((grads[name] - reference[name]).norm() / reference[name].norm()) for name in reference)
+
+
+@pytest.mark.parametrize("model_type", ("qwen3", "qwen3_next", "qwen3_5_moe_text"))
+def test_one_training_step_packed_equals_one_step_padded(model_type, conversations):
+    """The gradient of the mean token loss, packed vs padded (each sample alone in its row), on every parameter, so
+    the AdamW step after it is the same update. transformers computes the delta rule in float32 whatever the dtype,
+    and a bias's gradient sums thousands of token terms that mostly cancel, so hybrids agree to ~1e-5 of each
+    tensor's norm (1e-12 on attention-only types); a row whose samples see each other is off by 4-13%."""
+    padded = gradients(tiny_model(model_type), PaddedCollator(0)(conversations))
+    packed = gradients(tiny_model(model_type), PackedCollator()(conversations))
+    assert len(padded) == len(list(tiny_model(model_type).parameters()))
+    assert largest_relative_difference(packed, padded) < (1e-4 if model_type in HYBRID else 1e-10)
     if model_type in HYBRID:
-        assert abs(packed - alone) > 1e-4  # what packing would have done: the check above can fail
+        mixed = gradients(unsplit(tiny_model(model_type)), without_boundaries(PackedCollator()(conversations)))
+        assert largest_relative_difference(mixed, padded) > 1e-2
 
 
 def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
@@ -86,24 +134,42 @@ def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID)
 def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_text_type(model_type, tokenizer):
-    """dpo's batch of pairs (packed where exact, else PaddedPairCollator): each sequence's log-probability equals the
-    sequence alone (float64, as above)."""
+    """dpo's packed batch of pairs (both padded layouts as well): each sequence's log-probability equals the sequence
+    alone (float64, as above)."""
     model = tiny_model(model_type)
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
     features = [pairs[i] for i in range(3)]
-    collator = PackedPairCollator() if packing_for(model.config, True, print) else PaddedPairCollator(0)  # as dpo.run
+    assert packing_for(model, True, print)  # as dpo.run decides
     with torch.no_grad():
-        batched = sequence_logprobs(model, collator(features), 6)
         packed = sequence_logprobs(model, PackedPairCollator()(features), 6)
+        padded = sequence_logprobs(model, PaddedPairCollator(0)(features), 6)
         alone = torch.stack([alone_logprob(model, f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
-    torch.testing.assert_close(batched, alone, rtol=1e-10, atol=1e-9)
-    if model_type in HYBRID:
-        assert (packed - alone).abs().max() > 1e-4
+        torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-9)
+        if model_type in HYBRID:
+            mixed = sequence_logprobs(unsplit(model), without_boundaries(PackedPairCollator()(features)), 6)
+            assert (mixed - alone).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", ("qwen2_moe", "qwen3", "qwen3_next", "qwen3_5_text"))
+def test_reward_scores_of_a_padded_batch_equal_each_sequence_alone(model_type, tokenizer):
+    """rm trains and scores right-padded batches (TRL's collator, score_token_ids): the score read at each sequence's
+    last token equals the sequence scored alone, on attention-only and hybrid types (float64)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_model(model_type, AutoModelForSequenceClassification)
+    model.config.pad_token_id = 0
+    pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512)
+    sequences = [pairs[i][side] for i in range(3) for side in ("chosen_ids", "rejected_ids")]
+    assert len({len(s) for s in sequences}) > 1  # the batch is really padded
+    batched = score_token_ids(model, sequences)
+    alone = torch.cat([score_token_ids(model, [s]) for s in sequences])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)  # score_token_ids returns float32
 
 
 @pytest.mark.slow
-def test_sft_cli_on_a_hybrid_checkpoint_says_it_pads_and_trains(tmp_path, tokenizer):
-    """A user's run: a qwen3_next checkpoint, the defaults (packing asked for), two steps, a saved model."""
+def test_sft_cli_packs_a_hybrid_checkpoint_and_trains(tmp_path, tokenizer):
+    """A user's run: a qwen3_next checkpoint, the defaults (packing), two steps, a saved model."""
     checkpoint = str(tmp_path / "qwen3_next")
     model = tiny_model("qwen3_next").float()
     model.save_pretrained(checkpoint)
@@ -111,7 +177,7 @@ def test_sft_cli_on_a_hybrid_checkpoint_says_it_pads_and_trains(tmp_path, tokeni
     out = tmp_path / "out"
     proc = run_cli("sft", "--model_name_or_path", checkpoint, "--data_path", f"{DATA}/sft_example.json", "--output_dir", str(out),
                    "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no")
-    assert "packing: off: qwen3_next has linear_attention layers" in proc.stderr
+    assert "packing: off" not in proc.stderr
     assert (out / "model.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_next"
     assert os.path.exists(out / "train_metrics.json")

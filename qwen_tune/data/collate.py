@@ -1,11 +1,11 @@
 """Batching: padding-free packing (default), dynamic padding, or the seed's pad-to-max.
 
-Packing is exact only where every layer keeps samples apart (model.packing_is_exact); other models get padded
-batches (PaddedCollator, PaddedPairCollator).
-
 Packing concatenates the samples of a batch into one row with `position_ids` restarting at every
-sample; transformers then keeps attention inside each sample (flash-attention varlen on GPU, a
-block-diagonal mask with SDPA/eager). No pad token is ever computed on, and labels come from
+sample and the row's boundaries as `cu_seq_lens_*` (flash-attention's names); transformers keeps
+attention inside each sample (flash-attention varlen on GPU, a block-diagonal mask with SDPA/eager),
+and the linear-attention layers of hybrid models run once per sample (linear_attention.py). A model
+whose layers could not keep packed samples apart (model.packing_is_exact) gets padded batches
+(PaddedCollator, PaddedPairCollator). No pad token is ever computed on, and labels come from
 chat_format, never from pad ids, so a pad id equal to `<|im_end|>` could not mask a real label.
 """
 
@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .chat_format import IGNORE
+
+
+def boundaries(lengths: list[int]) -> dict:
+    """A packed row's sequence boundaries, as transformers' flash-attention kwargs take them."""
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 @dataclass
@@ -30,6 +37,7 @@ class PackedCollator:
             "input_ids": torch.tensor([input_ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([position_ids]),
+            **boundaries([len(f["input_ids"]) for f in features]),
             "sample_ids": [f.get("id") for f in features],
         }
 
@@ -76,6 +84,7 @@ class PackedPairCollator:
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([position_ids]),
             "sequence": torch.tensor([sequence]),
+            **boundaries([len(prompt) + len(reply) for prompt, reply in sides]),
             "sample_ids": [f.get("id") for f in features],
         }
 

@@ -12,6 +12,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..data.chat_format import IGNORE
+from ..linear_attention import BOUNDARY_KEYS
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,7 @@ def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tenso
     single logit; the final hidden states are captured from the decoder. Under ZeRO-3 the output
     weight is partitioned, so the model computes the logits itself, only where needed (`logits_to_keep`).
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS) if k in batch}
     decoder, head = backbone_and_head(model)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)
