@@ -1,7 +1,7 @@
 """`qwen-tune chat --model OUT`: talk to a trained model, streamed, multi-turn; `--prompt TEXT` for scripts.
 
-Loads a full or merged model with AutoModelForCausalLM and a LoRA output directory (adapter_config.json)
-with AutoPeftModelForCausalLM. Prompts are rendered by the chat template saved with the model (the one
+Loads a full or merged model, or a LoRA output directory (adapter_config.json) on its base, as its own class
+(loading.load_trained). Prompts are rendered by the chat template saved with the model (the one
 training used), so the model sees exactly the layout it learned; generation stops at `<|im_end|>`.
 In the REPL: /reset forgets the conversation, /system TEXT sets the system message (and resets), /exit quits.
 """
@@ -18,18 +18,14 @@ HELP = "commands: /reset (new conversation), /system TEXT (set the system messag
 def load_for_inference(path: str):
     """(model, tokenizer) from a full/merged model directory or a LoRA adapter directory; eval mode, no grads."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from .loading import load_trained
     from .model import is_adapter, resolve_model_path
     from .tokenizer import load_tokenizer
 
-    if is_adapter(path):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path)
-    else:
+    if not is_adapter(path):
         path = resolve_model_path(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_trained(path)
     model.eval().requires_grad_(False)
     torch.set_grad_enabled(False)
     return model, load_tokenizer(path)

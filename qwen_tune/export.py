@@ -10,13 +10,14 @@ from .model import is_adapter
 
 
 def merge(adapter: str, out: str) -> str:
-    """Merge and save as safetensors with the tokenizer and generation config, loadable by AutoModelForCausalLM."""
-    from peft import AutoPeftModelForCausalLM
+    """Merge and save as safetensors with the tokenizer and generation config, as the base's own class."""
     from transformers import AutoTokenizer
+
+    from .loading import load_trained
 
     if not is_adapter(adapter):
         raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+    model = load_trained(adapter)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(adapter).save_pretrained(out)

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
+from .train.distributed import log
 from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
 
 EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
@@ -108,18 +109,25 @@ def set_generation_defaults(model: PreTrainedModel) -> None:
     if gc is None:  # a reward model (sequence classification) does not generate
         return
     im_end, eot = 151645, 151643
-    if getattr(model.config, "vocab_size", 0) > im_end:
+    if getattr(model.config.get_text_config(), "vocab_size", 0) > im_end:
         gc.eos_token_id = [im_end, eot]
         gc.pad_token_id = eot
         model.config.eos_token_id = im_end
         model.config.pad_token_id = eot
 
 
+def read_config(path: str, trust_remote_code: bool = False):
+    """The checkpoint's config, or None where transformers cannot read it (loading then says why)."""
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
 def check_quantization_backend(path: str) -> None:
     """A GPTQ/AWQ checkpoint (like Qwen's Int4 chat models) needs its backend: say which, before loading."""
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception:
+    cfg = read_config(path)
+    if cfg is None:
         return
     q = getattr(cfg, "quantization_config", None)
     if not q:
@@ -178,6 +186,30 @@ def packing_for(model, asked: bool, log) -> bool:
     return asked
 
 
+# PEFT's "all-linear" also finds the vision tower's projections; LoRA on it is not what text training asks for, and
+# servers ignore it (verl#3922). A regex of module names, matched in full.
+VISION_TOWER_MODULES = r"(.*\.)?visual\..*"
+
+
+def is_vision_language(config) -> bool:
+    """A composite checkpoint (Qwen3.5+, Qwen3-VL, Qwen2.5-VL): a language model with a vision tower beside it."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def vision_tower_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if "visual" in name.split(".")]
+
+
+def freeze_vision_tower(model, log) -> None:
+    """Text training of a composite checkpoint: the vision tower keeps its weights (and is saved with the model)."""
+    frozen = vision_tower_parameters(model)
+    for p in frozen:
+        p.requires_grad_(False)
+    log(f"model: {model.config.model_type} is vision-language; loaded as {type(model).__name__} to train its language "
+        f"model on text, its vision tower ({len(frozen)} tensors, {sum(p.numel() for p in frozen):,} parameters) frozen "
+        "and saved unchanged")
+
+
 def load_model(
     path: str,
     *,
@@ -187,10 +219,18 @@ def load_model(
     attn_implementation: str | None = None,
     model_class=AutoModelForCausalLM,
     allow_pickle_weights: bool = False,
+    log=log,
     **kwargs,
 ) -> PreTrainedModel:
-    """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization."""
+    """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization. A vision-language checkpoint
+    asked for as a causal LM loads as its own class (AutoModelForImageTextToText), so nothing of it is lost on saving;
+    AutoModelForCausalLM would keep its language model only."""
     check_quantization_backend(path)
+    composite = model_class is AutoModelForCausalLM and is_vision_language(read_config(path, trust_remote_code))
+    if composite:
+        from transformers import AutoModelForImageTextToText
+
+        model_class = AutoModelForImageTextToText
     check_weights_format(path, allow_pickle_weights)
     if not allow_pickle_weights and not os.path.isdir(path):
         kwargs.setdefault("use_safetensors", True)  # a hub id: never fall back to pickle weights
@@ -221,6 +261,8 @@ def load_model(
         raise
     set_generation_defaults(model)
     split_linear_attention(model)
+    if composite:
+        freeze_vision_tower(model, log)
     return model
 
 
@@ -240,7 +282,7 @@ def lora_config(*, r: int, alpha: int, dropout: float, target_modules: str | lis
     from peft import LoraConfig
 
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                      modules_to_save=modules_to_save or None, task_type=task_type)
+                      exclude_modules=VISION_TOWER_MODULES, modules_to_save=modules_to_save or None, task_type=task_type)
 
 
 def add_lora(model, *, q_lora: bool = False, gradient_checkpointing: bool = False, **options):

@@ -46,7 +46,8 @@ from .ppo_math import (
     token_rewards,
     value_loss,
 )
-from .report import write_run_report
+from .model import is_vision_language
+from .report import card_path, write_run_report
 from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
 from .rl_models import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
 from .rollouts import collapse_warning, sample
@@ -356,6 +357,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 raise SystemExit(128 + stop.signum)
 
     adapter = hasattr(actor, "peft_config")
+    card = card_path(args.output_dir) if rank == 0 else None
     with gathered(engine):  # every rank holds the full weights now; rank 0 writes them
         if rank == 0:
             save(actor, critic, tokenizer, args.output_dir, adapter=adapter)
@@ -366,9 +368,10 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history)}
     with open(os.path.join(args.output_dir, "ppo_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    vision_language = is_vision_language(actor.config)
     write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo", chat_format=fmt.description,
-                     adapter=adapter)
-    log(how_to_load(args.output_dir, adapter))
+                     adapter=adapter, vision_language=vision_language, card=card)
+    log(how_to_load(args.output_dir, adapter, vision_language=vision_language))
     clean_up_checkpoints(args.output_dir, args.keep_checkpoints)
     return metrics
 

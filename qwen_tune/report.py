@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from .loading import loading_code
 from transformers.trainer_callback import ProgressCallback
 
 PLOT, PLOT_DATA, CARD = "loss.png", "loss.json", "README.md"
@@ -248,16 +250,18 @@ def _fmt(v) -> str:
 def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bool, data_files: dict | None = None,
                      data_reports: dict | None = None, metrics: dict | None = None, trainer=None,
                      hyperparameters: dict | None = None, command: str | None = None, plotted: bool = False,
-                     chat_format: str | None = None) -> str:
+                     chat_format: str | None = None, vision_language: bool = False, reward_model: bool = False,
+                     card: str | None = None) -> str:
+    """`card`: where to write it, decided before the weights were saved (card_path); by default decided now."""
     out = os.path.abspath(output_dir)
-    loader = ("peft", "AutoPeftModelForCausalLM") if adapter else ("transformers", "AutoModelForCausalLM")
+    code = loading_code(out, adapter=adapter, reward_model=reward_model, vision_language=vision_language)
     what = "a LoRA adapter" if adapter else "a full model"
     embedded = "qwen-tune-embedded" in str(model_path)
     base = f"`{model_path}`" + (" (qwen-tune's embedded tiny Qwen2 test model)" if embedded else "")
     lines = [
         "---",
         f"base_model: {model_path}",
-        f"library_name: {loader[0]}",
+        f"library_name: {'peft' if adapter else 'transformers'}",
         f"tags: [qwen-tune, {kind}{', lora' if adapter else ''}]",
         "---",
         f"# {os.path.basename(out)}",
@@ -288,32 +292,29 @@ def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bo
         "",
         "## Use",
         "```python",
-        f"from {loader[0]} import {loader[1]}",
-        "from transformers import AutoTokenizer",
-        "",
-        f"model = {loader[1]}.from_pretrained({out!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({out!r})",
+        *code,
         'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
         '                                    return_tensors="pt", return_dict=True)',
         'print(tokenizer.decode(model.generate(**ids, max_new_tokens=128)[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "Or from the command line:",
         "```sh",
-        f"qwen-tune chat --model {shlex.quote(out)}",
-        f"qwen-tune eval --model {shlex.quote(out)} --data YOUR_EVAL.json",
+        *([f"qwen-tune score --model {shlex.quote(out)} --data PAIRS.jsonl --out scores.jsonl"] if reward_model else
+          [f"qwen-tune chat --model {shlex.quote(out)}", f"qwen-tune eval --model {shlex.quote(out)} --data YOUR_EVAL.json"]),
         *([f"qwen-tune merge --adapter {shlex.quote(out)} --out {shlex.quote(out + '-merged')}"] if adapter else []),
         f"tensorboard --logdir {shlex.quote(out)}",
         "```",
         "",
     ]
-    path = card_path(output_dir)
+    path = card or card_path(output_dir)
     Path(path).write_text("\n".join(lines), encoding="utf-8")
     return path
 
 
 def card_path(output_dir: str) -> str:
     """README.md, unless the output directory already holds a README.md that is not one of our cards:
-    a user's file is never overwritten (the card then goes to MODEL_CARD.md, and the run says so)."""
+    a user's file is never overwritten (the card then goes to MODEL_CARD.md, and the run says so). Asked before the
+    final save, since PEFT's save_pretrained writes a template README.md of its own."""
     readme = os.path.join(output_dir, CARD)
     if os.path.exists(readme) and "tags: [qwen-tune" not in Path(readme).read_text(encoding="utf-8", errors="replace")[:500]:
         other = os.path.join(output_dir, "MODEL_CARD.md")
@@ -325,7 +326,8 @@ def card_path(output_dir: str) -> str:
 def write_run_report(output_dir: str, **info) -> None:
     """Final `loss.png` (+ `loss.json`) and the model card `README.md` for a finished run.
 
-    info: model_path, kind ("sft", "rm", "dpo", "ppo"), adapter, trainer (for its log history and
+    info: card (card_path, asked before the weights were saved), model_path, kind ("sft", "rm", "dpo", "ppo"), adapter,
+    vision_language, reward_model, trainer (for its log history and
     arguments), metrics, data_files ({"train": paths, ...}), data_reports, hyperparameters, command,
     chat_format (the run's format description).
     Without a trainer the log comes from `info["log_history"]` or the output dir's `ppo_log.jsonl`.
@@ -343,4 +345,5 @@ def write_run_report(output_dir: str, **info) -> None:
         adapter=bool(info.get("adapter")), data_files=info.get("data_files"), data_reports=info.get("data_reports"),
         metrics=info.get("metrics"), trainer=trainer, hyperparameters=info.get("hyperparameters"),
         command=info.get("command"), plotted=plotted, chat_format=info.get("chat_format"),
+        vision_language=bool(info.get("vision_language")), reward_model=bool(info.get("reward_model")), card=info.get("card"),
     )

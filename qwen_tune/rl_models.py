@@ -14,6 +14,7 @@ import copy
 import torch
 
 from .args import LoraArguments
+from .loading import load_trained
 from .model import add_lora, is_adapter, load_model
 from .ppo_math import entropy_from_logits
 from .rollouts import Rollout
@@ -26,9 +27,7 @@ def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device
     LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
     of that adapter (PEFT multi-adapter); full training: a second, frozen model."""
     if is_adapter(policy):
-        from peft import AutoPeftModelForCausalLM
-
-        actor = to_device(AutoPeftModelForCausalLM.from_pretrained(policy, is_trainable=lora.use_lora), device)
+        actor = to_device(load_trained(policy, is_trainable=lora.use_lora), device)
         if lora.use_lora:  # keep training the SFT adapter; its starting point is the reference
             actor.load_adapter(policy, adapter_name="reference", is_trainable=False)
             actor.set_adapter("default")

@@ -104,13 +104,19 @@ def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return loss, n
 
 
-def backbone_and_head(model):
-    """The decoder (hidden states) and output projection under any PEFT / DeepSpeed / DDP wrapping."""
+def unwrapped(model):
+    """The transformers model under any PEFT / DeepSpeed / DDP wrapping."""
     inner = model
     while hasattr(inner, "module"):  # DeepSpeedEngine, DistributedDataParallel
         inner = inner.module
     if hasattr(inner, "get_base_model"):  # PEFT
         inner = inner.get_base_model()
+    return inner
+
+
+def backbone_and_head(model):
+    """The decoder (hidden states) and output projection under any PEFT / DeepSpeed / DDP wrapping."""
+    inner = unwrapped(model)
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
@@ -141,6 +147,17 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return upcast(hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
+def model_inputs(batch: dict, config) -> dict:
+    """What the model takes of a batch. Vision-language models use multimodal rotary positions (M-RoPE: temporal,
+    height, width) and keep packed samples apart only when given the text positions as a fourth row before them
+    ([4, batch, length], transformers' layout for packed input); on text the three M-RoPE rows are the text positions."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS) if k in batch}
+    positions = inputs.get("position_ids")
+    if positions is not None and positions.ndim == 2 and getattr(config, "vision_config", None) is not None:
+        inputs["position_ids"] = positions[None].expand(4, *positions.shape)
+    return inputs
+
+
 def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor):
     """(final hidden states, None), or under ZeRO-3 (None, fp32 logits at (rows, cols)).
 
@@ -148,8 +165,8 @@ def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tenso
     single logit; the final hidden states are captured from the decoder. Under ZeRO-3 the output
     weight is partitioned, so the model computes the logits itself, only where needed (`logits_to_keep`).
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS) if k in batch}
     decoder, head = backbone_and_head(model)
+    inputs = model_inputs(batch, unwrapped(model).config)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits

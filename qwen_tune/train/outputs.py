@@ -11,7 +11,9 @@ import os
 
 from transformers import Trainer
 
-from ..report import write_run_report
+from ..loading import loading_code
+from ..model import is_vision_language
+from ..report import card_path, write_run_report
 from .checkpoints import remove_checkpoints, save_final_model
 from .distributed import log
 
@@ -27,6 +29,7 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     `fmt`: the run's ChatFormat; `data_args`: where the data came from (for the card)."""
     out = trainer.args.output_dir
     data_reports = {name: report for name, report in data_reports.items() if report is not None}
+    card = card_path(out) if trainer.is_world_process_zero() else None
     save_final_model(trainer, out)
     if not trainer.is_world_process_zero():
         return
@@ -38,9 +41,9 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     with open(os.path.join(out, "train_metrics.json"), "w") as f:
         json.dump({**metrics, "data": reports}, f, indent=2, default=str)
     write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=fmt.description,
-                     adapter=adapter, data_files={"train": data_args.data_path, "eval": data_args.eval_data_path},
-                     data_reports=data_reports)
-    log(how_to_load(out, adapter, reward_model=reward_model))
+                     card=card, adapter=adapter, vision_language=is_vision_language(model.config), reward_model=reward_model,
+                     data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, data_reports=data_reports)
+    log(how_to_load(out, adapter, reward_model=reward_model, vision_language=is_vision_language(model.config)))
     clean_up_checkpoints(out, trainer.args.keep_checkpoints)
 
 
@@ -50,18 +53,15 @@ def clean_up_checkpoints(out: str, keep: bool) -> None:
         log(f"removed the run's {n} checkpoint director{'y' if n == 1 else 'ies'} (--keep_checkpoints True keeps them)")
 
 
-def how_to_load(out: str, adapter: bool, reward_model: bool = False) -> str:
+def how_to_load(out: str, adapter: bool, reward_model: bool = False, vision_language: bool = False) -> str:
     """The lines printed at the end of a run: where the result is, the class that loads it, what to do next."""
     out = os.path.abspath(out)
-    kind = "SequenceClassification" if reward_model else "CausalLM"
-    cls, mod = (f"AutoPeftModelFor{kind}", "peft") if adapter else (f"AutoModelFor{kind}", "transformers")
-    labels = ", num_labels=1" if reward_model else ""
+    code = loading_code(out, adapter=adapter, reward_model=reward_model, vision_language=vision_language)
     then = (f"Score data with:  qwen-tune score --model {out} --data PAIRS.jsonl --out scores.jsonl\n" if reward_model
             else f"Chat with it:  qwen-tune chat --model {out}\n")
     return (
         f"\nSaved {'the reward model ' if reward_model else ''}to {out}\n"
-        f"Load it with:\n"
-        f"  from {mod} import {cls}\n  from transformers import AutoTokenizer\n"
-        f"  model = {cls}.from_pretrained({out!r}{labels})\n  tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
+        "Load it with:\n"
+        + "".join(f"  {line}\n" for line in code if line)
         + then
     )
