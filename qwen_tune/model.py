@@ -201,12 +201,13 @@ def vision_tower_parameters(model) -> list[torch.nn.Parameter]:
 
 
 def freeze_vision_tower(model, log) -> None:
-    """Text training of a composite checkpoint: the vision tower keeps its weights (and is saved with the model)."""
+    """Text training of a composite checkpoint: the vision tower keeps its weights (and is saved with the model).
+    Counted with `ds_numel` under ZeRO-3, where each rank holds a slice."""
     frozen = vision_tower_parameters(model)
     for p in frozen:
         p.requires_grad_(False)
     log(f"model: {model.config.model_type} is vision-language; loaded as {type(model).__name__} to train its language "
-        f"model on text, its vision tower ({len(frozen)} tensors, {sum(p.numel() for p in frozen):,} parameters) frozen "
+        f"model on text, its vision tower ({len(frozen)} tensors, {sum(getattr(p, 'ds_numel', p.numel()) for p in frozen):,} parameters) frozen "
         "and saved unchanged")
 
 
@@ -258,12 +259,30 @@ def load_model(
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{path} has custom code; pass --trust_remote_code if you trust it. ({e})") from e
+        if "Unrecognized configuration class" in str(e):
+            import transformers
+
+            config = read_config(path, trust_remote_code)
+            head = model_class.__name__.removeprefix("AutoModelFor")
+            raise UserError(f"{path}: transformers {transformers.__version__} has no {head} model for "
+                            f"{getattr(config, 'model_type', 'this model type')}, so this method cannot train it") from e
         raise
     set_generation_defaults(model)
+    keep_used_weight_conversions(model)
     split_linear_attention(model)
     if composite:
         freeze_vision_tower(model, log)
     return model
+
+
+def keep_used_weight_conversions(model) -> None:
+    """Saving reverts the key conversions loading applied (fused experts, composite prefixes). transformers 5.23 loading
+    under ZeRO-3 (integrations/deepspeed.py) records every conversion of the model type, not only those that matched
+    the checkpoint as its normal path does (core_model_loading.py), and a Qwen3.5 checkpoint trained under ZeRO-3 came
+    back as `model.language_model.model.language_model.*`: keep the used ones, as the normal path does."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def unwrap(model):

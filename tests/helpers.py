@@ -95,6 +95,8 @@ from transformers import AutoTokenizer
 out, kind, messages = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 if kind == "adapter":
     from peft import AutoPeftModelForCausalLM as Model
+elif kind == "vision-language":
+    from transformers import AutoModelForImageTextToText as Model
 else:
     from transformers import AutoModelForCausalLM as Model
 model = Model.from_pretrained(out).eval()
@@ -108,9 +110,10 @@ print(json.dumps(answers))
 """
 
 
-def generate_in_fresh_process(out: str, conversations: list[list[dict]], adapter: bool) -> list[str]:
+def generate_in_fresh_process(out: str, conversations: list[list[dict]], adapter: bool, vision_language: bool = False) -> list[str]:
     """Reload `out` in a new offline Python (no trust_remote_code) and greedily answer each conversation."""
-    proc = run_python([out, "adapter" if adapter else "full", json.dumps(conversations)], code=GENERATE, timeout=300)
+    kind = "adapter" if adapter else "vision-language" if vision_language else "full"
+    proc = run_python([out, kind, json.dumps(conversations)], code=GENERATE, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process, run_python
+from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process, run_cli, run_python
 
 pytestmark = pytest.mark.slow
 TRAIN = os.path.join(DATA, "sft_example.json")
@@ -128,3 +128,28 @@ def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     curves = json.load(open(os.path.join(out, "loss.json")))  # logged per step, as TRL names them
     margins, accuracies = [v for _, v in curves["rewards/margins"]], [v for _, v in curves["rewards/accuracies"]]
     assert margins[0] == 0 and margins[-1] > 0.1 and accuracies[-1] == 1, curves
+
+
+def test_zero3_on_a_hybrid_moe_vision_language_checkpoint_trains_every_tensor_and_saves_it_whole(tmp_path, tokenizer):
+    """A tiny Qwen3.5-MoE checkpoint (Gated DeltaNet + full attention, routed experts, a vision tower) under ZeRO-3 on
+    2 ranks: every language-model tensor changed (Adam moves every tensor with a gradient), the vision tower did not,
+    the output has the input's tensor names and shapes (transformers' ZeRO-3 loading once made the save prefix them
+    twice), and it reloads as its own class with the greedy replies of the same run in one process."""
+    import torch
+
+    from test_vision_language import is_vision, save_tiny_composite, saved_tensors
+
+    base = save_tiny_composite("qwen3_5_moe", tmp_path / "base", tokenizer)
+    few = [*FEW_STEPS[:1], "2", *FEW_STEPS[2:]]
+    ranks, single = str(tmp_path / "ranks"), str(tmp_path / "single")
+    proc = recipe("finetune_ds.sh", "-m", base, "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
+                  "--gradient_checkpointing", "False", *few)
+    assert "ZeRO-3: rank 1 holds" in proc.stderr and "loaded as Qwen3_5MoeForConditionalGeneration" in proc.stderr
+    before, after = saved_tensors(base), saved_tensors(ranks)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert [k for k in before if torch.equal(before[k], after[k]) != is_vision(k)] == []
+    run_cli("sft", "--model_name_or_path", base, "--data_path", TRAIN, "--output_dir", single, "--per_device_train_batch_size",
+            "2", "--gradient_checkpointing", "False", *few)
+    prompts = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2+2?")]
+    assert (generate_in_fresh_process(ranks, prompts, adapter=False, vision_language=True)
+            == generate_in_fresh_process(single, prompts, adapter=False, vision_language=True))

@@ -138,3 +138,14 @@ def test_sft_cli_on_a_qwen3_5_checkpoint_saves_and_reloads_it_whole(tmp_path, to
     assert lines[0] == "Qwen3_5ForConditionalGeneration Qwen3_5ForConditionalGeneration"
     assert int(lines[1]) == 3
     assert float(lines[2]) > 1e-3  # the adapter is applied, not silently left out
+
+
+def test_a_method_transformers_has_no_class_for_says_so_in_one_line(tmp_path, tokenizer):
+    """rm on Qwen3.5-MoE (transformers has no sequence-classification class for it): a UserError, not a traceback."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qwen_tune.errors import UserError
+
+    base = save_tiny_composite("qwen3_5_moe", tmp_path / "base", tokenizer)
+    with pytest.raises(UserError, match=r"has no SequenceClassification model for qwen3_5_moe, so this method cannot train it"):
+        load_model(base, model_class=AutoModelForSequenceClassification, num_labels=1)
