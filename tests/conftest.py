@@ -27,6 +27,19 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def conversations(tokenizer):
+    """The first three conversations of data/sft_example.json as sft encodes them (input_ids, labels, id)."""
+    import copy
+
+    from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.data.dataset import load_sft_dataset
+
+    samples, _ = load_sft_dataset(os.path.join(os.path.dirname(__file__), "..", "data", "sft_example.json"),
+                                  resolve_format(copy.copy(tokenizer)), 512)
+    return [{"input_ids": s.input_ids, "labels": s.labels, "id": s.id} for s in samples[:3]]
+
+
+@pytest.fixture(scope="session")
 def base_model_path():
     from qwen_tune.model import embedded_model_path
 

@@ -33,6 +33,7 @@ def losses(out):
     return [v for _, v in json.load(open(os.path.join(out, "loss.json")))["loss"]]
 
 
+@pytest.mark.support("ZeRO-3", ["qwen2"])
 def test_zero3_on_two_ranks_partitions_equals_one_process_and_saves_complete_weights(tmp_path, base_model_path):
     """fp32: sh recipes/finetune_ds.sh with a batch of 2 split over 2 ZeRO-3 ranks logs the same loss at every step as
     one process with the batch of 2, and its gathered save is complete and reloads to the same model."""
@@ -130,6 +131,7 @@ def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     assert margins[0] == 0 and margins[-1] > 0.1 and accuracies[-1] == 1, curves
 
 
+@pytest.mark.support("ZeRO-3", ["qwen3_5_moe"])
 def test_zero3_on_a_hybrid_moe_vision_language_checkpoint_trains_every_tensor_and_saves_it_whole(tmp_path, tokenizer):
     """A tiny Qwen3.5-MoE checkpoint (Gated DeltaNet + full attention, routed experts, a vision tower) under ZeRO-3 on
     2 ranks: every language-model tensor changed (Adam moves every tensor with a gradient), the vision tower did not,

@@ -20,7 +20,6 @@ import torch
 from helpers import DATA, run_cli
 from qwen_tune.data.chat_format import IGNORE, resolve_format
 from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator
-from qwen_tune.data.dataset import load_sft_dataset
 from qwen_tune.data.pairs import encode_pairs
 from qwen_tune.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
 from qwen_tune.model import packing_for, packing_is_exact
@@ -29,20 +28,34 @@ from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
 
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 HYBRID = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+# vision-language (a language model and a vision tower), trained on text as their own class; the Qwen3.5 ones are hybrid
+COMPOSITE = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
              moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
              vocab_size=151936, tie_word_embeddings=True)
+LINEAR_ATTENTION = HYBRID + ("qwen3_5", "qwen3_5_moe")
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    if model_type not in COMPOSITE:
+        return AutoConfig.for_model(model_type, **SMALL)
+    text = dict(SMALL, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})  # head_dim 16
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION, tie_word_embeddings=True)
 
 
 def tiny_model(model_type: str, model_class=None):
-    """A random float64 model of `model_type`, its linear-attention layers split per sample as load_model does."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A random float64 model of `model_type` (a composite one as its own class), its linear-attention layers split
+    per sample as load_model does."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **SMALL)
+    model_class = model_class or (AutoModelForImageTextToText if model_type in COMPOSITE else AutoModelForCausalLM)
     # the experts' grouped GEMM has no float64 kernel: the per-expert loop computes the same
-    model = (model_class or AutoModelForCausalLM).from_config(config, dtype=torch.float64, experts_implementation="eager")
+    model = model_class.from_config(tiny_config(model_type), dtype=torch.float64, experts_implementation="eager")
     split_linear_attention(model)
     return model.eval()
 
@@ -58,18 +71,13 @@ def without_boundaries(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in BOUNDARY_KEYS}
 
 
-@pytest.fixture(scope="module")
-def conversations(tokenizer):
-    samples, _ = load_sft_dataset(f"{DATA}/sft_example.json", resolve_format(copy.copy(tokenizer)), 512)
-    return [{"input_ids": s.input_ids, "labels": s.labels, "id": s.id} for s in samples[:3]]
-
-
 def one_by_one_loss(model, features):
     return sum(causal_lm_loss_sum(model, PackedCollator()([f]))[0] for f in features)
 
 
-@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID)
-def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_text_type(model_type, conversations):
+@pytest.mark.support("packing", ATTENTION_ONLY + HYBRID + COMPOSITE)
+@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
+def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_type, conversations):
     """sft's default batch is packed on every type and gives the loss of each sample alone, in float64: sums of a
     few hundred token losses agree to ~1e-12, a sample seeing another one moves the loss by far more."""
     from qwen_tune.args import parse
@@ -84,7 +92,7 @@ def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_text_type(mode
         packed = causal_lm_loss_sum(model, collator(conversations))[0]
         alone = one_by_one_loss(model, conversations)
         torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
-        if model_type in HYBRID:  # what the row would give without the split: the check above can fail
+        if model_type in LINEAR_ATTENTION:  # what the row would give without the split: the check above can fail
             mixed = causal_lm_loss_sum(unsplit(model), without_boundaries(collator(conversations)))[0]
             assert abs(mixed - alone) > 1e-4
 
@@ -110,17 +118,20 @@ def largest_relative_difference(grads: dict, reference: dict) -> float:
     return max(float((grads[name] - reference[name]).norm() / reference[name].norm()) for name in reference)
 
 
-@pytest.mark.parametrize("model_type", ("qwen3", "qwen3_next", "qwen3_5_moe_text"))
+@pytest.mark.support("full", ATTENTION_ONLY + HYBRID + COMPOSITE)
+@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
 def test_one_training_step_packed_equals_one_step_padded(model_type, conversations):
     """The gradient of the mean token loss, packed vs padded (each sample alone in its row), on every parameter, so
     the AdamW step after it is the same update. transformers computes the delta rule in float32 whatever the dtype,
     and a bias's gradient sums thousands of token terms that mostly cancel, so hybrids agree to ~1e-5 of each
     tensor's norm (1e-12 on attention-only types); a row whose samples see each other is off by 4-13%."""
-    padded = gradients(tiny_model(model_type), PaddedCollator(0)(conversations))
+    model = tiny_model(model_type)
+    padded = gradients(model, PaddedCollator(0)(conversations))
+    language_model = [name for name, _ in model.named_parameters() if "visual" not in name.split(".")]
+    assert sorted(padded) == sorted(language_model)  # (no image in the batch: the vision tower has no gradient)
     packed = gradients(tiny_model(model_type), PackedCollator()(conversations))
-    assert len(padded) == len(list(tiny_model(model_type).parameters()))
-    assert largest_relative_difference(packed, padded) < (1e-4 if model_type in HYBRID else 1e-10)
-    if model_type in HYBRID:
+    assert largest_relative_difference(packed, padded) < (1e-4 if model_type in LINEAR_ATTENTION else 1e-10)
+    if model_type in LINEAR_ATTENTION:
         mixed = gradients(unsplit(tiny_model(model_type)), without_boundaries(PackedCollator()(conversations)))
         assert largest_relative_difference(mixed, padded) > 1e-2
 
@@ -132,8 +143,8 @@ def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
     return sequence_logprobs(model, batch, 1)[0]
 
 
-@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID)
-def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_text_type(model_type, tokenizer):
+@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
+def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
     """dpo's packed batch of pairs (both padded layouts as well): each sequence's log-probability equals the sequence
     alone (float64, as above)."""
     model = tiny_model(model_type)
@@ -146,7 +157,7 @@ def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_text_type(model_type,
         alone = torch.stack([alone_logprob(model, f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
         torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
         torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-9)
-        if model_type in HYBRID:
+        if model_type in LINEAR_ATTENTION:
             mixed = sequence_logprobs(unsplit(model), without_boundaries(PackedPairCollator()(features)), 6)
             assert (mixed - alone).abs().max() > 1e-4
 

@@ -41,12 +41,13 @@ def logged_losses(out):
 @pytest.mark.parametrize(
     "mode,flags",
     [
-        ("full", ["--num_train_epochs", "60"]),
+        pytest.param("full", ["--num_train_epochs", "60"], marks=pytest.mark.support("full", ["qwen2"])),
         # adapters at 5e-3: at 1e-2 LoRA is at the edge of stability on the embedded model (loss 1.1-1.9 over seeds,
         # and once a degenerate "Seven is is is ..."); at 5e-3 it reached 1.05 on every seed tried
-        ("lora", ["--num_train_epochs", "60", "--learning_rate", "5e-3", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"]),
-        ("qlora", ["--num_train_epochs", "60", "--learning_rate", "5e-3", "--use_lora", "True", "--q_lora", "True", "--lora_r", "16",
-                   "--lora_alpha", "32"]),
+        pytest.param("lora", ["--num_train_epochs", "60", "--learning_rate", "5e-3", "--use_lora", "True", "--lora_r", "16",
+                              "--lora_alpha", "32"], marks=pytest.mark.support("LoRA", ["qwen2"])),
+        pytest.param("qlora", ["--num_train_epochs", "60", "--learning_rate", "5e-3", "--use_lora", "True", "--q_lora", "True",
+                               "--lora_r", "16", "--lora_alpha", "32"], marks=pytest.mark.support("Q-LoRA", ["qwen2"])),
     ],
 )
 def test_learns_and_reloads_in_fresh_process(mode, flags, train_file, tmp_path):
