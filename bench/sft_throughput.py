@@ -166,7 +166,7 @@ def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
         argv += ["--use_lora", "True"] + (["--q_lora", "True"] if row == "qwen-tune-qlora" else [])
     if row == "pad-to-max":
         argv += ["--pad_to_max_length", "True"]
-        sft.causal_lm_loss_sum = plain_loss  # the seed's full-logits loss, in this benchmark process only
+        sft.causal_lm_loss_terms = plain_loss  # the seed's full-logits loss, in this benchmark process only
     sft.run(*sft.parse(sft.ARGUMENTS, argv), callbacks=(timer,))
 
 
@@ -199,11 +199,13 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
 
 
 def plain_loss(model, batch: dict):
-    """The seed's loss: fp32 logits at every position, then cross-entropy (what qwen-tune's chunked loss replaces)."""
-    from qwen_tune.train.loss import plain_cross_entropy_sum
+    """The seed's loss: fp32 logits at every position, then cross-entropy (what qwen-tune's chunked loss replaces);
+    in the shape of `causal_lm_loss_terms`, which sft calls."""
+    from qwen_tune.train.loss import LossTerms, plain_cross_entropy_sum
 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    return plain_cross_entropy_sum(model(**inputs, use_cache=False).logits, batch["labels"])
+    out = model(**inputs, use_cache=False)
+    return LossTerms(*plain_cross_entropy_sum(out.logits, batch["labels"]), getattr(out, "aux_loss", None))
 
 
 def child_loss(kind: str, a) -> dict:

@@ -156,10 +156,15 @@ class LoraArguments:
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base (bitsandbytes) + LoRA; needs --use_lora."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout on the LoRA path (unset: 0.05, or 0 on a mixture-of-experts model whose routed experts are "
+                          "adapted: PEFT adapts them with a ParamWrapper, which takes no dropout)."},
+    )
     lora_target_modules: str = field(
         default="all-linear",
-        metadata={"help": "Comma-separated module names, or all-linear (every projection, not lm_head)."},
+        metadata={"help": "Comma-separated module names, or all-linear (every projection, not lm_head; on a mixture-of-experts "
+                          "model also the routed experts, not the routers). A list may name experts (experts, gate_up_proj)."},
     )
     lora_modules_to_save: str | None = field(
         default=None,

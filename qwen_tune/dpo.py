@@ -32,7 +32,7 @@ from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
-from .train.loss import sequence_logprobs
+from .train.loss import router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
 from .train.outputs import finish_run, last_logged
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -65,7 +65,9 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
 
 
 class DPOTrainer(ObservedSteps, Trainer):
-    """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL."""
+    """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL.
+    Where the checkpoint's config asks for it (`output_router_logits`), training adds the policy's MoE router
+    load-balancing loss, `router_aux_loss_coef * aux_loss`, and logs `aux_loss`."""
 
     def __init__(self, *args, reference=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,10 +80,11 @@ class DPOTrainer(ObservedSteps, Trainer):
             else:
                 self.reference = reference.to(self.args.device)
         self.pair_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.aux_loss_coef = router_aux_loss_coef(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n_sequences = 2 * len(inputs["sample_ids"])
-        policy = sequence_logprobs(model, inputs, n_sequences)
+        policy, aux_loss = sequence_logprobs_and_aux(model, inputs, n_sequences)
         with torch.no_grad():
             if self.reference is None:  # an adapter: the reference is the base with it switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
@@ -96,6 +99,9 @@ class DPOTrainer(ObservedSteps, Trainer):
                             ("logps/chosen", policy[: n_sequences // 2].detach()), ("logps/rejected", policy[n_sequences // 2 :].detach())):
             metrics[name].append(gather(value).mean().item())
         loss = loss.mean()
+        if model.training and self.aux_loss_coef is not None and aux_loss is not None:  # the MoE router's, as the config asks
+            loss = loss + self.aux_loss_coef * aux_loss.to(loss.dtype)
+            metrics["aux_loss"].append(gather(aux_loss.detach()[None]).mean().item())
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

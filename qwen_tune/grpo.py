@@ -20,7 +20,7 @@ from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments
                    resolve_options, train_dtype)
 from .data.read import load_prompts
 from .errors import UserError
-from .model import is_adapter, load_model, lora_config, resolve_model_path
+from .model import describe_adapter, is_adapter, load_model, lora_config, resolve_model_path
 from .report import JsonlLog, report_callbacks, show_progress_as_lines
 from .reward_functions import load_batch_rewards
 from .tokenizer import load_tokenizer
@@ -131,9 +131,11 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=lora_config(**lora_args.adapter_options()) if lora_args.use_lora else None,
+        peft_config=lora_config(model, **lora_args.adapter_options()) if lora_args.use_lora else None,
         callbacks=safety_callbacks(args, callbacks) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
     )
+    if lora_args.use_lora:
+        log(f"lora: adapting {describe_adapter(trainer.model)}")
     show_progress_as_lines(trainer)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics = dict(result.metrics)

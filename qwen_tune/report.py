@@ -226,6 +226,8 @@ HYPER = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_bat
 
 
 def _hyper_section(trainer, extra: dict | None) -> list[str]:
+    from .model import describe_adapter
+
     values = {}
     if trainer is not None:
         values.update({k: getattr(trainer.args, k) for k in HYPER if hasattr(trainer.args, k)})
@@ -239,6 +241,9 @@ def _hyper_section(trainer, extra: dict | None) -> list[str]:
             values.update(lora_r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           lora_target_modules=",".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
                           if isinstance(targets, (set, list)) else targets)
+            if cfg.target_parameters:  # routed experts (mixture-of-experts models)
+                values["lora_target_parameters"] = ",".join(sorted(cfg.target_parameters))
+            values["lora_adapted"] = describe_adapter(trainer.model)
     values.update(extra or {})
     return ["| option | value |", "|---|---|"] + [f"| {k} | {getattr(v, 'value', v)} |" for k, v in values.items()]
 

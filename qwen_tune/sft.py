@@ -21,7 +21,7 @@ from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
-from .train.loss import causal_lm_loss_sum
+from .train.loss import causal_lm_loss_terms, router_aux_loss_coef
 from .train.outputs import finish_run, last_logged
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
@@ -32,17 +32,24 @@ class SFTTrainer(ObservedSteps, Trainer):
 
     The Trainer counts the step's supervised tokens across micro-batches and ranks
     (`num_items_in_batch`), so 4 x 1 accumulation gives the same update as one batch of 4.
+    Where the checkpoint's config asks for it (`output_router_logits`), training adds the MoE router's
+    load-balancing loss, `router_aux_loss_coef * aux_loss`, and logs `aux_loss` beside `loss`.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = True  # count num_items_in_batch for our own loss
+        self.aux_loss_coef = router_aux_loss_coef(self.model)
+        self.aux_losses: list[torch.Tensor] = []  # since the last log line
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_sum, n = causal_lm_loss_sum(model, inputs)
-        if num_items_in_batch is None:  # evaluation: this batch alone
+        loss_sum, n, aux_loss = causal_lm_loss_terms(model, inputs)
+        if num_items_in_batch is None:  # evaluation: this batch alone, the language-model loss only
             loss = loss_sum / max(n, 1)
         else:
+            if self.aux_loss_coef is not None and aux_loss is not None:
+                loss_sum = loss_sum + router_loss_share(aux_loss, self.aux_loss_coef, n)
+                self.aux_losses.append(aux_loss.detach())
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP/DeepSpeed average gradients over ranks
@@ -52,6 +59,21 @@ class SFTTrainer(ObservedSteps, Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add `aux_loss`, the router's load-balancing loss averaged since the last log line (unweighted; `loss` holds
+        it times router_aux_loss_coef)."""
+        if self.aux_losses and "loss" in logs:
+            logs["aux_loss"] = self.accelerator.gather_for_metrics(torch.stack(self.aux_losses).mean()[None]).mean().item()
+            self.aux_losses.clear()
+        super().log(logs, start_time)
+
+
+def router_loss_share(aux_loss: torch.Tensor, coef: float, n: int) -> torch.Tensor:
+    """The router loss as a sum over this micro-batch's n supervised tokens (coef * aux_loss each): divided by the
+    step's token count like the cross-entropy sum, one batch gives loss + coef * aux_loss, and accumulated
+    micro-batches (and ranks) their token-weighted mean, not coef * aux_loss once per micro-batch."""
+    return coef * aux_loss.to(torch.float32) * n
 
 
 def resolve_sft_options(data_args: DataArguments, args: TrainingArguments) -> None:

@@ -8,6 +8,8 @@ respect to the hidden states and the output weight, so no logits are kept for ba
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.utils.checkpoint
 
@@ -127,9 +129,15 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int | No
     `causal_lm_loss_sum`, logits exist only at supervised positions; here one chunk at a time under
     activation checkpointing, since each sequence's sum gets its own gradient weight (DPO).
     """
+    return sequence_logprobs_and_aux(model, batch, n_sequences, chunk_size)[0]
+
+
+def sequence_logprobs_and_aux(model, batch: dict, n_sequences: int, chunk_size: int | None = None):
+    """`sequence_logprobs` and the router's load-balancing loss of the same forward (None unless the model's config
+    asks for it: `output_router_logits`)."""
     (rows, cols), targets = supervised_positions(batch["labels"])
     owner = batch["sequence"][:, 1:][rows, cols]
-    hidden, logits = supervised_forward(model, batch, rows, cols)
+    hidden, logits, aux_loss = supervised_forward(model, batch, rows, cols)
     if logits is not None:
         token_logps = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
     else:
@@ -140,7 +148,8 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int | No
                                               targets[s : s + chunk_size], use_reentrant=False)
             for s in range(0, len(targets), chunk_size)
         ]) if len(targets) else hidden.sum((0, 2))[:0]
-    return torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+    logps = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+    return logps, aux_loss
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -158,34 +167,62 @@ def model_inputs(batch: dict, config) -> dict:
     return inputs
 
 
-def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor):
-    """(final hidden states, None), or under ZeRO-3 (None, fp32 logits at (rows, cols)).
+class SupervisedForward(NamedTuple):
+    hidden: torch.Tensor | None  # final hidden states (batch, seq, dim); None under ZeRO-3
+    logits: torch.Tensor | None  # under ZeRO-3: fp32 logits at the supervised positions
+    aux_loss: torch.Tensor | None  # the MoE router's load-balancing loss where the config asks for it (output_router_logits)
+
+
+def supervised_forward(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> SupervisedForward:
+    """(final hidden states, None, aux), or under ZeRO-3 (None, fp32 logits at (rows, cols), aux).
 
     The forward goes through the outermost wrapper (so DeepSpeed/DDP hooks run) but asks for a
     single logit; the final hidden states are captured from the decoder. Under ZeRO-3 the output
     weight is partitioned, so the model computes the logits itself, only where needed (`logits_to_keep`).
+    The model is called without labels, so it adds no router loss itself: its `aux_loss` is handed on.
     """
     decoder, head = backbone_and_head(model)
     inputs = model_inputs(batch, unwrapped(model).config)
     if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitioned parameter
         keep = torch.unique(cols)
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        return None, upcast(logits[rows, torch.searchsorted(keep, cols)])
+        out = model(**inputs, logits_to_keep=keep, use_cache=False)
+        return SupervisedForward(None, upcast(out.logits[rows, torch.searchsorted(keep, cols)]), getattr(out, "aux_loss", None))
     captured = {}
     hook = decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out[0]))
     try:
-        model(**inputs, logits_to_keep=1, use_cache=False)
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
-    return captured["h"], None
+    return SupervisedForward(captured["h"], None, getattr(out, "aux_loss", None))
+
+
+class LossTerms(NamedTuple):
+    loss_sum: torch.Tensor  # sum of the supervised tokens' cross-entropies
+    n: int  # how many supervised tokens
+    aux_loss: torch.Tensor | None  # the router's load-balancing loss (see SupervisedForward), unweighted
+
+
+def causal_lm_loss_terms(model, batch: dict, chunk_size: int | None = None) -> LossTerms:
+    """`causal_lm_loss_sum` and the router's load-balancing loss of the same forward (training adds it; see sft)."""
+    labels = batch["labels"]
+    (rows, cols), targets = supervised_positions(labels)
+    hidden, logits, aux_loss = supervised_forward(model, batch, rows, cols)
+    if logits is not None:
+        return LossTerms(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), int(targets.numel()), aux_loss)
+    return LossTerms(*chunked_cross_entropy_sum(hidden, backbone_and_head(model)[1].weight, labels, chunk_size), aux_loss)
 
 
 def causal_lm_loss_sum(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropies over the batch's supervised tokens, and their count: logits only at
     supervised positions, chunked, no logits kept for backward (see `supervised_forward`)."""
-    labels = batch["labels"]
-    (rows, cols), targets = supervised_positions(labels)
-    hidden, logits = supervised_forward(model, batch, rows, cols)
-    if logits is not None:
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
-    return chunked_cross_entropy_sum(hidden, backbone_and_head(model)[1].weight, labels, chunk_size)
+    return tuple(causal_lm_loss_terms(model, batch, chunk_size)[:2])
+
+
+def router_aux_loss_coef(model) -> float | None:
+    """`router_aux_loss_coef` where the checkpoint's config asks for the router's load-balancing loss
+    (`output_router_logits`, as transformers' Qwen MoE configs have), else None: nothing is added."""
+    inner = model
+    while hasattr(inner, "module"):  # DeepSpeedEngine, DistributedDataParallel
+        inner = inner.module
+    config = inner.config.get_text_config()
+    return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else None
