@@ -32,13 +32,13 @@ def save_tiny(model_type: str, path, tokenizer) -> str:
 
 
 def one_step(model, conversations) -> None:
-    """Mean token loss, backward, SGD at 1e-2 on what trains: lora_B starts at zero, so only a step moves the output."""
+    """Mean token loss, backward, SGD at 1.0 on what trains: lora_B starts at zero, so only a step moves the output."""
     loss_sum, n = causal_lm_loss_sum(model.train(), PackedCollator()(conversations))
     (loss_sum / n).backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     assert [name for name, p in trainable.items() if "lora_B" in name and not (p.grad is not None and p.grad.any())] == []
-    torch.optim.SGD(trainable.values(), lr=1e-2).step()
+    torch.optim.SGD(trainable.values(), lr=1.0).step()
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:

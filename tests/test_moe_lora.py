@@ -15,6 +15,7 @@ import torch
 
 from helpers import DATA, run_cli
 from test_hybrid_packing import SMALL
+from qwen_tune.linear_attention import split_linear_attention
 
 MOE = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text")
 SHARED_EXPERT = ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text")
@@ -22,11 +23,14 @@ EXPERTS_LINE = "experts.gate_up_proj, experts.down_proj (routed experts, 4 per l
 
 
 def tiny(model_type: str, **config):
-    """The same weights on every call (seed 0), so a fresh base can take a saved adapter."""
+    """The same weights on every call (seed 0), so a fresh base can take a saved adapter; linear attention split per
+    sample of a packed row, as load_model does."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **dict(SMALL, **config)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **dict(SMALL, **config)), dtype=torch.float32)
+    split_linear_attention(model)
+    return model
 
 
 def default_lora_options(*argv: str) -> dict:
@@ -154,9 +158,9 @@ def test_q_lora_says_what_stays_unquantized_and_still_adapts_the_experts(model_t
                                "bitsandbytes quantizes nn.Linear only") for line in lines), lines
     assert lines[-1].endswith(EXPERTS_LINE)
     frozen = [line for line in lines if "stay frozen" in line]
-    assert frozen == ([f"lora: shared_expert.gate_proj, shared_expert.up_proj, shared_expert.down_proj stay frozen: PEFT "
-                       f"reads these names on qwen3_next as the transformers-4 experts', and a 4-bit weight cannot be "
-                       f"adapted another way"] if model_type == "qwen3_next" else [])
+    assert frozen == (["lora: shared_expert.gate_proj, shared_expert.up_proj, shared_expert.down_proj stay frozen: PEFT "
+                       "reads these names on qwen3_next as the transformers-4 experts', and a 4-bit weight cannot be "
+                       "adapted another way"] if model_type == "qwen3_next" else [])
     stacked = [p for n, p in model.named_parameters() if ".mlp.experts." in n and n.endswith(("gate_up_proj", "down_proj"))]
     assert stacked and all(p.dtype == torch.bfloat16 for p in stacked)
 
