@@ -176,7 +176,8 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from qwen_tune.model import load_model, lora_config
+    from qwen_tune.lora import lora_config
+    from qwen_tune.model import load_model
 
     from qwen_tune.train.cpu_memory import reuse_freed_memory
 

@@ -172,7 +172,7 @@ class LoraArguments:
     )
 
     def adapter_options(self) -> dict:
-        """These settings as keyword arguments of `model.lora_config` / `model.add_lora`."""
+        """These settings as keyword arguments of `lora.lora_config` / `lora.add_lora`."""
         return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
                 "target_modules": split_modules(self.lora_target_modules),
                 "modules_to_save": split_modules(self.lora_modules_to_save) or None}

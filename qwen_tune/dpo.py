@@ -27,7 +27,8 @@ from .data.collate import PackedPairCollator, PaddedPairCollator
 from .data.pairs import encode_pairs
 from .data.splits import load_splits
 from .errors import UserError
-from .model import add_lora, load_model, packing_for, resolve_model_path
+from .lora import add_lora
+from .model import load_model, packing_for, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition

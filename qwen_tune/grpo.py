@@ -20,7 +20,8 @@ from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments
                    resolve_options, train_dtype)
 from .data.read import load_prompts
 from .errors import UserError
-from .model import describe_adapter, is_adapter, load_model, lora_config, resolve_model_path
+from .lora import describe_adapter, lora_config
+from .model import is_adapter, load_model, resolve_model_path
 from .report import JsonlLog, report_callbacks, show_progress_as_lines
 from .reward_functions import load_batch_rewards
 from .tokenizer import load_tokenizer

@@ -226,7 +226,7 @@ HYPER = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_bat
 
 
 def _hyper_section(trainer, extra: dict | None) -> list[str]:
-    from .model import describe_adapter
+    from .lora import describe_adapter
 
     values = {}
     if trainer is not None:

@@ -20,7 +20,8 @@ from trl import RewardConfig, RewardTrainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
 from .errors import UserError
-from .model import add_lora, is_adapter, load_model, resolve_model_path
+from .lora import add_lora
+from .model import is_adapter, load_model, resolve_model_path
 from .data.pairs import encode_pairs
 from .data.splits import load_splits
 from .report import report_callbacks, show_progress_as_lines

@@ -15,7 +15,8 @@ import torch
 
 from .args import LoraArguments
 from .loading import load_trained
-from .model import add_lora, is_adapter, load_model
+from .lora import add_lora
+from .model import is_adapter, load_model
 from .ppo_math import entropy_from_logits
 from .rollouts import Rollout
 from .train.loss import backbone_and_head

@@ -16,7 +16,8 @@ from .data.collate import PackedCollator, PaddedCollator
 from .data.cache import load_tokens
 from .data.splits import load_splits
 from .errors import UserError
-from .model import add_lora, load_model, packing_for, resolve_model_path
+from .lora import add_lora
+from .model import load_model, packing_for, resolve_model_path
 from .report import report_callbacks, show_progress_as_lines
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition

@@ -15,7 +15,8 @@ from test_hybrid_packing import ATTENTION_ONLY, COMPOSITE, HYBRID, tiny_config
 from qwen_tune.args import LoraArguments
 from qwen_tune.data.collate import PackedCollator
 from qwen_tune.loading import load_trained
-from qwen_tune.model import add_lora, load_model
+from qwen_tune.lora import add_lora
+from qwen_tune.model import load_model
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 EVERY_TYPE = ATTENTION_ONLY + HYBRID + COMPOSITE

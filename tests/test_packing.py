@@ -18,7 +18,8 @@ from qwen_tune.args import parse, resolve_options
 from qwen_tune.data.collate import PackedCollator, PaddedCollator
 from qwen_tune.data.dataset import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
-from qwen_tune.model import add_lora, load_model
+from qwen_tune.lora import add_lora
+from qwen_tune.model import load_model
 from qwen_tune.sft import ARGUMENTS, SFTTrainer, collator_for, resolve_sft_options
 from qwen_tune.train.loss import causal_lm_loss_sum
 

@@ -90,7 +90,8 @@ def test_finetune_py_is_the_seed_entry_point(tmp_path):
 def test_qlora_base_is_really_4bit(base_model_path):
     import bitsandbytes as bnb
 
-    from qwen_tune.model import add_lora, load_model
+    from qwen_tune.lora import add_lora
+    from qwen_tune.model import load_model
 
     model = load_model(base_model_path, q_lora=True)
     q_proj = model.model.layers[0].self_attn.q_proj

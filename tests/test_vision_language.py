@@ -93,7 +93,7 @@ with torch.no_grad():
 @pytest.mark.slow
 @pytest.mark.support("LoRA", ["qwen3_5"])
 def test_sft_cli_on_a_qwen3_5_checkpoint_saves_and_reloads_it_whole(tmp_path, tokenizer):
-    """A user's runs on a Qwen3.5 checkpoint: full and LoRA sft with the defaults; the full output has every tensor
+    """A user's runs on a Qwen3.5 checkpoint: full and LoRA sft with the defaults (packed); the full output has every tensor
     of the input and reloads as Qwen3_5ForConditionalGeneration in a fresh process and generates; the adapter holds
     no vision tensor, reloads on the original base as its own class, and moves the logits; each has our card."""
     base = save_tiny_composite("qwen3_5", tmp_path / "base", tokenizer)
@@ -102,6 +102,7 @@ def test_sft_cli_on_a_qwen3_5_checkpoint_saves_and_reloads_it_whole(tmp_path, to
     full, lora = tmp_path / "full", tmp_path / "lora"
     proc = run_cli("sft", *common, "--output_dir", str(full))
     assert "model: qwen3_5 is vision-language; loaded as Qwen3_5ForConditionalGeneration" in proc.stderr
+    assert "packing: off" not in proc.stderr  # packed, the linear-attention layers split per sample
     assert "AutoModelForImageTextToText.from_pretrained" in proc.stderr
     assert json.loads((full / "config.json").read_text())["architectures"] == ["Qwen3_5ForConditionalGeneration"]
     before, after = saved_tensors(base), saved_tensors(full)
