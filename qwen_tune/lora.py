@@ -13,15 +13,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import UserError
-from .model import is_vision_language
 from .train.distributed import log
 
 # LoRA targets of every linear projection in Qwen1.5/2/2.5/3 (and Qwen v1's c_attn/c_proj/w1/w2).
 LORA_TARGETS = "all-linear"
-# PEFT's "all-linear" also finds the vision tower's projections; LoRA on it is not what text training asks for, and
-# servers ignore it (verl#3922). A regex of module names, matched in full.
-VISION_TOWER_MODULES = r"(.*\.)?visual\..*"
+# PEFT's "all-linear" also finds projections that text training must leave alone: the vision tower's (not what text
+# training asks for, and servers ignore LoRA there, verl#3922) and Qwen4-Exp's attention indexer (frozen by load_model:
+# no gradient reaches it). A regex of module names, matched in full.
+NOT_ADAPTED = r"(.*\.)?(visual|indexer)\..*"
 
+
+def not_adapted(model) -> str | None:
+    """NOT_ADAPTED where `model` has such modules (PEFT warns about an exclusion that matches nothing)."""
+    return NOT_ADAPTED if any(re.fullmatch(NOT_ADAPTED, name) for name, _ in model.named_modules()) else None
 
 
 # Mixture-of-experts. transformers 5 stores a Qwen MoE block's routed experts as two stacked 3-D parameters
@@ -142,17 +146,16 @@ def lora_config(model=None, *, r: int, alpha: int, dropout: float | None = None,
                 target_modules: str | list[str] | None = LORA_TARGETS, modules_to_save: list[str] | None = None,
                 task_type: str = "CAUSAL_LM", log=log):
     """The PEFT LoraConfig of our options for `model` (TRL's trainers take it as `peft_config`). Without a model the
-    targets are taken as given (PEFT resolves them). A vision-language model's vision tower is left out."""
+    targets are taken as given (PEFT resolves them). A vision tower and attention indexers are left out."""
     from peft import LoraConfig
 
     targets = lora_targets(model, target_modules) if model is not None else LoraTargets(target_modules)
     if targets.frozen:
         log(f"lora: {targets.frozen}")
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
-    vision_language = model is not None and is_vision_language(model.config)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout(dropout, targets, model_type, log),
                       target_modules=targets.modules, target_parameters=targets.parameters or None,
-                      exclude_modules=VISION_TOWER_MODULES if vision_language else None,
+                      exclude_modules=not_adapted(model) if model is not None else None,
                       modules_to_save=modules_to_save or None, task_type=task_type)
 
 

@@ -204,6 +204,18 @@ def freeze_vision_tower(model, log) -> None:
         "and saved unchanged")
 
 
+def freeze_attention_indexers(model, log) -> None:
+    """Qwen4-Exp's indexed attention picks the keys each query reads with a token indexer (top-k over compressed
+    blocks); no gradient reaches it through that choice and transformers computes no loss of its own for it, so it
+    cannot learn here: frozen, and said, rather than silently left with no gradient."""
+    frozen = [p for name, p in model.named_parameters() if "indexer" in name.split(".")]
+    if frozen:
+        for p in frozen:
+            p.requires_grad_(False)
+        log(f"model: the attention indexers of {model.config.model_type} ({len(frozen)} tensors) are frozen: they select "
+            "keys by top-k, which passes no gradient, and have no training loss here")
+
+
 def load_model(
     path: str,
     *,
@@ -265,6 +277,7 @@ def load_model(
     split_linear_attention(model)
     if composite:
         freeze_vision_tower(model, log)
+    freeze_attention_indexers(model, log)
     return model
 
 

@@ -31,6 +31,7 @@ MODEL_TYPES = {  # model_type in config.json: the releases that use it
     "qwen3_vl": "Qwen3-VL dense",
     "qwen3_vl_moe": "Qwen3-VL MoE",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen4_exp": "Qwen4-Exp (hybrid, indexed attention, MoE, vision tower)",
 }
 
 

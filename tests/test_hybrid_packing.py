@@ -28,7 +28,9 @@ from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 HYBRID = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 # vision-language (a language model and a vision tower), trained on text as their own class; the Qwen3.5 ones are hybrid
-COMPOSITE = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")
+COMPOSITE = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen4_exp")
+# Qwen4-Exp's indexed (query-sparse) attention selects keys from compressed blocks of the row: not packed, padded
+NOT_PACKED = ("qwen4_exp",)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
              moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
@@ -43,6 +45,8 @@ def tiny_config(model_type: str):
     if model_type not in COMPOSITE:
         return AutoConfig.for_model(model_type, **SMALL)
     text = dict(SMALL, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})  # head_dim 16
+    if model_type == "qwen4_exp":  # its indexer has no defaults
+        text.update(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4)
     return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION, tie_word_embeddings=True)
 
 
@@ -79,11 +83,12 @@ def one_by_one_loss(model, features):
     return sum(causal_lm_loss_sum(model, PackedCollator()([f]))[0] for f in features)
 
 
-@pytest.mark.support("packing", ATTENTION_ONLY + HYBRID + COMPOSITE)
+@pytest.mark.support("packing", [t for t in ATTENTION_ONLY + HYBRID + COMPOSITE if t not in NOT_PACKED])
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
 def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_type, conversations):
-    """sft's default batch is packed on every type and gives the loss of each sample alone, in float64: sums of a
-    few hundred token losses agree to ~1e-12, a sample seeing another one moves the loss by far more."""
+    """sft's default batch is packed on every type but Qwen4-Exp (padded, one line says why) and gives the loss of each
+    sample alone, in float64: sums of a few hundred token losses agree to ~1e-12, a sample seeing another one moves
+    the loss by far more."""
     from qwen_tune.args import parse
     from qwen_tune.sft import ARGUMENTS, collator_for
 
@@ -91,7 +96,10 @@ def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_typ
     lines = []
     data_args, args = (parse(ARGUMENTS, ["--data_path", f"{DATA}/sft_example.json", "--output_dir", "/nonexistent"]))[1::2]
     collator = collator_for(data_args, args, 0, packing_for(model, data_args.packing, lines.append))
-    assert isinstance(collator, PackedCollator) and packing_is_exact(model) and lines == []
+    packed_here = model_type not in NOT_PACKED
+    assert isinstance(collator, PackedCollator) == packing_is_exact(model) == packed_here
+    assert lines == ([] if packed_here else [f"packing: off: {model_type} has indexed_attention layers, which would carry "
+                                             "one sample into the next in a packed row; batches are padded instead"])
     with torch.no_grad():
         packed = causal_lm_loss_sum(model, collator(conversations))[0]
         alone = one_by_one_loss(model, conversations)
@@ -122,8 +130,8 @@ def largest_relative_difference(grads: dict, reference: dict) -> float:
     return max(float((grads[name] - reference[name]).norm() / reference[name].norm()) for name in reference)
 
 
-@pytest.mark.support("full", ATTENTION_ONLY + HYBRID + COMPOSITE)
-@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
+@pytest.mark.support("full", [t for t in ATTENTION_ONLY + HYBRID + COMPOSITE if t not in NOT_PACKED])
+@pytest.mark.parametrize("model_type", [t for t in ATTENTION_ONLY + HYBRID + COMPOSITE if t not in NOT_PACKED])
 def test_one_training_step_packed_equals_one_step_padded(model_type, conversations):
     """The gradient of the mean token loss, packed vs padded (each sample alone in its row), on every parameter, so
     the AdamW step after it is the same update. transformers computes the delta rule in float32 whatever the dtype,
@@ -149,14 +157,15 @@ def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
 def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
-    """dpo's packed batch of pairs (both padded layouts as well): each sequence's log-probability equals the sequence
-    alone (float64, as above)."""
+    """dpo's batch of pairs (packed but on Qwen4-Exp, and the padded layout on every type): each sequence's
+    log-probability equals the sequence alone (float64, as above)."""
     model = tiny_model(model_type)
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
     features = [pairs[i] for i in range(3)]
-    assert packing_for(model, True, print)  # as dpo.run decides
+    packing = packing_for(model, True, print)  # as dpo.run decides
+    assert packing == (model_type not in NOT_PACKED)
     with torch.no_grad():
-        packed = sequence_logprobs(model, PackedPairCollator()(features), 6)
+        packed = sequence_logprobs(model, (PackedPairCollator() if packing else PaddedPairCollator(0))(features), 6)
         padded = sequence_logprobs(model, PaddedPairCollator(0)(features), 6)
         alone = torch.stack([alone_logprob(model, f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
         torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
@@ -166,14 +175,21 @@ def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, toke
             assert (mixed - alone).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("model_type", ("qwen2_moe", "qwen3", "qwen3_next", "qwen3_5_text"))
+def with_reward_head(model_types) -> list[str]:
+    """The types transformers has a sequence-classification class for (rm's model)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return [t for t in model_types if t in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES]
+
+
+@pytest.mark.parametrize("model_type", with_reward_head(ATTENTION_ONLY + HYBRID + COMPOSITE))
 def test_reward_scores_of_a_padded_batch_equal_each_sequence_alone(model_type, tokenizer):
     """rm trains and scores right-padded batches (TRL's collator, score_token_ids): the score read at each sequence's
-    last token equals the sequence scored alone, on attention-only and hybrid types (float64)."""
+    last token equals the sequence scored alone, on every type with a reward-model class (float64)."""
     from transformers import AutoModelForSequenceClassification
 
     model = tiny_model(model_type, AutoModelForSequenceClassification)
-    model.config.pad_token_id = 0
+    model.config.get_text_config().pad_token_id = 0  # as reward_model.load_reward_model sets it
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512)
     sequences = [pairs[i][side] for i in range(3) for side in ("chosen_ids", "rejected_ids")]
     assert len({len(s) for s in sequences}) > 1  # the batch is really padded
