@@ -6,6 +6,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,14 @@ def fresh_env(**extra) -> dict:
     """The environment of a user's shell, offline; `python` and `qwen-tune` are the forkserver's clients. Any extra
     variable makes them run a real interpreter (libraries read some variables at import)."""
     return dict(Forkserver.environment(), **extra)
+
+
+def free_port() -> str:
+    """A TCP port the OS has just handed out, for a launcher's MASTER_PORT. Not a random number: in-process training
+    seeds Python's `random` (set_seed), so two workers drew the same "random" port and one launch failed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def run_python(argv: list[str], code: str | None = None, cwd: str = ROOT, timeout: float = 600, **env) -> subprocess.CompletedProcess:

@@ -4,14 +4,13 @@ is reused while nothing that makes the tokens changed, is rebuilt when it is dam
 import copy
 import json
 import os
-import random
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import DATA, ROOT, fresh_env, run_cli
+from helpers import DATA, ROOT, free_port, fresh_env, run_cli
 from qwen_tune.data.cache import DATA as ARROW, CacheOptions, load_tokens
 from qwen_tune.data.chat_format import ChatFormat, resolve_format
 from qwen_tune.data.dataset import load_sft_dataset
@@ -191,7 +190,7 @@ def test_preprocess_out_dir_then_sft_trains_from_it(tmp_path):
 def test_two_ranks_tokenize_once(tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run(
-        ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+        ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
          "-m", "qwen_tune", "sft", "--data_path", f"{DATA}/sft_example.jsonl", "--output_dir", str(tmp_path / "o"),
          "--max_steps", "1", "--per_device_train_batch_size", "1", "--report_to", "none", "--save_strategy", "no",
          "--tokens_cache", str(cache)],

@@ -2,13 +2,12 @@
 
 import json
 import os
-import random
 import re
 import subprocess
 
 import pytest
 
-from helpers import DATA, ROOT, fresh_env, generate_in_fresh_process, run_cli, run_python
+from helpers import DATA, ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python
 
 pytestmark = pytest.mark.slow
 TRAIN = os.path.join(DATA, "sft_example.json")
@@ -18,13 +17,9 @@ FEW_STEPS = ["--max_steps", "3", "--gradient_accumulation_steps", "1", "--learni
              "--logging_steps", "1", "--warmup_ratio", "0"]
 
 
-def port() -> str:
-    return str(random.randint(20000, 40000))
-
-
 def recipe(name, *args, **env):
     proc = subprocess.run(["sh", os.path.join(ROOT, "recipes", name), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=fresh_env(MASTER_PORT=port(), **env))
+                          text=True, timeout=600, env=fresh_env(MASTER_PORT=free_port(), **env))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -84,7 +79,7 @@ def test_zero2_lora_adapter_reloads_with_autopeft(tmp_path):
 
 def test_two_nodes_on_localhost_train_and_save(tmp_path):
     out = str(tmp_path / "nodes")
-    env = fresh_env(MASTER_PORT=port(), NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1")
+    env = fresh_env(MASTER_PORT=free_port(), NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1")
     cmd = ["sh", os.path.join(ROOT, "recipes", "finetune_ds.sh"), "-d", TRAIN, "-o", out,
            "--per_device_train_batch_size", "1", *FEW_STEPS]
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, NODE_RANK=str(r)), stdout=subprocess.PIPE,
@@ -118,7 +113,7 @@ def test_resume_from_a_zero3_checkpoint_continues_exactly(tmp_path):
 def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     """Full-parameter DPO on 2 ZeRO-3 ranks: the policy is sharded, the frozen reference too, and the pairs are learned."""
     out = str(tmp_path / "dpo_z3")
-    proc = subprocess.run(["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port(),
+    proc = subprocess.run(["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                            "-m", "qwen_tune", "dpo", "--data_path", os.path.join(DATA, "preference_example.json"), "--output_dir", out,
                            "--deepspeed", os.path.join(ROOT, "recipes", "ds_config_zero3.json"), "--max_steps", "3",
                            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
+from helpers import ROOT, free_port, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
 
 PROMPT = [{"role": "user", "content": "Pick a color."}]
 ANSWERS = ["red.", "green.", "blue.", "yellow."]
@@ -146,15 +146,13 @@ def test_grpo_qlora_trains_an_adapter_on_a_4bit_base_that_reloads(sft_policy, pr
 def test_grpo_under_deepspeed_on_two_ranks_learns_and_saves_complete_weights(config, sft_policy, prompts, rewards, tmp_path):
     """sh recipes/train_grpo_ds.sh (torchrun, 2 CPU ranks): each rank generates 4 of a group's 8 completions; ZeRO-3
     shards the weights and gathers them to save."""
-    import random
-
     from safetensors.torch import load_file
 
     out = str(tmp_path / "out")
     cmd = ["sh", "recipes/train_grpo_ds.sh", "-m", sft_policy, "-d", prompts, "-o", out, "--learning_rate", "1e-3",
            "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "10", "--per_device_train_batch_size", "4",
            "--max_completion_length", "8", "--save_strategy", "no", "--report_to", "none"]
-    env = fresh_env(MASTER_PORT=str(random.randint(20000, 40000)), DS_CONFIG=os.path.join(ROOT, "recipes", config))
+    env = fresh_env(MASTER_PORT=free_port(), DS_CONFIG=os.path.join(ROOT, "recipes", config))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "+ torchrun --nproc_per_node 2" in proc.stderr and "grpo --config" in proc.stderr

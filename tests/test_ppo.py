@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, fresh_env, generate_in_fresh_process, run_cli, run_python, train_tiny_reward_model
+from helpers import ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python, train_tiny_reward_model
 from helpers import sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
@@ -172,7 +171,7 @@ def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompt
 
 
 def ppo_on_two_ranks(config: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+    cmd = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "qwen_tune", "ppo", *args, "--deepspeed", os.path.join(ROOT, "recipes", config)]
     proc = subprocess.run(cmd, cwd=ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, assert_answers_as_trained, fresh_env, logprob_margins
+from helpers import ROOT, assert_answers_as_trained, free_port, fresh_env, logprob_margins
 
 pytestmark = pytest.mark.slow
 README = os.path.join(ROOT, "README.md")
@@ -123,7 +122,7 @@ def work(tmp_path_factory) -> str:
 def test_readme_command_runs_as_written_and_does_what_it_says(command, work):
     if command.startswith("pip install -e . -c constraints.txt && "):  # the main job: installing is .ci/run's part
         command = command.split("&& ", 1)[1]
-    env = fresh_env(MASTER_PORT=str(random.randint(20000, 40000)))
+    env = fresh_env(MASTER_PORT=free_port())
     started = time.monotonic()
     proc = subprocess.run(command, shell=True, executable="/bin/sh", cwd=work, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=900)

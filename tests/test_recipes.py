@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 
 import pytest
 
-from helpers import ROOT, fresh_env, generate_in_fresh_process
+from helpers import ROOT, free_port, fresh_env, generate_in_fresh_process
 
 pytestmark = pytest.mark.slow
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=fresh_env(MASTER_PORT=str(random.randint(20000, 40000))))
+                          env=fresh_env(MASTER_PORT=free_port()))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
