@@ -122,9 +122,9 @@ def read_config(path: str, trust_remote_code: bool = False):
         return None
 
 
-def check_quantization_backend(path: str) -> None:
-    """A GPTQ/AWQ checkpoint (like Qwen's Int4 chat models) needs its backend: say which, before loading."""
-    cfg = read_config(path)
+def check_quantization_backend(path: str, cfg) -> None:
+    """A GPTQ/AWQ checkpoint (like Qwen's Int4 chat models) needs its backend: say which, before loading.
+    `cfg`: its config (read_config)."""
     if cfg is None:
         return
     q = getattr(cfg, "quantization_config", None)
@@ -231,8 +231,9 @@ def load_model(
     """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization. A vision-language checkpoint
     asked for as a causal LM loads as its own class (AutoModelForImageTextToText), so nothing of it is lost on saving;
     AutoModelForCausalLM would keep its language model only."""
-    check_quantization_backend(path)
-    composite = model_class is AutoModelForCausalLM and is_vision_language(read_config(path, trust_remote_code))
+    config = read_config(path, trust_remote_code)
+    check_quantization_backend(path, config)
+    composite = model_class is AutoModelForCausalLM and is_vision_language(config)
     if composite:
         from transformers import AutoModelForImageTextToText
 
@@ -267,7 +268,6 @@ def load_model(
         if "Unrecognized configuration class" in str(e):
             import transformers
 
-            config = read_config(path, trust_remote_code)
             head = model_class.__name__.removeprefix("AutoModelFor")
             raise UserError(f"{path}: transformers {transformers.__version__} has no {head} model for "
                             f"{getattr(config, 'model_type', 'this model type')}, so this method cannot train it") from e

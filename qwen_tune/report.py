@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from .loading import loading_code
-from transformers.trainer_callback import ProgressCallback
 
 PLOT, PLOT_DATA, CARD = "loss.png", "loss.json", "README.md"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_hybrid_packing import ATTENTION_ONLY, COMPOSITE, HYBRID, tiny_config
+from test_hybrid_packing import ATTENTION_ONLY, COMPOSITE, HYBRID, save_tiny_checkpoint
 from qwen_tune.args import LoraArguments
 from qwen_tune.data.collate import PackedCollator
 from qwen_tune.loading import load_trained
@@ -20,16 +20,6 @@ from qwen_tune.model import load_model
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 EVERY_TYPE = ATTENTION_ONLY + HYBRID + COMPOSITE
-
-
-def save_tiny(model_type: str, path, tokenizer) -> str:
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    model_class = AutoModelForImageTextToText if model_type in COMPOSITE else AutoModelForCausalLM
-    model_class.from_config(tiny_config(model_type)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def one_step(model, conversations) -> None:
@@ -50,7 +40,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.support("LoRA", EVERY_TYPE)
 @pytest.mark.parametrize("model_type", EVERY_TYPE)
 def test_lora_with_the_defaults_trains_and_reloads_on_its_base(model_type, tmp_path, tokenizer, conversations):
-    base = save_tiny(model_type, tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
     model = add_lora(load_model(base), **LoraArguments(use_lora=True).adapter_options())
     one_step(model, conversations)
     model.save_pretrained(tmp_path / "adapter")
@@ -65,7 +55,7 @@ def test_lora_with_the_defaults_trains_and_reloads_on_its_base(model_type, tmp_p
 @pytest.mark.support("Q-LoRA", EVERY_TYPE)
 @pytest.mark.parametrize("model_type", EVERY_TYPE)
 def test_qlora_with_the_defaults_trains_an_adapter_on_a_4bit_base(model_type, tmp_path, tokenizer, conversations):
-    base = save_tiny(model_type, tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
     model = add_lora(load_model(base, q_lora=True), q_lora=True, **LoraArguments(use_lora=True, q_lora=True).adapter_options())
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     one_step(model, conversations)

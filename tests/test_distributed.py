@@ -134,9 +134,10 @@ def test_zero3_on_a_hybrid_moe_vision_language_checkpoint_trains_every_tensor_an
     twice), and it reloads as its own class with the greedy replies of the same run in one process."""
     import torch
 
-    from test_vision_language import is_vision, save_tiny_composite, saved_tensors
+    from test_hybrid_packing import save_tiny_checkpoint
+    from test_vision_language import is_vision, saved_tensors
 
-    base = save_tiny_composite("qwen3_5_moe", tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint("qwen3_5_moe", tmp_path / "base", tokenizer)
     few = [*FEW_STEPS[:1], "2", *FEW_STEPS[2:]]
     ranks, single = str(tmp_path / "ranks"), str(tmp_path / "single")
     proc = recipe("finetune_ds.sh", "-m", base, "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",

@@ -50,6 +50,17 @@ def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION, tie_word_embeddings=True)
 
 
+def save_tiny_checkpoint(model_type: str, path, tokenizer) -> str:
+    """A float32 checkpoint of `model_type` (a composite one as its own class) with the tokenizer, as a user brings one."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    model_class = AutoModelForImageTextToText if model_type in COMPOSITE else AutoModelForCausalLM
+    model_class.from_config(tiny_config(model_type)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def tiny_model(model_type: str, model_class=None):
     """A random float64 model of `model_type` (a composite one as its own class), its linear-attention layers split
     per sample as load_model does: a fresh copy of the same weights on every call."""

@@ -17,20 +17,11 @@ import torch
 from safetensors import safe_open
 
 from helpers import DATA, run_cli, run_python
-from test_hybrid_packing import COMPOSITE, NOT_PACKED, tiny_config
+from test_hybrid_packing import COMPOSITE, NOT_PACKED, save_tiny_checkpoint
 from qwen_tune.data.collate import PackedCollator
 from qwen_tune.model import load_model, packing_is_exact
 from qwen_tune.train.loss import causal_lm_loss_sum
 
-
-
-def save_tiny_composite(model_type: str, path, tokenizer) -> str:
-    from transformers import AutoModelForImageTextToText
-
-    torch.manual_seed(0)
-    AutoModelForImageTextToText.from_config(tiny_config(model_type)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def saved_tensors(path) -> dict[str, torch.Tensor]:
@@ -57,7 +48,7 @@ def test_text_training_keeps_every_tensor_of_a_composite_checkpoint(model_type, 
     """load_model -> own class, vision tower frozen; one step, with a gradient on every language-model tensor and none
     on the vision tower; the saved output has the input's tensor names and shapes,
     the vision tensors bit-equal, the language model's changed."""
-    base = save_tiny_composite(model_type, tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
     lines = []
     model = load_model(base, dtype=torch.float64, experts_implementation="eager", log=lines.append)
     assert type(model).__name__.endswith("ForConditionalGeneration")
@@ -104,7 +95,7 @@ def test_sft_cli_on_a_qwen3_5_checkpoint_saves_and_reloads_it_whole(tmp_path, to
     """A user's runs on a Qwen3.5 checkpoint: full and LoRA sft with the defaults (packed); the full output has every tensor
     of the input and reloads as Qwen3_5ForConditionalGeneration in a fresh process and generates; the adapter holds
     no vision tensor, reloads on the original base as its own class, and moves the logits; each has our card."""
-    base = save_tiny_composite("qwen3_5", tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint("qwen3_5", tmp_path / "base", tokenizer)
     common = ["--model_name_or_path", base, "--data_path", f"{DATA}/sft_example.json", "--max_steps", "2",
               "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "no"]
     full, lora = tmp_path / "full", tmp_path / "lora"
@@ -137,6 +128,6 @@ def test_a_method_transformers_has_no_class_for_says_so_in_one_line(tmp_path, to
 
     from qwen_tune.errors import UserError
 
-    base = save_tiny_composite("qwen3_5_moe", tmp_path / "base", tokenizer)
+    base = save_tiny_checkpoint("qwen3_5_moe", tmp_path / "base", tokenizer)
     with pytest.raises(UserError, match=r"has no SequenceClassification model for qwen3_5_moe, so this method cannot train it"):
         load_model(base, model_class=AutoModelForSequenceClassification, num_labels=1)

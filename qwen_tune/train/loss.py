@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 
 from ..data.chat_format import IGNORE
 from ..linear_attention import BOUNDARY_KEYS
+from ..model import is_vision_language
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,7 @@ def model_inputs(batch: dict, config) -> dict:
     ([4, batch, length], transformers' layout for packed input); on text the three M-RoPE rows are the text positions."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS) if k in batch}
     positions = inputs.get("position_ids")
-    if positions is not None and positions.ndim == 2 and getattr(config, "vision_config", None) is not None:
+    if positions is not None and positions.ndim == 2 and is_vision_language(config):
         inputs["position_ids"] = positions[None].expand(4, *positions.shape)
     return inputs
 
@@ -221,8 +222,5 @@ def causal_lm_loss_sum(model, batch: dict, chunk_size: int | None = None) -> tup
 def router_aux_loss_coef(model) -> float | None:
     """`router_aux_loss_coef` where the checkpoint's config asks for the router's load-balancing loss
     (`output_router_logits`, as transformers' Qwen MoE configs have), else None: nothing is added."""
-    inner = model
-    while hasattr(inner, "module"):  # DeepSpeedEngine, DistributedDataParallel
-        inner = inner.module
-    config = inner.config.get_text_config()
+    config = unwrapped(model).config.get_text_config()
     return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else None

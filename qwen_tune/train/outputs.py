@@ -40,10 +40,11 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     reports = {name: report.__dict__ for name, report in data_reports.items()}
     with open(os.path.join(out, "train_metrics.json"), "w") as f:
         json.dump({**metrics, "data": reports}, f, indent=2, default=str)
+    vision_language = is_vision_language(model.config)
     write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=fmt.description,
-                     card=card, adapter=adapter, vision_language=is_vision_language(model.config), reward_model=reward_model,
+                     card=card, adapter=adapter, vision_language=vision_language, reward_model=reward_model,
                      data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, data_reports=data_reports)
-    log(how_to_load(out, adapter, reward_model=reward_model, vision_language=is_vision_language(model.config)))
+    log(how_to_load(out, adapter, reward_model=reward_model, vision_language=vision_language))
     clean_up_checkpoints(out, trainer.args.keep_checkpoints)
 
 
