@@ -89,8 +89,17 @@ def inference_parser(prog: str, description: str):
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="an output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)")
+    add_trust_argument(parser)
     add_format_arguments(parser)  # defaults: the template saved with the model, as trained
     return parser
+
+
+def add_trust_argument(parser) -> None:
+    """--trust_remote_code for the commands that load a model without training it (chat, eval, score, merge)."""
+    from transformers.hf_argparser import string_to_bool
+
+    parser.add_argument("--trust_remote_code", type=string_to_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                        help="run the checkpoint's own Python code; off unless you trust where it came from")
 
 
 def format_arguments(namespace) -> FormatArguments:

@@ -15,7 +15,7 @@ from .errors import UserError
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message and reset), /exit (or Ctrl-D)"
 
 
-def load_for_inference(path: str):
+def load_for_inference(path: str, trust_remote_code: bool = False):
     """(model, tokenizer) from a full/merged model directory or a LoRA adapter directory; eval mode, no grads."""
     import torch
 
@@ -25,10 +25,11 @@ def load_for_inference(path: str):
 
     if not is_adapter(path):
         path = resolve_model_path(path)
-    model = load_trained(path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)  # checks the checkpoint first
+    model = load_trained(path, trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
     torch.set_grad_enabled(False)
-    return model, load_tokenizer(path)
+    return model, tokenizer
 
 
 class Chat:
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.max_new_tokens < 1 or a.temperature < 0:
         raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")
-    model, tokenizer = load_for_inference(a.model)
+    model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
     fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
     chat = Chat(model, tokenizer, fmt, a.max_new_tokens, a.temperature)
     if a.prompt is not None:

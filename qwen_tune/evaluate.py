@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .data.read import check_conversations
 
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
-    model, tokenizer = load_for_inference(a.model)
+    model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
     fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
     result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size,
                       options=cache_options(a))

@@ -5,22 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 
+from .args import add_trust_argument
 from .errors import UserError
 from .model import is_adapter
 
 
-def merge(adapter: str, out: str) -> str:
+def merge(adapter: str, out: str, trust_remote_code: bool = False) -> str:
     """Merge and save as safetensors with the tokenizer and generation config, as the base's own class."""
-    from transformers import AutoTokenizer
-
     from .loading import load_trained
+    from .tokenizer import load_tokenizer
 
     if not is_adapter(adapter):
         raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")
-    model = load_trained(adapter)
-    merged = model.merge_and_unload()
+    merged = load_trained(adapter, trust_remote_code=trust_remote_code).merge_and_unload()  # checks the checkpoint first
     merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    load_tokenizer(adapter, trust_remote_code=trust_remote_code).save_pretrained(out)
     return out
 
 
@@ -28,5 +27,6 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="qwen-tune merge", description=__doc__)
     p.add_argument("--adapter", required=True, help="a LoRA output directory")
     p.add_argument("--out", required=True, help="where to write the merged model")
+    add_trust_argument(p)
     a = p.parse_args(argv)
-    print(f"merged model saved to {os.path.abspath(merge(a.adapter, a.out))}")
+    print(f"merged model saved to {os.path.abspath(merge(a.adapter, a.out, a.trust_remote_code))}")

@@ -93,7 +93,7 @@ def load_rewards(inputs: GRPOInputs, fmt) -> list:
     if inputs.reward_model:
         from .reward_model import load_reward_model, reward_model_function
 
-        model, _ = load_reward_model(inputs.reward_model)
+        model, _ = load_reward_model(inputs.reward_model, trust_remote_code=inputs.trust_remote_code)
         rewards.append(reward_model_function(model.eval().requires_grad_(False), fmt))
     if not rewards:
         raise UserError("give --reward_funcs module:function[,...] and/or --reward_model DIR")

@@ -9,6 +9,7 @@ differ, and silently leave the adapter out.
 from __future__ import annotations
 
 from .model import is_adapter, is_vision_language, read_config
+from .trust import check_checkpoint
 
 
 def adapter_base(path: str) -> str:
@@ -23,8 +24,11 @@ def loads_as_vision_language(path: str) -> bool:
     return config is not None and is_vision_language(config)
 
 
-def load_trained(path: str, **kwargs):
-    """A full/merged model or a LoRA adapter directory, as its own class; `kwargs` go to `from_pretrained`."""
+def load_trained(path: str, *, trust_remote_code: bool = False, **kwargs):
+    """A full/merged model or a LoRA adapter directory, as its own class; `kwargs` go to `from_pretrained`.
+    Nothing of the checkpoint runs unless `trust_remote_code` (trust.py)."""
+    check_checkpoint(path, trust_remote_code=trust_remote_code)
+    kwargs["trust_remote_code"] = trust_remote_code
     if loads_as_vision_language(path):
         from transformers import AutoModelForImageTextToText
 

@@ -26,6 +26,7 @@ from .errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from .train.distributed import log
 from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
+from .trust import check_checkpoint
 
 EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
 EMBEDDED_NAME = "qwen-tune-embedded-qwen2"
@@ -145,24 +146,6 @@ def check_quantization_backend(path: str, cfg) -> None:
         )
 
 
-PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def check_weights_format(path: str, allow_pickle: bool) -> None:
-    """Safetensors only: pickle weights can run code when loaded, so they need --allow_pickle_weights."""
-    if allow_pickle or not os.path.isdir(path):
-        return
-    names = os.listdir(path)
-    if any(n.endswith(".safetensors") for n in names):
-        return
-    pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS) and n != "training_args.bin")
-    if pickles:
-        raise UserError(
-            f"{path} has only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded. "
-            f"Convert them to safetensors, or pass --allow_pickle_weights if you trust where they came from."
-        )
-
-
 PACKABLE_LAYERS = ("full_attention", "sliding_attention", "linear_attention")
 
 
@@ -231,6 +214,7 @@ def load_model(
     """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization. A vision-language checkpoint
     asked for as a causal LM loads as its own class (AutoModelForImageTextToText), so nothing of it is lost on saving;
     AutoModelForCausalLM would keep its language model only."""
+    check_checkpoint(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
     config = read_config(path, trust_remote_code)
     check_quantization_backend(path, config)
     composite = model_class is AutoModelForCausalLM and is_vision_language(config)
@@ -238,7 +222,6 @@ def load_model(
         from transformers import AutoModelForImageTextToText
 
         model_class = AutoModelForImageTextToText
-    check_weights_format(path, allow_pickle_weights)
     if not allow_pickle_weights and not os.path.isdir(path):
         kwargs.setdefault("use_safetensors", True)  # a hub id: never fall back to pickle weights
     if q_lora:

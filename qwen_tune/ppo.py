@@ -200,7 +200,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     if args.reward_model:
         from .reward_model import load_reward_model, score_token_ids
 
-        reward_model, _ = load_reward_model(args.reward_model)
+        reward_model, _ = load_reward_model(args.reward_model, trust_remote_code=args.trust_remote_code)
         reward_model = to_device(reward_model, device).requires_grad_(False)
     hidden_size = actor.config.get_text_config().hidden_size
     critic = RewardModelCritic(reward_model) if args.critic == "reward_model" else ValueHead(hidden_size)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from .args import add_cache_arguments, add_format_arguments, cache_options, format_arguments
+from .args import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_arguments
 from .data.chat_format import IGNORE
 from .data.cache import build_tokens, load_tokens
 from .tokenizer import load_tokenizer
@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="a directory: write the tokens there for sft --data_path DIR; a .jsonl file: "
                    "the kept samples as JSON lines")
     p.add_argument("--show", type=int, default=0, help="print N samples with supervised spans highlighted")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow a checkpoint's own tokenizer code")
+    add_trust_argument(p)
     add_format_arguments(p)
     add_cache_arguments(p)  # --tokens_cache is not used with --out DIR
     return p

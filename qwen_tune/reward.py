@@ -54,7 +54,8 @@ def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, a
     if is_adapter(start):
         if lora_args.q_lora:
             raise UserError(f"--model_name_or_path {start} is a LoRA adapter; merge it first (qwen-tune merge) to train Q-LoRA on it")
-        model, _ = load_reward_model(start, is_trainable=lora_args.use_lora, dtype=train_dtype(args))
+        model, _ = load_reward_model(start, is_trainable=lora_args.use_lora, dtype=train_dtype(args),
+                                     trust_remote_code=model_args.trust_remote_code)
         base = model.peft_config["default"].base_model_name_or_path
         if not lora_args.use_lora:
             model = model.merge_and_unload()  # full fine-tuning of stage 1's merged reward model

@@ -15,6 +15,7 @@ import torch
 from .data.chat_format import ChatFormat
 from .errors import UserError
 from .model import is_adapter
+from .trust import check_checkpoint
 
 # ---------------------------------------------------------------- what is scored
 
@@ -29,11 +30,12 @@ def last_reply_ids(fmt: ChatFormat, messages: list[dict], tools: list | None = N
 # ---------------------------------------------------------------- loading and scoring
 
 
-def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dtype = torch.float32,
+                      trust_remote_code: bool = False):
     """A reward model directory (full, or a LoRA adapter with its `score` head) -> (model, tokenizer).
 
     Loads with `AutoModelForSequenceClassification` / `AutoPeftModelForSequenceClassification`, the
-    same classes anyone else would use; never runs remote code.
+    same classes anyone else would use; runs none of the checkpoint's code unless `trust_remote_code` (trust.py).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -42,17 +44,20 @@ def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dty
     p = Path(path).expanduser()
     if not p.is_dir():
         raise UserError(f"reward model {path}: no such directory")
+    check_checkpoint(str(p), trust_remote_code=trust_remote_code)
     if is_adapter(p):
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, is_trainable=is_trainable, num_labels=1)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, is_trainable=is_trainable, num_labels=1,
+                                                                     trust_remote_code=trust_remote_code)
     elif (p / "config.json").exists():
-        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(str(p), dtype=dtype, num_labels=1,
+                                                                   trust_remote_code=trust_remote_code)
         if "ForSequenceClassification" not in str((model.config.architectures or [""])[0]):
             print(f"warning: {path} is not a reward model (its score head is untrained)", file=sys.stderr)
     else:
         raise UserError(f"reward model {path}: neither config.json nor adapter_config.json found")
-    tokenizer = load_tokenizer(str(p))
+    tokenizer = load_tokenizer(str(p), trust_remote_code=trust_remote_code)
     config = model.config.get_text_config()
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id

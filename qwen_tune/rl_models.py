@@ -28,7 +28,7 @@ def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device
     LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
     of that adapter (PEFT multi-adapter); full training: a second, frozen model."""
     if is_adapter(policy):
-        actor = to_device(load_trained(policy, is_trainable=lora.use_lora), device)
+        actor = to_device(load_trained(policy, is_trainable=lora.use_lora, trust_remote_code=trust_remote_code), device)
         if lora.use_lora:  # keep training the SFT adapter; its starting point is the reference
             actor.load_adapter(policy, adapter_name="reference", is_trainable=False)
             actor.set_adapter("default")

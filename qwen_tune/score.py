@@ -11,13 +11,14 @@ from .reward_model import last_reply_ids, load_reward_model, score_token_ids
 
 
 def parse_args(argv: list[str] | None):
-    from .args import add_format_arguments
+    from .args import add_format_arguments, add_trust_argument
 
     p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
     p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
     p.add_argument("--data", required=True, help="Preference pairs (prints accuracy) or SFT-style conversations (scores the last assistant turn).")
     p.add_argument("--out", required=True, help="Where to write one JSON object per sample (.jsonl).")
     p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
+    add_trust_argument(p)
     add_format_arguments(p)  # defaults: the reward model's saved template, as trained
     return p.parse_args(argv)
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     kind = detect_kind(args.data)
     samples = load_preference_pairs(args.data) if kind == "preference" else load_conversations(args.data)  # validate first
-    model, tokenizer = load_reward_model(args.model)
+    model, tokenizer = load_reward_model(args.model, trust_remote_code=args.trust_remote_code)
     fmt = format_arguments(args).chat_format(tokenizer, source=args.model)
     check_renderable(fmt, samples)
     if kind == "preference":

@@ -102,6 +102,9 @@ def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> 
     """
     if path is None:
         return _finish(_convert_rank_file(embedded_rank_file()))
+    from .trust import check_custom_code
+
+    check_custom_code(str(path), trust_remote_code)
     p = Path(path)
     if p.is_dir() and not (p / "tokenizer.json").exists() and (p / "qwen.tiktoken").exists() and not trust_remote_code:
         return _finish(_convert_rank_file(p / "qwen.tiktoken", qwen_v1=True))

@@ -292,10 +292,31 @@ def test_too_little_disk_space_is_a_user_error(tmp_path):
 
 
 def test_pickle_only_model_dir_needs_allow_pickle_weights(tmp_path):
-    from qwen_tune.model import check_weights_format, load_model
+    from qwen_tune.model import load_model
+    from qwen_tune.trust import check_weights_format
 
     (tmp_path / "config.json").write_text("{}")
     torch.save({}, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="only pickle weights \\(pytorch_model.bin\\).*--allow_pickle_weights"):
         load_model(str(tmp_path))
     check_weights_format(str(tmp_path), allow_pickle=True)
+
+
+class _Planted:
+    """Unpickling this runs `touch MARKER` (what a planted file in a downloaded checkpoint could do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("planted_file", ["rng_state.pth", "optimizer.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_before_resuming(planted_file, reference, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    shutil.copytree(os.path.join(reference["out"], "checkpoint-8"), out / "checkpoint-8")
+    torch.save(_Planted(str(marker)), out / "checkpoint-8" / planted_file)
+    rc, log = finish(start(str(out), str(tmp_path / "trace.jsonl"), "--resume_from_checkpoint", "auto"), str(out))
+    assert rc == 2 and f"checkpoint-8/{planted_file} holds a pickle that would run posix.system" in log, log
+    assert "Traceback" not in log and not marker.exists()

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 from ..errors import UserError
+from ..trust import check_checkpoint_pickles
 from .checkpoints import COMPLETE, checkpoints, latest_complete_checkpoint
 from .distributed import is_main_process, log
 
@@ -34,6 +35,7 @@ def resolve_resume(args) -> str | None:
         if path is None:
             log(f"--resume_from_checkpoint auto: no complete checkpoint in {out}; starting fresh")
         else:
+            check_checkpoint_pickles(path)
             log(f"--resume_from_checkpoint auto: resuming from {path}")
         return path
     path = os.path.expanduser(str(value))
@@ -42,6 +44,7 @@ def resolve_resume(args) -> str | None:
                         f"use 'auto' for the newest complete checkpoint in --output_dir")
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         log(f"note: {path} has no {COMPLETE} (not written by qwen-tune, or cut short); resuming from it anyway")
+    check_checkpoint_pickles(path)
     return path
 
 
