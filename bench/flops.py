@@ -4,7 +4,9 @@ Model FLOPs count only what training must compute (the MFU convention): per real
 parameter forward and 4 backward (2 when the weight is frozen: LoRA / Q-LoRA need the gradients of the
 activations, not of the weights); the output projection only at positions whose next token is supervised
 (logits elsewhere are not needed); causal attention 6 x layers x width x length^2 per sequence (the
-score and value matmuls, 4 x length^2 x width forward, half of it masked, and twice that backward). Padding, recomputation and
+score and value matmuls, 4 x length^2 x width forward, half of it masked, and twice that backward) in full-attention
+layers; in a linear-attention (Gated DeltaNet) layer 18 x the recurrent state per token (the state is read against
+the key, updated and read against the query: 3 x 2 FLOPs an element forward, twice that backward). Padding, recomputation and
 logits at unsupervised positions are work a configuration chose, not work the model needs.
 """
 
@@ -21,7 +23,8 @@ def flops_per_token(counts: dict, lengths: list[int], supervised: list[int], fro
     head = per_param * counts["vocab_projection"] * sum(supervised)
     # forward: Q K^T and A V, 2 * s^2 * width each, half of them under the causal mask; backward twice the forward
     attention = 3 * 2 * counts["layers"] * counts["attention_width"] * sum(s * s for s in lengths)
-    return (blocks + head + attention) / tokens
+    linear_attention = 18 * counts.get("linear_state", 0) * tokens
+    return (blocks + head + attention + linear_attention) / tokens
 
 
 def matmul_peak(config, dtype, device: str, rows: int = 2048, repeats: int = 5) -> tuple[float, str]:
@@ -29,7 +32,8 @@ def matmul_peak(config, dtype, device: str, rows: int = 2048, repeats: int = 5) 
     timings of at least 0.2 s each (tiny shapes are repeated, so that timer noise does not flatter them)."""
     import torch
 
-    h, inter = config.hidden_size, config.intermediate_size
+    h = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or config.moe_intermediate_size
     shapes = {f"({rows} x {h}) @ ({h} x {inter})": (rows, h, inter),
               f"({rows} x {inter}) @ ({inter} x {h})": (rows, inter, h),
               f"({rows} x {h}) @ ({h} x {h})": (rows, h, h)}

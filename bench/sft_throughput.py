@@ -12,6 +12,7 @@ bf16 autocast falls back to a naive GEMM on CPUs without bf16 support) or bf16 o
 
   qwen-tune         qwen-tune's default: each batch packed into one row, loss only on supervised tokens (chunked)
   qwen-tune-checkpointing   the same with --gradient_checkpointing True (against TRL's default memory)
+  qwen-tune-padded  the same with --packing False (padded batches: what packing saves)
   qwen-tune-lora    the same with --use_lora True (r 64, alpha 16, all linear layers: qwen-tune's defaults)
   qwen-tune-qlora   the same with --q_lora True (bitsandbytes NF4 base)
   trl-packed        TRL SFTTrainer, packing=True, packing_strategy="bfd" (padding-free), assistant_only_loss=True
@@ -21,12 +22,20 @@ bf16 autocast falls back to a naive GEMM on CPUs without bf16 support) or bf16 o
   trl-reusing-memory   trl-packed-no-checkpointing with qwen-tune's glibc setting set in its process (not a TRL
                     option; qwen_tune/train/cpu_memory.py): how much of the gap is that setting, CPU only
   trl-padded        TRL SFTTrainer, dynamic padding, assistant_only_loss=True, same batch size as qwen-tune
+  trl-padded-no-checkpointing   the same with gradient_checkpointing=False: TRL's fastest exact setting on a
+                    hybrid (Gated DeltaNet) model without the fla kernels, where its packed rows are refused
+  trl-lora-padded   trl-padded + the same LoraConfig as qwen-tune-lora (hybrid shapes on CPU)
   trl-liger         trl-packed + use_liger_kernel=True (CUDA only: Liger's kernels are Triton)
   trl-lora          trl-packed + the same PEFT LoraConfig as qwen-tune-lora
   trl-qlora         trl-lora on the same NF4 base as qwen-tune-qlora
   trl-defaults      reference: TRL SFTTrainer defaults (dynamic padding, loss on every token)
   pad-to-max        reference: the seed's way (pad every sample to model_max_length, full-logits loss); embedded only
                     by default (on a real shape it computes ~8x the tokens)
+
+TRL rows load the checkpoint as a TRL user does (AutoModelForCausalLM; bitsandbytes NF4 for trl-qlora), without
+anything of qwen-tune's. On a hybrid shape on CPU the packed TRL rows are left out by default: transformers' PyTorch
+Gated DeltaNet refuses packed sequence boundaries without the fla kernels (a GPU package), so padding is TRL's
+exact setting there. A shape marked LoRA-only (full fine-tuning would not fit this machine) runs adapter rows.
 
 Real (non-pad) tokens/s is timed from the end of the first optimizer step to the end of the epoch (the first
 step is warm-up). MFU = model FLOPs per real token (bench/flops.py: the same assistant-only job for every row)
@@ -52,15 +61,23 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import flops_per_token, matmul_peak  # noqa: E402
-from shapes import SHAPES, build_shape, config_of, parameter_counts  # noqa: E402
+from shapes import SHAPES, build_shape, config_of, is_hybrid, lora_only, parameter_counts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant."
-ROWS = ("qwen-tune", "qwen-tune-checkpointing", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed", "trl-packed-no-checkpointing",
-        "trl-reusing-memory", "trl-padded", "trl-liger", "trl-lora", "trl-qlora", "trl-defaults", "pad-to-max")
+ROWS = ("qwen-tune", "qwen-tune-checkpointing", "qwen-tune-padded", "qwen-tune-lora", "qwen-tune-qlora", "trl-packed",
+        "trl-packed-no-checkpointing", "trl-reusing-memory", "trl-padded", "trl-padded-no-checkpointing", "trl-liger",
+        "trl-lora", "trl-lora-padded", "trl-qlora", "trl-defaults", "pad-to-max")
+TRL_PACKED = ("trl-packed", "trl-packed-no-checkpointing", "trl-reusing-memory", "trl-liger", "trl-lora", "trl-qlora")
+TRL_NO_CHECKPOINTING = ("trl-packed-no-checkpointing", "trl-reusing-memory", "trl-padded-no-checkpointing")
 PAIRS = (  # (qwen-tune row, TRL row, what they share): the summary under the table
     ("qwen-tune", "trl-packed-no-checkpointing", "defaults, no activation checkpointing on either side (TRL's fastest)"),
     ("qwen-tune-checkpointing", "trl-packed", "activation checkpointing on both sides (TRL's default)"),
+    ("qwen-tune", "trl-padded-no-checkpointing", "defaults against TRL's fastest exact setting on a hybrid model "
+     "without fla (padded, no checkpointing)"),
+    ("qwen-tune-checkpointing", "trl-padded", "activation checkpointing on both sides, TRL padded"),
+    ("qwen-tune-lora", "trl-lora-padded", "LoRA, the same LoraConfig, TRL padded"),
+    ("qwen-tune", "qwen-tune-padded", "qwen-tune packed against qwen-tune padded"),
     ("qwen-tune", "trl-liger", "defaults against TRL with Liger's kernels"),
     ("qwen-tune-lora", "trl-lora", "LoRA, the same LoraConfig (TRL with its default checkpointing)"),
     ("qwen-tune-qlora", "trl-qlora", "Q-LoRA, the same NF4 base and LoraConfig (TRL with its default checkpointing)"),
@@ -69,12 +86,15 @@ PAIRS = (  # (qwen-tune row, TRL row, what they share): the summary under the ta
 FLAGS = {
     "qwen-tune": "defaults (packing, chunked supervised-only loss)",
     "qwen-tune-checkpointing": "--gradient_checkpointing True (TRL's default: activations recomputed in backward)",
+    "qwen-tune-padded": "--packing False",
     "qwen-tune-lora": "--use_lora True",
     "qwen-tune-qlora": "--use_lora True --q_lora True",
     "trl-packed": "packing=True, packing_strategy='bfd', assistant_only_loss=True (and SFTConfig's default gradient_checkpointing=True)",
     "trl-packed-no-checkpointing": "trl-packed with gradient_checkpointing=False",
     "trl-reusing-memory": "trl-packed-no-checkpointing in a process with qwen-tune's glibc setting (train/cpu_memory.py; not a TRL option)",
     "trl-padded": "assistant_only_loss=True (dynamic padding; gradient_checkpointing=True, SFTConfig's default)",
+    "trl-padded-no-checkpointing": "trl-padded with gradient_checkpointing=False",
+    "trl-lora-padded": "trl-padded + the LoraConfig of trl-lora",
     "trl-liger": "packing=True, packing_strategy='bfd', assistant_only_loss=True, use_liger_kernel=True",
     "trl-lora": "trl-packed + peft_config=LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules='all-linear')",
     "trl-qlora": "trl-lora on the NF4 base (BitsAndBytesConfig 4-bit, double quant)",
@@ -162,6 +182,8 @@ def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
             "--save_strategy", "no", "--report_to", "none", "--bf16", str(bf16), "--tokens_cache", "none"]
     if row == "qwen-tune-checkpointing":
         argv += ["--gradient_checkpointing", "True"]
+    if row == "qwen-tune-padded":
+        argv += ["--packing", "False"]
     if row in ("qwen-tune-lora", "qwen-tune-qlora"):
         argv += ["--use_lora", "True"] + (["--q_lora", "True"] if row == "qwen-tune-qlora" else [])
     if row == "pad-to-max":
@@ -176,25 +198,29 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from qwen_tune.lora import lora_config
-    from qwen_tune.model import load_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qwen_tune.lora import lora_config
     from qwen_tune.train.cpu_memory import reuse_freed_memory
 
     if row == "trl-reusing-memory":
         reuse_freed_memory()
-    packed = row in ("trl-packed", "trl-packed-no-checkpointing", "trl-reusing-memory", "trl-liger", "trl-lora", "trl-qlora")
+    packed = row in TRL_PACKED
     options = dict(packing=True, packing_strategy="bfd", per_device_train_batch_size=1) if packed else \
         dict(per_device_train_batch_size=a.batch_size)
     config = SFTConfig(output_dir=a.tmp, max_length=a.max_length, num_train_epochs=1, learning_rate=1e-5,
                        train_sampling_strategy="sequential", save_strategy="no", report_to="none", logging_steps=1,
                        bf16=bf16, include_num_input_tokens_seen="non_padding", dataset_num_proc=1,
                        assistant_only_loss=row != "trl-defaults", use_liger_kernel=row == "trl-liger",
-                       gradient_checkpointing=row not in ("trl-packed-no-checkpointing", "trl-reusing-memory"), **options)
+                       gradient_checkpointing=row not in TRL_NO_CHECKPOINTING, **options)
     convs = json.load(open(a.data))
     dataset = Dataset.from_list([{"messages": c["messages"]} for c in convs])
-    model = load_model(a.model, dtype=torch.bfloat16 if bf16 else torch.float32, q_lora=row == "trl-qlora")
-    peft = lora_config(r=64, alpha=16, dropout=0.05, target_modules="all-linear") if row in ("trl-lora", "trl-qlora") else None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, quantization_config=nf4 if row == "trl-qlora" else None)
+    adapted = row in ("trl-lora", "trl-lora-padded", "trl-qlora")
+    peft = lora_config(r=64, alpha=16, dropout=0.05, target_modules="all-linear") if adapted else None
     SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(a.model),
                peft_config=peft, callbacks=[timer]).train()
 
@@ -259,6 +285,12 @@ def default_rows(shape: str, device: str) -> list[str]:
     rows = [r for r in ROWS if r != ("trl-reusing-memory" if device == "cuda" else "trl-liger")]
     if shape != "embedded":
         rows.remove("pad-to-max")
+    if is_hybrid(shape) and device == "cpu":  # TRL's packed rows need fla here; its exact rows are padded
+        rows = [r for r in rows if r not in TRL_PACKED]
+    else:
+        rows = [r for r in rows if r not in ("trl-padded-no-checkpointing", "trl-lora-padded")]
+    if lora_only(shape):
+        rows = [r for r in rows if "lora" in r]
     return rows
 
 
@@ -360,7 +392,8 @@ def render(a, config, counts, results, losses, lengths, supervised, fpt, peak, g
         f"`{command}`", "",
         f"- device: {device}; load average at start {load[0]:.1f}; {'bf16' if a.device == 'cuda' else 'fp32'}",
         f"- model: {a.shape} ({counts['blocks'] / 1e6:.1f}M block parameters + {counts['vocab_projection'] / 1e6:.1f}M "
-        f"vocabulary projection, tied; hidden {config.hidden_size}, {config.num_hidden_layers} layers), random weights",
+        f"vocabulary projection, {'tied' if config.tie_word_embeddings else 'untied'}; hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, {counts['layers']} of them full attention), random weights",
         f"- data: {len(lengths)} generated chats, one epoch, in order; {sum(lengths)} tokens, {sum(supervised)} supervised; "
         f"tokens min/median/max {min(lengths)}/{sorted(lengths)[len(lengths) // 2]}/{max(lengths)}; max_length {a.max_length}; "
         f"batch {a.batch_size} chats (TRL packed: one {a.max_length}-token block a step)",

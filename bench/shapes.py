@@ -27,6 +27,26 @@ SHAPES = {
     "qwen3-0.6b": {"model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
                    "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "max_position_embeddings": 40960,
                    "rope_theta": 1e6, "template": "qwen3"},
+    # Qwen/Qwen3.5-0.8B config.json, its text_config (the vision tower is frozen in text SFT and left out here):
+    # 18 Gated DeltaNet + 6 gated full-attention layers, partial rotary 0.25
+    "qwen3.5-0.8b": {"model_type": "qwen3_5_text", "hidden_size": 1024, "num_hidden_layers": 24,
+                     "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "intermediate_size": 3584,
+                     "linear_num_key_heads": 16, "linear_num_value_heads": 16, "linear_key_head_dim": 128,
+                     "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "vocab_size": 248320,
+                     "max_position_embeddings": 262144, "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                     "template": "qwen3_5_nothink"},
+    # Qwen/Qwen3.5-35B-A3B's layers (hidden 2048, 8 of the experts + a shared one, each 512 wide; 32/16 DeltaNet
+    # heads), but 4 of its 40 layers and 32 of its 256 experts: the same work per token and layer, in this
+    # machine's memory (all 256 experts of 4 layers would be 13 GB in fp32 before any training state).
+    # The untied 248k vocabulary (1 B parameters) leaves room for LoRA rows only.
+    "qwen3.5-35b-a3b-4l32e": {"model_type": "qwen3_5_moe_text", "hidden_size": 2048, "num_hidden_layers": 4,
+                              "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                              "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                              "num_experts": 32, "num_experts_per_tok": 8,
+                              "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                              "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "vocab_size": 248320,
+                              "tie_word_embeddings": False, "max_position_embeddings": 262144, "rope_theta": 1e7,
+                              "partial_rotary_factor": 0.25, "template": "qwen3_5_nothink", "lora_only": True},
 }
 
 
@@ -34,10 +54,22 @@ def config_of(shape: str):
     """The transformers configuration of a shape."""
     from transformers import AutoConfig
 
-    spec = {k: v for k, v in SHAPES[shape].items() if k != "template"}
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("template", "lora_only")}
     model_type = spec.pop("model_type")
-    theta = spec.pop("rope_theta")
-    return AutoConfig.for_model(model_type, **COMMON, **spec, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    rope = {"rope_type": "default", "rope_theta": spec.pop("rope_theta")}
+    if "partial_rotary_factor" in spec:
+        rope["partial_rotary_factor"] = spec.pop("partial_rotary_factor")
+    return AutoConfig.for_model(model_type, **{**COMMON, **spec}, rope_parameters=rope)
+
+
+def is_hybrid(shape: str) -> bool:
+    """Whether the shape has linear-attention (Gated DeltaNet) layers."""
+    return "linear_num_value_heads" in SHAPES[shape]
+
+
+def lora_only(shape: str) -> bool:
+    """Whether only adapter rows fit in this machine's memory (full fine-tuning of the shape would not)."""
+    return SHAPES[shape].get("lora_only", False)
 
 
 def build_shape(shape: str, directory: Path) -> Path:
@@ -68,15 +100,27 @@ def build_shape(shape: str, directory: Path) -> Path:
 
 
 def parameter_counts(config) -> dict:
-    """Parameters of a decoder shape: the blocks (each token's matmuls), the embedding (a lookup), the output
-    projection (the tied embedding again: a matmul at every position that computes logits)."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if config.model_type == "qwen2" else 0)  # qwen2: q/k/v biases
-    mlp = 3 * h * inter
-    return {"blocks": layers * (attention + mlp), "vocab_projection": config.vocab_size * h,
-            "attention_width": q, "layers": layers}
+    """What a token costs in a decoder shape, counted on the model itself (built on the meta device, no memory):
+    `blocks`, the block parameters each token multiplies (norms included: a rounding error; of routed experts only
+    the share a token visits, top-k of n); `vocab_projection`, the output projection (a matmul at each position
+    that computes logits); `attention_width` and `layers`, the query width and the number of full-attention layers
+    (their cost grows with the square of the length); `linear_state`, per token, the recurrent state's size summed
+    over the linear-attention layers (heads x key dim x value dim: read, updated and read again each token)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expert_share = getattr(config, "num_experts_per_tok", 1) / getattr(config, "num_experts", 1)
+    blocks = sum(p.numel() * (expert_share if ".experts." in name else 1)
+                 for name, p in model.model.layers.named_parameters())
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    linear_state = layer_types.count("linear_attention") * getattr(config, "linear_num_value_heads", 0) * \
+        getattr(config, "linear_key_head_dim", 0) * getattr(config, "linear_value_head_dim", 0)
+    return {"blocks": int(blocks), "vocab_projection": config.vocab_size * config.hidden_size,
+            "attention_width": config.num_attention_heads * head_dim,
+            "layers": layer_types.count("full_attention"), "linear_state": linear_state}
 
 
 if __name__ == "__main__":  # python bench/shapes.py SHAPE DIRECTORY: write the checkpoint, print its path

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import shutil
 import sys
 
 from .train.distributed import finish as finish_distributed
@@ -39,6 +42,34 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and (
         "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC as Python, safetensors (SafetensorError) and torch's zip writer (a failed write in inline_container.cc)
+    report it."""
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in text or (
+        "inline_container.cc" in text and _free_bytes() is not None and _free_bytes() < 64 * 2**20)
+
+
+def _free_bytes() -> int | None:
+    from .train.ownership import held_output_dir
+
+    out = held_output_dir()
+    return shutil.disk_usage(out).free if out and os.path.isdir(out) else None
+
+
+def disk_full_advice() -> str:
+    from .train.checkpoints import latest_complete_checkpoint
+    from .train.ownership import held_output_dir
+
+    out = held_output_dir() or "the output directory"
+    free = _free_bytes()
+    newest = latest_complete_checkpoint(out) if os.path.isdir(out) else None
+    return (f"the disk holding {out} is full{f' ({free / 2**20:.0f} MB free)' if free is not None else ''}. Nothing "
+            f"complete was lost: {f'the newest complete checkpoint is {newest}' if newest else 'no checkpoint was written yet'}, "
+            f"and an unfinished result is never taken for a finished one. Free some space, then run the same command "
+            f"with --resume_from_checkpoint auto")
 
 
 def usage() -> str:
@@ -87,6 +118,9 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
         print(f"qwen-tune {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
+        if is_disk_full(e):
+            print(f"qwen-tune {name}: error: {disk_full_advice()}", file=sys.stderr)
+            sys.exit(2)
         if not is_out_of_memory(e):
             raise
         print(f"qwen-tune {name}: error: {OOM_ADVICE}\n  ({type(e).__name__}: {str(e).splitlines()[0][:200]})", file=sys.stderr)

@@ -22,8 +22,8 @@ from .data.read import load_prompts
 from .errors import UserError
 from .lora import describe_adapter, lora_config
 from .model import is_adapter, load_model, resolve_model_path
-from .report import JsonlLog, report_callbacks, show_progress_as_lines
-from .reward_functions import load_batch_rewards
+from .report import JsonlLog, OwnModelCard, report_callbacks, show_progress_as_lines
+from .reward_functions import DEFAULT_TIMEOUT_S, load_batch_rewards
 from .tokenizer import load_tokenizer
 from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
@@ -36,6 +36,7 @@ class GRPOInputs(FormatArguments):
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a model directory (qwen-tune sft output) or hub id."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts ending with a user turn (any data file format, see data/grpo_example.jsonl); other fields (e.g. answer) reach the reward functions."})
     reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated module:function or file.py:function, called as f(prompts, completions, **columns) -> list[float | None] (TRL's convention)."})
+    reward_timeout: float = field(default=DEFAULT_TIMEOUT_S, metadata={"help": "Seconds one call of a reward function may take; a call that hangs stops the run with its name and prompts (0: no limit)."})
     reward_model: str | None = field(default=None, metadata={"help": "A reward model directory (qwen-tune rm output) scoring each completion, as one more reward."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run a checkpoint's own Python code. Off unless you trust it."})
 
@@ -55,7 +56,7 @@ class GRPOTrainingArguments(TrainingArguments, GRPOConfig):
 ARGUMENTS = (GRPOInputs, LoraArguments, GRPOTrainingArguments)
 
 
-class ObservedGRPOTrainer(ObservedSteps, GRPOTrainer):
+class ObservedGRPOTrainer(OwnModelCard, ObservedSteps, GRPOTrainer):
     """TRL's GRPOTrainer whose micro-batches the NaN guard (and tests) can see."""
 
 
@@ -89,7 +90,7 @@ def prompt_dataset(conversations, prompts):
 
 
 def load_rewards(inputs: GRPOInputs, fmt) -> list:
-    rewards = load_batch_rewards(inputs.reward_funcs or "")
+    rewards = load_batch_rewards(inputs.reward_funcs or "", inputs.reward_timeout or None)
     if inputs.reward_model:
         from .reward_model import load_reward_model, reward_model_function
 

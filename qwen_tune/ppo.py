@@ -48,7 +48,7 @@ from .ppo_math import (
 )
 from .model import is_vision_language
 from .report import card_path, write_run_report
-from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
+from .reward_functions import DEFAULT_TIMEOUT_S, call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
 from .rl_models import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
 from .rollouts import collapse_warning, sample
 from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
@@ -65,7 +65,8 @@ from .train.deepspeed_loop import (
 from .train.distributed import log, print_zero3_partition
 from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
 from .train.output_dir import prepare_output_dir
-from .train.outputs import clean_up_checkpoints, how_to_load
+from .train import ownership
+from .train.outputs import clean_up_checkpoints, how_to_load, publish
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.
@@ -79,6 +80,7 @@ class PPOArguments(FormatArguments, RunArguments):
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
     reward_fn: str | None = field(default=None, metadata={"help": "Instead of a reward model: module:function or path/file.py:function, called as f(prompt_messages, response_text) -> float."})
     reward_funcs: str | None = field(default=None, metadata={"help": "Comma-separated functions in TRL's convention, as grpo: f(prompts, completions, **columns) -> list[float | None]; summed, plus --reward_model's score if given."})
+    reward_timeout: float = field(default=DEFAULT_TIMEOUT_S, metadata={"help": "Seconds one call of a reward function may take; a call that hangs stops the run with its name and prompts (0: no limit)."})
     reward_weights: list[float] | None = field(default=None, metadata={"help": "Weights of --reward_funcs, in order (unset: 1 each)."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts: conversations ending with a user turn (any data file format, see data/prompts_example.jsonl)."})
     output_dir: str = field(default="output_qwen_ppo", metadata={"help": "Where the trained policy, ppo_log.jsonl and the report go."})
@@ -177,7 +179,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     rank, world, device = init_distributed(bool(args.deepspeed))
     conversations = load_prompts(args.prompts, seed=args.seed, log=log)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    reward_funcs = load_batch_rewards(args.reward_funcs) if args.reward_funcs else []
+    reward_funcs = load_batch_rewards(args.reward_funcs, args.reward_timeout or None) if args.reward_funcs else []
     prepare_output_dir(args)
     torch.manual_seed(args.seed)
     policy_path = str(Path(args.policy).resolve())
@@ -260,7 +262,8 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 scores += torch.tensor(weighted_batch_rewards(reward_funcs, args.reward_weights, [conversations[b] for b in batch],
                                                               texts), device=device)
             if reward_fn is not None:
-                scores += torch.tensor([call_reward_fn(reward_fn, args.reward_fn, conversations[b].id, conversations[b].messages, t)
+                scores += torch.tensor([call_reward_fn(reward_fn, args.reward_fn, conversations[b].id, conversations[b].messages, t,
+                                                         args.reward_timeout or None)
                                         for b, t in zip(batch, texts)], device=device)
             scores = scores - args.missing_eos_penalty * (~roll.ended).float()
 
@@ -360,9 +363,10 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     card = card_path(args.output_dir) if rank == 0 else None
     with gathered(engine):  # every rank holds the full weights now; rank 0 writes them
         if rank == 0:
-            save(actor, critic, tokenizer, args.output_dir, adapter=adapter)
+            save(actor, critic, tokenizer, ownership.staging_dir(args.output_dir), adapter=adapter)
     if rank != 0:
         return {}
+    publish(args.output_dir, card, also=("ppo_metrics.json",))
     metrics = {"steps": total_steps, "runtime_s": round(time.time() - start, 1), "learning_rate": lr,
                "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
                "kl_last": history[-1]["kl"], "kl_max": max(h["kl"] for h in history)}
@@ -371,6 +375,7 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
     vision_language = is_vision_language(actor.config)
     write_run_report(args.output_dir, metrics=metrics, log_history=history, model_path=policy_path, kind="ppo", chat_format=fmt.description,
                      adapter=adapter, vision_language=vision_language, card=card)
+    ownership.mark_finished(args.output_dir, {"method": "ppo", "adapter": adapter})
     log(how_to_load(args.output_dir, adapter, vision_language=vision_language))
     clean_up_checkpoints(args.output_dir, args.keep_checkpoints)
     return metrics

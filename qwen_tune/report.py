@@ -58,6 +58,14 @@ class JsonlLog(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class OwnModelCard:
+    """For TRL's trainers: they write their model card to OUTPUT_DIR/README.md at every checkpoint, over a user's
+    README.md. qwen-tune writes its own card once, at the end (`write_run_report`), and keeps the user's file."""
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        return None
+
+
 class PlotOnSave(TrainerCallback):
     """Redraw `loss.png` in the output directory whenever a checkpoint is saved."""
 
@@ -317,13 +325,14 @@ def write_model_card(output_dir: str, *, model_path: str, kind: str, adapter: bo
 
 
 def card_path(output_dir: str) -> str:
-    """README.md, unless the output directory already holds a README.md that is not one of our cards:
-    a user's file is never overwritten (the card then goes to MODEL_CARD.md, and the run says so). Asked before the
-    final save, since PEFT's save_pretrained writes a template README.md of its own."""
+    """README.md, unless the output directory holds a README.md that qwen-tune did not write (train/ownership.py):
+    a user's file is never overwritten (the card then goes to MODEL_CARD.md, and the run says so)."""
+    from .train.ownership import users_entries
+
     readme = os.path.join(output_dir, CARD)
-    if os.path.exists(readme) and "tags: [qwen-tune" not in Path(readme).read_text(encoding="utf-8", errors="replace")[:500]:
+    if CARD in users_entries(output_dir):
         other = os.path.join(output_dir, "MODEL_CARD.md")
-        print(f"{readme} is not a qwen-tune model card, so it was left as it is; the card is {other}", file=sys.stderr)
+        print(f"{readme} was not written by qwen-tune, so it was left as it is; the card is {other}", file=sys.stderr)
         return other
     return readme
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForSequenceClassification, set_seed
+from transformers import AutoModelForSequenceClassification, TrainerCallback, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
@@ -24,7 +24,7 @@ from .lora import add_lora
 from .model import is_adapter, load_model, resolve_model_path
 from .data.pairs import encode_pairs
 from .data.splits import load_splits
-from .report import report_callbacks, show_progress_as_lines
+from .report import OwnModelCard, report_callbacks, show_progress_as_lines
 from .reward_model import load_reward_model
 from .tokenizer import load_tokenizer
 from .train.distributed import log
@@ -44,8 +44,25 @@ class RewardTrainingArguments(TrainingArguments, RewardConfig):
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, RewardTrainingArguments)
 
 
-class ObservedRewardTrainer(ObservedSteps, RewardTrainer):
+class ObservedRewardTrainer(OwnModelCard, ObservedSteps, RewardTrainer):
     """TRL's RewardTrainer whose micro-batches the NaN guard (and tests) can see."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(ContinuedTokenCount(self))
+
+
+class ContinuedTokenCount(TrainerCallback):
+    """TRL's RewardTrainer counts the logged `num_tokens` in an attribute no checkpoint keeps, so a resumed run
+    counted from 0 again; continue from the last value of the restored log."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        counted = [record["num_tokens"] for record in state.log_history if "num_tokens" in record]
+        if counted:
+            self.trainer._total_train_tokens = counted[-1]
 
 
 def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):

@@ -5,14 +5,22 @@ time; and TRL's, used by grpo's `--reward_funcs`: f(prompts, completions, **colu
 float or None, on a batch, with every extra field of the prompts file as a keyword list. Anything
 that is not a finite number is an error naming the function and the prompt, so a broken rule never
 trains the policy on NaN.
+
+A reward function is the user's code running inside the training loop, so it is contained: `sys.exit()` or
+KeyboardInterrupt inside it is an error naming it (not a silent exit 0 with no model), `--reward_timeout` seconds
+stop a call that hangs, and SIGTERM during a call stops the run at once (the step cannot finish without its
+rewards; the last complete checkpoint stays).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import math
+import signal
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -40,8 +48,57 @@ def load_reward_fn(spec: str, flag: str = "--reward_fn"):
     return fn
 
 
-def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: str) -> float:
-    value = fn(messages, text)
+DEFAULT_TIMEOUT_S = 60.0  # a verifier (a regex, a unit test of a few lines) takes milliseconds
+
+
+class _Stopped(Exception):
+    """Raised inside a reward function by the timer or SIGTERM."""
+
+
+@contextlib.contextmanager
+def contained(what: str, timeout: float | None):
+    """Run the body (one reward-function call, `what` names it and its prompts) with a time limit and with SIGTERM
+    stopping it at once; SystemExit / KeyboardInterrupt / any exception from it become one UserError.
+    The timer and handler need the main thread (where TRL and ppo call rewards); elsewhere only the errors are kept."""
+    main = threading.current_thread() is threading.main_thread()
+    previous_term = None
+
+    def on_alarm(signum, frame):
+        raise _Stopped(f"did not return within --reward_timeout {timeout:g} s")
+
+    def on_term(signum, frame):
+        if callable(previous_term):
+            previous_term(signum, frame)  # the run's preemption handler still hears of it
+        raise _Stopped("was running when SIGTERM arrived; the run stops at once (a step needs its rewards) and its "
+                       "last complete checkpoint is kept")
+
+    if main:
+        previous_alarm = signal.signal(signal.SIGALRM, on_alarm)
+        previous_term = signal.signal(signal.SIGTERM, on_term)
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield
+    except _Stopped as e:
+        raise UserError(f"{what} {e}") from None
+    except (SystemExit, KeyboardInterrupt) as e:
+        raise UserError(f"{what} raised {type(e).__name__}{f' ({e})' if str(e) else ''}: a reward function must "
+                        f"return its values, not end the run") from None
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{what} raised {type(e).__name__}: {e}") from e
+    finally:
+        if main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous_alarm)
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: str,
+                   timeout: float | None = DEFAULT_TIMEOUT_S) -> float:
+    with contained(f"--reward_fn {spec} (prompt {prompt_id})", timeout):
+        value = fn(messages, text)
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -51,7 +108,7 @@ def call_reward_fn(fn, spec: str, prompt_id: str, messages: list[dict], text: st
     return value
 
 
-def checked_batch_reward(fn, spec: str):
+def checked_batch_reward(fn, spec: str, timeout: float | None = DEFAULT_TIMEOUT_S):
     """A reward function in TRL's convention, fn(prompts, completions, **columns) -> list[float | None], checked:
     an exception, a wrong number of values or a non-finite value stops the run naming the function, the prompt id
     and what it returned (None, "not applicable", is allowed: TRL leaves it out of the sum)."""
@@ -59,10 +116,8 @@ def checked_batch_reward(fn, spec: str):
     @functools.wraps(fn)
     def reward(prompts, completions, **columns):
         ids = columns.get("id") or ["?"] * len(completions)
-        try:
+        with contained(f"--reward_funcs {spec} (prompts {', '.join(dict.fromkeys(map(str, ids)))})", timeout):
             values = fn(prompts, completions, **columns)
-        except Exception as e:
-            raise UserError(f"--reward_funcs {spec} raised {type(e).__name__}: {e} (prompts {', '.join(dict.fromkeys(map(str, ids)))})") from e
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             raise UserError(f"--reward_funcs {spec} returned {str(values)[:80]} for {len(completions)} completions; "
                             f"it must return a list with one number (or None) per completion")
@@ -85,9 +140,9 @@ def _as_number(value) -> float:
         return float("nan")
 
 
-def load_batch_rewards(specs: str) -> list:
+def load_batch_rewards(specs: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> list:
     """`--reward_funcs a.py:f,module:g` -> the checked functions, in order."""
-    return [checked_batch_reward(load_reward_fn(spec.strip(), "--reward_funcs"), spec.strip())
+    return [checked_batch_reward(load_reward_fn(spec.strip(), "--reward_funcs"), spec.strip(), timeout)
             for spec in specs.split(",") if spec.strip()]
 
 

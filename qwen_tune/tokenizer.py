@@ -102,8 +102,10 @@ def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> 
     """
     if path is None:
         return _finish(_convert_rank_file(embedded_rank_file()))
+    from .train.ownership import check_finished
     from .trust import check_custom_code
 
+    check_finished(str(path))
     check_custom_code(str(path), trust_remote_code)
     p = Path(path)
     if p.is_dir() and not (p / "tokenizer.json").exists() and (p / "qwen.tiktoken").exists() and not trust_remote_code:

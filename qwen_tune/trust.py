@@ -13,6 +13,7 @@ import json
 import os
 
 from .errors import UserError
+from .train.ownership import check_finished
 
 # the files in which transformers looks for `auto_map` (configuration, model, tokenizer, processor classes)
 CODE_NAMING_FILES = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
@@ -74,11 +75,13 @@ def check_weights_format(directory: str, allow_pickle: bool) -> None:
 
 
 def check_checkpoint(directory: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
-    """Both checks, for a model or adapter directory (and an adapter's base) about to be loaded."""
+    """Before a model or adapter directory (and an adapter's base) is loaded: a finished result, no code, no pickles."""
+    check_finished(directory)
     check_custom_code(directory, trust_remote_code)
     check_weights_format(directory, allow_pickle)
     base = adapter_base_path(directory)
     if base and os.path.isdir(base) and os.path.abspath(base) != os.path.abspath(directory):
+        check_finished(base)
         check_weights_format(base, allow_pickle)
 
 

@@ -3,6 +3,8 @@
 --trace FILE      appends one JSON line per micro-batch: {"step", "rank", "ids"} (which samples each step saw)
 --nan_at_step N   makes step N's loss and gradients NaN, as a diverging batch would
 --oom_at_step N   raises CUDA's out-of-memory error in step N, as a too-large batch would
+--kill_in_final_save half   SIGKILLs the run once half of its staged final files are moved in (the end of the
+                  final save, the moment a kill used to leave a broken output that looked finished)
 
 They reach the trainer as ordinary callbacks (`main(argv, callbacks=...)`), so shipped code has no test switch.
 """
@@ -47,15 +49,36 @@ class OutOfMemoryAtStep(BatchObserver):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
 
 
+def kill_in_final_save(when: str) -> None:
+    """Replace `ownership.publish` by one that moves half the staged files in, then kills this process."""
+    import signal
+
+    from qwen_tune.train import ownership
+
+    assert when == "half"
+
+    def publish_half_then_die(out, also=()):
+        staged = ownership.state_path(out, ownership.STAGING)
+        names = sorted(os.listdir(staged))
+        ownership.claim(out, [*names, *also])
+        for name in names[: len(names) // 2]:
+            os.replace(os.path.join(staged, name), os.path.join(out, name))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ownership.publish = publish_half_then_die
+
+
 FAULTS = {"--trace": TraceSampleIds, "--nan_at_step": lambda v: NaNAtStep(int(v)),
-          "--oom_at_step": lambda v: OutOfMemoryAtStep(int(v))}
+          "--oom_at_step": lambda v: OutOfMemoryAtStep(int(v)), "--kill_in_final_save": kill_in_final_save}
 
 
 def main() -> None:
     argv, callbacks = sys.argv[1:], []
     while argv and argv[0] in FAULTS:
         flag, value, argv = argv[0], argv[1], argv[2:]
-        callbacks.append(FAULTS[flag](value))
+        fault = FAULTS[flag](value)
+        if fault is not None:  # a patch, not a callback
+            callbacks.append(fault)
     sys.argv = [sys.argv[0], *argv]
     entry(callbacks=tuple(callbacks))
 

@@ -204,6 +204,26 @@ def test_truncation_keeps_head_and_flags(tokenizer):
     assert e.input_ids == full.input_ids[:30] and e.labels == full.labels[:30]
 
 
+@pytest.mark.parametrize("long_turn", ["user", "assistant"])
+def test_a_huge_message_is_cut_to_what_max_length_reaches_before_it_is_tokenized(tokenizer, long_turn):
+    """The head of a sample is the same whether its far end was tokenized or not; a 20 MB message costs its head."""
+    import random
+
+    rng = random.Random(0)
+    words = ["data", "model", " ", "  ", "tokens", "é", "😀", "\n", "longwordwithoutspaces" * 3, "1234567890"]
+    huge = "".join(rng.choice(words) for _ in range(40_000))  # ~200k characters, far past the cut at max_length 64
+    msgs = [{"role": "user", "content": huge if long_turn == "user" else "hi"},
+            {"role": "assistant", "content": huge if long_turn == "assistant" else "ok"},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "done"}]
+    fmt = fmt_for(tokenizer)
+    assert len(huge) > 2 * 64 * fmt.longest_token_chars + 4096  # so it is really cut
+    cut, full = fmt.encode(msgs, max_length=64), fmt.encode(msgs)
+    assert cut.truncated and cut.input_ids == full.input_ids[:64] and cut.labels == full.labels[:64]
+    line = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 20_000_000}]}
+    e = fmt.encode(line["messages"], max_length=64)
+    assert e.truncated and len(e.input_ids) == 64 and e.labels[-1] != IGNORE
+
+
 def test_chat_template_option_errors(tokenizer, tmp_path):
     with pytest.raises(UserError, match="qwen3_6"):
         fmt_for(tokenizer, "qwen9")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from qwen_tune.args import TrainingArguments
 from qwen_tune.errors import UserError
+from qwen_tune.train import ownership
 from qwen_tune.train.checkpoints import COMPLETE, latest_complete_checkpoint, rotate_checkpoints
 from qwen_tune.train.guards import check_free_space
 from qwen_tune.train.output_dir import prepare_output_dir
@@ -39,7 +40,9 @@ def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, com
     """A run in a fresh process. One `to_be_killed` (SIGKILL) is a real interpreter, so that the signal ends the
     training process itself, at once (a forkserver child would outlive its client by a moment)."""
     log = open(out + ".log", "a")
-    faults = ["--trace", trace] + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
+    faults = (["--trace", trace] if trace else []) + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
+    if extra[:1] == ("--kill_in_final_save",):
+        faults, extra = faults + list(extra[:2]), extra[2:]
     return subprocess.Popen(["python", FAULTS, *faults, *command, "--output_dir", out, *extra], cwd=ROOT,
                             env=fresh_env(**(REAL_INTERPRETER if to_be_killed else {})), stdout=log, stderr=subprocess.STDOUT)
 
@@ -112,6 +115,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
     # What a kill while writing a checkpoint leaves: a newer checkpoint without the completion marker.
     # It may not be resumed, and must not stay (the resumed run would write into it).
     half = os.path.join(out, "checkpoint-98")
+    ownership.claim(out, ["checkpoint-98"])  # the run claims a checkpoint before it writes it
     shutil.copytree(resumed_from, half)
     os.remove(os.path.join(half, COMPLETE))
     with open(os.path.join(half, "model.safetensors"), "r+b") as f:
@@ -203,6 +207,10 @@ def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tm
     assert [d for d in os.listdir(killed) if d.startswith("checkpoint-")] == ["checkpoint-6"]  # limit 1, complete
     assert os.path.isfile(os.path.join(killed, "checkpoint-6", COMPLETE))
     assert [f for _, _, files in os.walk(killed) for f in files if f.endswith((".bin", ".pkl"))] == []
+    if method == "rm":  # TRL's token counter is not in its checkpoint: the resumed run continues it from the log
+        with open(os.path.join(killed, "checkpoint-6", "trainer_state.json")) as f:
+            counted = [h["num_tokens"] for h in json.load(f)["log_history"] if "num_tokens" in h]
+        assert len(counted) == 6 and counted == sorted(counted) and len(set(counted)) == 6, counted
 
 
 def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
@@ -232,7 +240,9 @@ def args_for(out, **kw) -> TrainingArguments:
 
 
 def make_checkpoint(out, step: int, complete: bool = True) -> str:
+    """A checkpoint as a qwen-tune run leaves it: claimed in the directory's owner record, then written."""
     path = os.path.join(out, f"checkpoint-{step}")
+    ownership.claim(str(out), [f"checkpoint-{step}"])
     os.makedirs(path)
     with open(os.path.join(path, "trainer_state.json"), "w") as f:
         f.write("{}")
@@ -243,14 +253,15 @@ def make_checkpoint(out, step: int, complete: bool = True) -> str:
 
 def test_finished_or_interrupted_run_is_not_overwritten_without_the_flag(tmp_path):
     finished = tmp_path / "finished"
-    finished.mkdir()
+    ownership.claim(str(finished), ["model.safetensors", ownership.RUN_COMPLETE])
     (finished / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(UserError, match="holds a finished run \\(model.safetensors\\).*--overwrite_output_dir"):
+    ownership.mark_finished(str(finished), {})
+    with pytest.raises(UserError, match="holds a finished run.*--overwrite_output_dir"):
         prepare_output_dir(args_for(finished))
     make_checkpoint(finished, 8)  # the last checkpoint of that run
-    with pytest.raises(UserError, match="finished run \\(model.safetensors\\): there is nothing to resume, and nothing was changed"):
+    with pytest.raises(UserError, match="finished run \\(run_complete.json\\): there is nothing to resume, and nothing was changed"):
         prepare_output_dir(args_for(finished, resume_from_checkpoint="auto"))
-    assert sorted(os.listdir(finished)) == ["checkpoint-8", "model.safetensors"]
+    assert sorted(os.listdir(finished)) == [".qwen-tune", "checkpoint-8", "model.safetensors", "run_complete.json"]
     interrupted = tmp_path / "interrupted"
     make_checkpoint(interrupted, 4)
     with pytest.raises(UserError, match="checkpoints of an interrupted run.*--resume_from_checkpoint auto"):
@@ -282,7 +293,8 @@ def test_rotation_never_deletes_the_kept_newest_or_incomplete_checkpoints(tmp_pa
     make_checkpoint(tmp_path, 9, complete=False)
     newest = os.path.join(tmp_path, "checkpoint-6")
     rotate_checkpoints(str(tmp_path), 1, keep={newest})
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-9"]
+    assert sorted(os.listdir(tmp_path)) == [".qwen-tune", "checkpoint-6", "checkpoint-9"]
+    assert ownership.ours(str(tmp_path)) == {"checkpoint-6", "checkpoint-9"}  # what was removed is no longer claimed
 
 
 def test_too_little_disk_space_is_a_user_error(tmp_path):
@@ -315,8 +327,49 @@ class _Planted:
 @pytest.mark.parametrize("planted_file", ["rng_state.pth", "optimizer.pt"])
 def test_a_planted_pickle_in_a_checkpoint_is_refused_before_resuming(planted_file, reference, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "marker"
+    ownership.claim(str(out), ["checkpoint-8"])  # as the run that wrote it did
     shutil.copytree(os.path.join(reference["out"], "checkpoint-8"), out / "checkpoint-8")
     torch.save(_Planted(str(marker)), out / "checkpoint-8" / planted_file)
     rc, log = finish(start(str(out), str(tmp_path / "trace.jsonl"), "--resume_from_checkpoint", "auto"), str(out))
     assert rc == 2 and f"checkpoint-8/{planted_file} holds a pickle that would run posix.system" in log, log
     assert "Traceback" not in log and not marker.exists()
+
+
+FINAL_SAVE_RUNS = {  # each method, two steps with a checkpoint at the last one, on the embedded model
+    "sft": TRAIN[:1] + ["--data_path", os.path.join(DATA, "sft_example.json"), "--max_steps", "2", "--save_steps", "2",
+                        "--per_device_train_batch_size", "2", "--model_max_length", "64", "--report_to", "none"],
+    "rm": ["rm", *PAIRS[:2], "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2",
+           "--model_max_length", "128", "--report_to", "none"],
+    "dpo": ["dpo", *PAIRS[:2], "--max_steps", "2", "--save_steps", "2", "--per_device_train_batch_size", "2",
+            "--model_max_length", "128", "--report_to", "none"],
+    "grpo": ["grpo", "--prompts", os.path.join(DATA, "grpo_example.jsonl"), "--reward_funcs",
+             os.path.join(ROOT, "recipes", "grpo_rewards.py") + ":number_only", "--max_steps", "2", "--save_steps", "2",
+             "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
+             "--report_to", "none"],
+    "ppo": ["ppo", "--prompts", os.path.join(DATA, "prompts_example.jsonl"), "--reward_funcs",  # 8 prompts: 2 steps
+            os.path.join(ROOT, "recipes", "grpo_rewards.py") + ":number_only", "--save_steps", "2",
+            "--per_device_train_batch_size", "4", "--max_new_tokens", "8"],
+}
+
+
+@pytest.mark.parametrize("method", list(FINAL_SAVE_RUNS))
+def test_a_kill_in_the_final_save_is_not_a_finished_run_and_resumes_to_the_uninterrupted_weights(method, tmp_path,
+                                                                                                    base_model_path):
+    """Killed with half of its final files moved in: no run_complete.json, so nothing loads it and resume does not
+    refuse it; the resumed run ends with the weights of a run that was never killed."""
+    from qwen_tune.chat import main as chat
+
+    command = FINAL_SAVE_RUNS[method] + (["--policy", base_model_path] if method in ("grpo", "ppo") else [])
+    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    trace = None if method == "ppo" else str(tmp_path / "trace.jsonl")  # ppo is not a Trainer: no callbacks
+    rc, log = finish(start(reference, trace, command=command), reference)
+    assert rc == 0 and os.path.isfile(os.path.join(reference, "run_complete.json")), log
+    proc = start(killed, trace, "--kill_in_final_save", "half", command=command, to_be_killed=True)
+    assert proc.wait(timeout=600) == -signal.SIGKILL, finish(proc, killed)[1]
+    assert not os.path.exists(os.path.join(killed, "run_complete.json"))
+    with pytest.raises(UserError, match="is a qwen-tune run that did not finish .*--resume_from_checkpoint auto"):
+        chat(["--model", killed, "--prompt", "hi"])
+    rc, log = finish(start(killed, trace, "--resume_from_checkpoint", "auto", command=command), killed)
+    assert rc == 0 and os.path.isfile(os.path.join(killed, "run_complete.json")), log
+    assert_same_weights(weights(killed), weights(reference))
+    assert not os.path.exists(os.path.join(killed, ".qwen-tune", "final"))  # nothing staged is left

@@ -221,11 +221,31 @@ def test_directory_of_mixed_formats_and_unsupported_files(tmp_path):
     d.mkdir()
     write_as("parquet", "sft_example", d)
     write_as("csv", "sft_tools_example", d)
-    (d / "notes.txt").write_text("not data")
     want = load_conversations([DATA / "sft_example.jsonl", DATA / "sft_tools_example.jsonl"])
     assert [conv_key(c) for c in load_conversations(d)] == [conv_key(c) for c in want]  # sorted: .csv, .parquet
+    (d / "notes.txt").write_text("not data")  # never skipped without a word
+    with pytest.raises(UserError, match=r"d holds notes.txt, which qwen-tune does not read as data \(expected .*\.jsonl"):
+        load_conversations(d)
     with pytest.raises(UserError, match=r"unsupported data file type; expected .*\.jsonl\.gz.*\.csv.*\.parquet, \.arrow"):
         load_conversations(d / "notes.txt")
+
+
+def test_hostile_files_give_their_file_and_line(tmp_path):
+    import gzip
+
+    from qwen_tune.data.read import load_preference_pairs
+
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in records_of("sft_example")).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (found,) = problems(load_conversations, tmp_path / "cut.jsonl.gz")
+    assert "the gzip file ends early" in found and found.startswith(f"{tmp_path / 'cut.jsonl.gz'}:"), found
+    (tmp_path / "deep.jsonl").write_text(json.dumps(records_of("sft_example")[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    (found,) = problems(load_conversations, tmp_path / "deep.jsonl")
+    assert found.startswith(f"{tmp_path / 'deep.jsonl'}:2: JSON nested too deeply"), found
+    pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "same.", "rejected": "same."}
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({**pair, "rejected": "other."}) + "\n" + json.dumps(pair) + "\n")
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: .*\"chosen\" and \"rejected\" are the same reply"):
+        load_preference_pairs(tmp_path / "pairs.jsonl")
 
 
 # ---------------------------------------------------------------- mixtures

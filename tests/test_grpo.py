@@ -43,6 +43,17 @@ def too_few(prompts, completions, **kwargs):
 
 def not_finite(prompts, completions, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def exits(prompts, completions, **kwargs):
+    import sys
+    sys.exit(0)
+
+
+def hangs(prompts, completions, **kwargs):
+    import os, time
+    open(os.environ["HANG_MARKER"], "w").close()  # the test knows it hangs now
+    time.sleep(10**6)
 '''
 
 
@@ -192,18 +203,36 @@ def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prom
 
 @pytest.mark.slow
 @pytest.mark.parametrize("function,message", [
-    ("raises", "--reward_funcs {rewards}:raises raised KeyError: 'score' (prompts p"),
+    ("raises", "--reward_funcs {rewards}:raises (prompts p0, p1, p2, p3, p4, p5, p6, p7) raised KeyError: 'score'"),
     ("too_few", "--reward_funcs {rewards}:too_few returned [1.0] for 8 completions; it must return a list with one number"),
     ("not_finite", "--reward_funcs {rewards}:not_finite returned nan for prompt p"),
+    ("exits", "--reward_funcs {rewards}:exits (prompts p0, p1, p2, p3, p4, p5, p6, p7) raised SystemExit (0): a reward "
+              "function must return its values, not end the run"),
+    ("hangs", "--reward_funcs {rewards}:hangs (prompts p0, p1, p2, p3, p4, p5, p6, p7) did not return within "
+              "--reward_timeout 2 s"),
 ])
 def test_a_broken_reward_function_stops_the_run_naming_it(function, message, sft_policy, prompts, rewards, tmp_path):
     out = str(tmp_path / "out")
-    args = grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no")
+    args = grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", "--reward_timeout", "2")
     args[args.index("--reward_funcs") + 1] = f"{rewards}:{function}"
-    proc = run_cli(*args, check=False)
+    proc = run_cli(*args, check=False, HANG_MARKER=str(tmp_path / "hanging"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert message.format(rewards=rewards) in proc.stderr
+    assert message.format(rewards=rewards) in proc.stderr, proc.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # nothing written half-way
+
+
+def test_sigterm_stops_a_run_whose_reward_function_hangs(sft_policy, prompts, rewards, tmp_path):
+    out, hanging = str(tmp_path / "out"), tmp_path / "hanging"
+    args = grpo_args(sft_policy, prompts, rewards, out)
+    args[args.index("--reward_funcs") + 1] = f"{rewards}:hangs"
+    proc = subprocess.Popen(["python", "-m", "qwen_tune", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=fresh_env(HANG_MARKER=str(hanging)))
+    while not hanging.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 2  # at once, not after --reward_timeout (60 s)
+    assert f"--reward_funcs {rewards}:hangs (prompts p0" in (err := proc.stderr.read()) and "SIGTERM" in err, err
 
 
 def test_prompts_are_checked_before_any_model_loads(tmp_path, base_model_path):

@@ -120,6 +120,21 @@ def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_typ
             assert abs(mixed - alone) > 1e-4
 
 
+@pytest.mark.parametrize("model_type", [t for t in ATTENTION_ONLY + HYBRID + COMPOSITE if t not in NOT_PACKED])
+def test_packed_logits_equal_each_sample_alone_token_by_token(model_type, conversations):
+    """Not only the sums: every position's logits in the packed row equal that sample's own, in float64 (1e-9 of
+    logits of order 1; a sample that saw its neighbour is off by far more, as the loss test shows)."""
+    from qwen_tune.train.loss import model_inputs
+
+    model = tiny_model(model_type)
+    collate = PackedCollator()
+    with torch.no_grad():
+        packed = model(**model_inputs(collate(conversations), model.config), use_cache=False).logits[0]  # as training
+        alone = torch.cat([model(**model_inputs(collate([c]), model.config), use_cache=False).logits[0] for c in conversations])
+    assert packed.shape == alone.shape
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-9)
+
+
 def test_a_hybrid_model_whose_layers_are_not_split_is_padded_and_says_so():
     """A model built without load_model (or a layer type we do not know) is not packed: one line says why."""
     model = unsplit(tiny_model("qwen3_5_text"))

@@ -86,12 +86,14 @@ def test_model_card_says_what_was_trained_on_what_and_how_to_use_it(run):
 
 def test_a_users_readme_in_the_output_dir_is_never_overwritten(tmp_path, capsys):
     from qwen_tune.report import write_model_card
+    from qwen_tune.train import ownership
 
     (tmp_path / "README.md").write_text("# my notes\n")
     card = write_model_card(str(tmp_path), model_path="m", kind="sft", adapter=False)
     assert (tmp_path / "README.md").read_text() == "# my notes\n" and card == str(tmp_path / "MODEL_CARD.md")
-    assert f"{tmp_path / 'README.md'} is not a qwen-tune model card, so it was left as it is" in capsys.readouterr().err
+    assert f"{tmp_path / 'README.md'} was not written by qwen-tune, so it was left as it is" in capsys.readouterr().err
     (tmp_path / "README.md").unlink()
+    ownership.claim(str(tmp_path), ["README.md"])  # as a run does before it writes its card
     write_model_card(str(tmp_path), model_path="m", kind="sft", adapter=False)
     assert write_model_card(str(tmp_path), model_path="m2", kind="sft", adapter=False) == str(tmp_path / "README.md")
     assert "base_model: m2" in (tmp_path / "README.md").read_text()  # our own card is replaced by the new run's

@@ -16,6 +16,7 @@ Two deliberate differences from a plain `apply_chat_template(tokenize=True)`:
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,14 +205,33 @@ class ChatFormat:
         """
         items = [_messages_tools(c) for c in conversations]
         rendered = [self._pieces(messages, tools, add_generation_prompt=False) for messages, tools in items]
+        cut = [False] * len(rendered)
+        if max_length is not None:
+            rendered, cut = zip(*(self._head(pieces, max_length) for pieces in rendered)) if rendered else ((), ())
         encodings = self._encode_text([p for pieces in rendered for p in pieces[0::2]])
         out, k = [], 0
         for i, pieces in enumerate(rendered):
             n = (len(pieces) + 1) // 2
             encoded_texts = [(e.ids, e.offsets) for e in encodings[k:k + n]]
             k += n
-            out.append(self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0], max_length))
+            out.append(self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0], max_length, cut[i]))
         return out
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """No token is longer than this many characters (a byte-level token's string has one character per byte)."""
+        return max(map(len, self.tokenizer.get_vocab()))
+
+    def _head(self, pieces: list[str], max_length: int) -> tuple[list[str], bool]:
+        """The rendered pieces a sample of `max_length` tokens can reach, and whether any were cut. A token covers at
+        most `longest_token_chars` characters, so text beyond twice that per token (plus a margin) is never reached:
+        it is not tokenized, and a 50 MB line costs what its head costs. The head's tokens are unchanged."""
+        budget, total = 2 * max_length * self.longest_token_chars + 4096, 0
+        for i, piece in enumerate(pieces):
+            total += len(piece)
+            if total > budget:
+                return (pieces[:i] if i % 2 else pieces[:i] + [piece[: len(piece) - (total - budget)]]), True
+        return pieces, False
 
     def _encode_text(self, texts: list[str]):
         """Plain text (between the template's control tokens) -> `tokenizers.Encoding`s, in one batched Rust call.
@@ -230,7 +250,7 @@ class ChatFormat:
     def encode(self, messages: list[dict], tools: list | None = None, max_length: int | None = None) -> Encoded:
         return self.encode_many([(messages, tools)], max_length=max_length)[0]
 
-    def _label(self, sample_id, pieces, encoded_texts, messages, max_length) -> Encoded:
+    def _label(self, sample_id, pieces, encoded_texts, messages, max_length, cut: bool = False) -> Encoded:
         """Join the pieces' ids with their character spans in the rendered text; supervise what overlaps an assistant body."""
         input_ids, starts, ends = [], [], []
         text, pos = [], 0
@@ -247,7 +267,7 @@ class ChatFormat:
             text.append(piece)
             pos += len(piece)
         full = "".join(text)
-        spans = self._assistant_spans(pieces)
+        spans = self._assistant_spans(pieces, open_end=cut)
         labels = [IGNORE] * len(input_ids)
         turns = []
         for body_start, body_end in spans:
@@ -266,8 +286,9 @@ class ChatFormat:
             turns = [(a, min(b, max_length)) for a, b in turns if a < max_length]
         return Encoded(sample_id, input_ids, labels, truncated, turns, not_trained)
 
-    def _assistant_spans(self, pieces: list[str]) -> list[tuple[int, int]]:
-        """Character spans of each assistant body: after `<|im_start|>assistant\\n`, through the template's next `<|im_end|>`."""
+    def _assistant_spans(self, pieces: list[str], open_end: bool = False) -> list[tuple[int, int]]:
+        """Character spans of each assistant body: after `<|im_start|>assistant\\n`, through the template's next `<|im_end|>`
+        (`open_end`: the pieces were cut, so a body still open at their end runs to it)."""
         spans, pos, start = [], 0, None
         for i, piece in enumerate(pieces):
             if i % 2:
@@ -277,6 +298,8 @@ class ChatFormat:
                     spans.append((start, pos + len(piece)))
                     start = None
             pos += len(piece)
+        if open_end and start is not None:
+            spans.append((start, pos))
         return spans
 
     def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:

@@ -68,9 +68,15 @@ def _files_of(path: Path) -> list[Path]:
     if path.is_dir() and tables.is_saved_dataset(path):
         return [path]
     if path.is_dir():
-        found = sorted(f for f in path.iterdir() if f.is_file() and data_suffix(f))
+        visible = sorted(f for f in path.iterdir() if not f.name.startswith("."))
+        found = [f for f in visible if f.is_file() and data_suffix(f)]
         if not found:
             raise UserError(f"no data files in directory {path}; expected {SUPPORTED}")
+        other = [f.name for f in visible if f not in found]
+        if other:  # never skipped without a word: the user may have meant them as data
+            raise UserError(f"{path} holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}, which qwen-tune "
+                            f"does not read as data (expected {SUPPORTED}); move them out, or list the data files "
+                            f"themselves (comma-separated)")
         return found
     if not data_suffix(path):
         raise UserError(f"{path}: unsupported data file type; expected {SUPPORTED}")
@@ -146,7 +152,7 @@ def _open(path: Path):
 def _text_lines(path: Path, problems: list[str]) -> Iterator[str]:
     """The file's lines as text (line ends kept), read one at a time; a gzip or UTF-8 error ends it with a problem,
     and a file with no text at all is a problem too."""
-    has_text, offset = False, 0
+    has_text, offset, number = False, 0, 0
     try:
         with _open(path) as f:
             for number, raw in enumerate(f, 1):
@@ -158,7 +164,11 @@ def _text_lines(path: Path, problems: list[str]) -> Iterator[str]:
                 offset += len(raw)
                 has_text = has_text or bool(line.strip())
                 yield line
-    except (OSError, EOFError, zlib.error) as e:
+    except EOFError:
+        problems.append(f"{path}:{number + 1}: the gzip file ends early (cut short while copying or downloading?) "
+                        f"after {number} complete lines. Copy it again")
+        return
+    except (OSError, zlib.error) as e:
         problems.append(f"{path}: not a readable gzip file ({e}); name it without .gz if it is not compressed")
         return
     if not has_text:
@@ -173,6 +183,9 @@ def _jsonl_records(path: Path, lines: Iterator[str], problems: list[str]) -> Ite
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})")
+        except RecursionError:
+            problems.append(f"{path}:{number}: JSON nested too deeply to read (thousands of levels); a sample is a "
+                            f"list of messages")
 
 
 def _json_list_records(path: Path, problems: list[str]) -> list[tuple[int, object]]:
@@ -186,6 +199,9 @@ def _json_list_records(path: Path, problems: list[str]) -> list[tuple[int, objec
     except json.JSONDecodeError as e:
         hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
         problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}")
+        return []
+    except RecursionError:
+        problems.append(f"{path}: JSON nested too deeply to read (thousands of levels); a sample is a list of messages")
         return []
     if not isinstance(data, list):
         line = text[: len(text) - len(text.lstrip())].count("\n") + 1

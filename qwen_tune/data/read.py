@@ -143,6 +143,8 @@ def _parse_pair(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict], lis
     seed = "conversations" in obj
     chosen = _reply(obj, "chosen", seed, errs) if "chosen" in obj else []
     rejected = _reply(obj, "rejected", seed, errs) if "rejected" in obj else []
+    if chosen and chosen == rejected:  # nothing to prefer: the pair would train on noise
+        errs.append('"chosen" and "rejected" are the same reply; a pair needs two different replies')
     return prompt, chosen, rejected, parse_tools(obj, errs)
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import UserError
+from . import ownership
 
 COMPLETE = "checkpoint_complete.json"  # written last, after every file of the checkpoint is on disk
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -36,13 +37,15 @@ class NonFiniteError(UserError):
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, path, complete) of every `checkpoint-N` directory, oldest step first."""
+    """(step, path, complete) of every `checkpoint-N` directory qwen-tune wrote, oldest step first. A user's own
+    `checkpoint-N` is none of them: never resumed from, rotated or removed."""
     found = []
     if os.path.isdir(output_dir):
+        mine = ownership.ours(output_dir)
         for name in os.listdir(output_dir):
             m = CHECKPOINT_RE.match(name)
             path = os.path.join(output_dir, name)
-            if m and os.path.isdir(path):
+            if m and os.path.isdir(path) and name in mine:
                 found.append((int(m.group(1)), path, os.path.isfile(os.path.join(path, COMPLETE))))
     return sorted(found)
 
@@ -52,6 +55,7 @@ def remove_checkpoints(output_dir: str) -> int:
     found = checkpoints(output_dir)
     for _, path, _ in found:
         shutil.rmtree(path)
+    ownership.forget(output_dir, [os.path.basename(path) for _, path, _ in found])
     return len(found)
 
 
@@ -72,6 +76,7 @@ def rotate_checkpoints(run_dir: str, limit: int | None, keep: set) -> None:
             break
         if path not in keep:
             shutil.rmtree(path, ignore_errors=True)
+            ownership.forget(run_dir, [os.path.basename(path)])
             excess -= 1
 
 
@@ -123,9 +128,19 @@ class CheckpointSafety(TrainerCallback):
         self.save_total_limit = save_total_limit
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.claim_next_checkpoint(args, state, control)
         if control.should_save and model is not None and not is_finite_model(model):
             raise NonFiniteError(f"step {state.global_step}: the weights hold NaN/Inf; refusing to save them. The last "
                                  f"complete checkpoint is {latest_complete_checkpoint(args.output_dir) or 'none'}")
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.claim_next_checkpoint(args, state, control)
+
+    @staticmethod
+    def claim_next_checkpoint(args, state, control) -> None:
+        """The Trainer saves right after this event: its directory is ours before its first byte."""
+        if control.should_save and args.should_save:
+            ownership.claim(args.output_dir, [f"checkpoint-{state.global_step}"])
 
     def on_save(self, args, state, control, **kwargs):
         _wait_for_every_rank()  # under DeepSpeed every rank writes its own optimizer shard

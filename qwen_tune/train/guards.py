@@ -160,5 +160,5 @@ class FreeDiskCheck(TrainerCallback):
 def safety_callbacks(args, extra: tuple = ()) -> list:
     """The callbacks that guard every HF / TRL Trainer. `extra` callbacks (a test's fault or trace) come
     first, so that the NaN guard sees what they did to a batch."""
-    return [*extra, FreeDiskCheck(), CheckpointSafety(args.checkpoint_limit), NonFiniteGuard(args.max_bad_steps),
-            Preemption()]
+    return [*extra, FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
+            CheckpointSafety(args.checkpoint_limit)]  # last: it claims the checkpoint any of them asked for

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from . import ownership
 from .checkpoints import NonFiniteError, latest_complete_checkpoint, mark_complete, rotate_checkpoints
 
 STATE = "trainer_state.json"
@@ -39,6 +40,7 @@ def save_loop_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module
         raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
                              f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
     path = os.path.join(out, f"checkpoint-{step}")
+    ownership.claim(out, [os.path.basename(path)])
     os.makedirs(path, exist_ok=True)
     save_file(weights, os.path.join(path, "trainable.safetensors"))
     optim = optimizer.state_dict()
@@ -65,8 +67,11 @@ def save_engine_checkpoint(out: str, step: int, engine, state: dict, limit: int 
     if finite.item() < 1:
         raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
                              f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
-    engine.save_checkpoint(path, tag="deepspeed")
     rank = dist.get_rank()
+    if rank == 0:
+        ownership.claim(out, [os.path.basename(path)])
+    dist.barrier()
+    engine.save_checkpoint(path, tag="deepspeed")
     save_file(_rng_state(), os.path.join(path, f"rng_rank{rank}.safetensors"))
     if rank == 0:
         with open(os.path.join(path, STATE), "w") as f:

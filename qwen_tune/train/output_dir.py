@@ -1,7 +1,8 @@
 """Before any data or model is loaded: is the output directory safe to use, and is this a resume?
 
 `prepare_output_dir(args)` resolves `--resume_from_checkpoint auto|PATH`, refuses to overwrite a
-finished run or an interrupted one's checkpoints, and fails early on an unwritable directory.
+finished run, an interrupted one's checkpoints or a user's files, fails early on an unwritable directory and
+takes the directory's run lock.
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import tempfile
 
 from ..errors import UserError
 from ..trust import check_checkpoint_pickles
+from . import ownership
 from .checkpoints import COMPLETE, checkpoints, latest_complete_checkpoint
 from .distributed import is_main_process, log
-
-FINISHED_RUN_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                      "pytorch_model.bin", "adapter_model.bin", "train_metrics.json")
-REMOVED_ON_OVERWRITE = FINISHED_RUN_FILES + ("adapter_config.json", "training_args.json", "training_args.bin", "grpo_log.jsonl")
 
 
 def resolve_resume(args) -> str | None:
@@ -51,39 +49,72 @@ def resolve_resume(args) -> str | None:
 # ---- before any work ----------------------------------------------------------------------------
 
 def prepare_output_dir(args) -> None:
-    """Refuse, before any work, to start a run that would lose work or could not save it.
-
-    Sets `args.resume_from_checkpoint` to the resolved checkpoint path (or None).
-    """
+    """Refuse, before any work, to start a run that would lose work, touch the user's files or could not save;
+    then hold the directory's lock for the run (ownership.py). Sets `args.resume_from_checkpoint` to the resolved
+    checkpoint path (or None)."""
     out = args.output_dir
+    if os.path.islink(out) and not os.path.exists(out):
+        raise UserError(f"--output_dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; create "
+                        f"that directory or choose another --output_dir")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out} exists and is not a directory")
-    finished = [f for f in FINISHED_RUN_FILES if os.path.exists(os.path.join(out, f))]
+    check_users_files(out, args.overwrite_output_dir)
+    main_process = is_main_process()
+    if main_process:
+        check_writable(out)
+        ownership.lock(out)
+    finished = ownership.is_finished(out)
     asked = str(getattr(args, "resume_from_checkpoint", None) or "").strip().lower() not in ("", "false", "no", "none")
     if finished and asked and not args.overwrite_output_dir:
-        raise UserError(f"--output_dir {out} holds a finished run ({', '.join(finished)}): there is nothing to resume, and "
-                        f"nothing was changed. To train it again, pass --overwrite_output_dir instead")
+        raise UserError(f"--output_dir {out} holds a finished run ({ownership.RUN_COMPLETE}): there is nothing to resume, "
+                        f"and nothing was changed. To train it again, pass --overwrite_output_dir instead")
     resume = resolve_resume(args)
     if hasattr(args, "resume_from_checkpoint"):
         args.resume_from_checkpoint = resume
-    main_process = is_main_process()
     if resume is None and os.path.isdir(out):
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]
         if finished and not args.overwrite_output_dir:
-            raise UserError(f"--output_dir {out} holds a finished run ({', '.join(finished)}). Replace it with "
-                            f"--overwrite_output_dir, or choose another --output_dir")
+            raise UserError(f"--output_dir {out} holds a finished run. Replace it with --overwrite_output_dir, or choose "
+                            f"another --output_dir")
         if previous and not args.overwrite_output_dir:
             raise UserError(f"--output_dir {out} holds checkpoints of an interrupted run ({', '.join(previous[-3:])}). "
                             f"Continue it with --resume_from_checkpoint auto, replace it with --overwrite_output_dir, "
                             f"or choose another --output_dir")
-        if (finished or previous) and main_process:
-            log(f"--overwrite_output_dir: removing the earlier run's {', '.join(finished + previous)} from {out}")
-            for name in previous:
-                shutil.rmtree(os.path.join(out, name))
-            for name in REMOVED_ON_OVERWRITE:
-                if os.path.exists(os.path.join(out, name)):
-                    os.remove(os.path.join(out, name))
-    check_writable(out)
+        if main_process:
+            remove_earlier_run(out)
+    if main_process:
+        ownership.clear_staging(out)
+        ownership.claim(out, [n for n in ownership.WRITTEN_WHILE_TRAINING if n not in ownership.users_entries(out)])
+
+
+def check_users_files(out: str, overwrite: bool) -> None:
+    """A directory holding files qwen-tune did not write is used only when the user says so, and never when one of
+    them has a name qwen-tune writes."""
+    users = ownership.users_entries(out)
+    if not users:
+        return
+    shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+    clash = ownership.would_replace(users)
+    if clash:
+        raise UserError(f"--output_dir {out} holds {', '.join(clash[:5])}, which qwen-tune did not write but a run "
+                        f"writes; nothing was changed. Choose another --output_dir (or move them)")
+    if not overwrite:
+        raise UserError(f"--output_dir {out} holds files qwen-tune did not write ({shown}). Choose a new or empty "
+                        f"directory, or pass --overwrite_output_dir True to write beside them: qwen-tune never "
+                        f"removes or replaces a file it did not write")
+
+
+def remove_earlier_run(out: str) -> None:
+    """Before a fresh run: what an earlier qwen-tune run wrote here (only that) goes. A finished run or a resumable
+    one got here only with --overwrite_output_dir; what is left is a run stopped before it saved anything."""
+    earlier = sorted(n for n in ownership.ours(out) if os.path.lexists(os.path.join(out, n)))
+    if not earlier:
+        return
+    log(f"removing the earlier run's {', '.join(earlier)} from {out}")
+    for name in earlier:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    ownership.forget(out, earlier)
 
 
 def check_writable(out: str) -> None:

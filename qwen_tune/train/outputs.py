@@ -14,6 +14,7 @@ from transformers import Trainer
 from ..loading import loading_code
 from ..model import is_vision_language
 from ..report import card_path, write_run_report
+from . import ownership
 from .checkpoints import remove_checkpoints, save_final_model
 from .distributed import log
 
@@ -30,13 +31,15 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     out = trainer.args.output_dir
     data_reports = {name: report for name, report in data_reports.items() if report is not None}
     card = card_path(out) if trainer.is_world_process_zero() else None
-    save_final_model(trainer, out)
+    staged = ownership.staging_dir(out)  # the weights and tokenizer go here first, then move in (ownership.py)
+    save_final_model(trainer, staged)
     if not trainer.is_world_process_zero():
         return
-    tokenizer.save_pretrained(out)  # carries the chat template the run trained with
+    tokenizer.save_pretrained(staged)  # carries the chat template the run trained with
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     if not reward_model:
-        model.generation_config.save_pretrained(out)  # stops at <|im_end|>
+        model.generation_config.save_pretrained(staged)  # stops at <|im_end|>
+    publish(out, card, also=("train_metrics.json",))
     reports = {name: report.__dict__ for name, report in data_reports.items()}
     with open(os.path.join(out, "train_metrics.json"), "w") as f:
         json.dump({**metrics, "data": reports}, f, indent=2, default=str)
@@ -44,8 +47,18 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=fmt.description,
                      card=card, adapter=adapter, vision_language=vision_language, reward_model=reward_model,
                      data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, data_reports=data_reports)
+    ownership.mark_finished(out, {"method": kind, "adapter": adapter})
     log(how_to_load(out, adapter, reward_model=reward_model, vision_language=vision_language))
     clean_up_checkpoints(out, trainer.args.keep_checkpoints)
+
+
+def publish(out: str, card: str, also: tuple[str, ...] = ()) -> None:
+    """Move the staged result in; the report files (`also`, the card, the plot) are written next, directly.
+    PEFT's save writes a template README.md: the card replaces it."""
+    template = os.path.join(ownership.staging_dir(out), "README.md")
+    if os.path.exists(template):
+        os.remove(template)
+    ownership.publish(out, also=(*also, os.path.basename(card), "loss.png", "loss.json"))
 
 
 def clean_up_checkpoints(out: str, keep: bool) -> None:
