@@ -395,12 +395,12 @@ def parse(dataclass_types: tuple, argv: list[str] | None = None, prog: str | Non
     import argparse
 
     from .train.cpu_memory import reuse_freed_memory
-    from .train.distributed import prepare_cpu_deepspeed
+    from .train.distributed import prepare_cpu_ranks
 
     if any(issubclass(t, RunArguments) for t in dataclass_types) and not torch.cuda.is_available():
         reuse_freed_memory()  # a training run on the CPU: steps reuse freed pages (train/cpu_memory.py)
     takes_accelerator_config = any("accelerator_config" in getattr(t, "__dataclass_fields__", {}) for t in dataclass_types)
-    if prepare_cpu_deepspeed(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state
+    if prepare_cpu_ranks(argv) and takes_accelerator_config:  # must precede TrainingArguments, which must then use its state
         argv = argv + ["--accelerator_config", '{"use_configured_state": true}']
 
     parser = HfArgumentParser(dataclass_types, prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,

@@ -201,3 +201,6 @@ def test_two_ranks_tokenize_once(tmp_path):
     loaded = re.findall(r"\[rank (\d)\] tokens: loaded from the cache", proc.stderr)
     assert len(built) == len(loaded) == 1 and {built[0], loaded[0]} == {"0", "1"}, proc.stderr[-5000:]
     assert len(entries(cache)) == 1
+    # one synchronised world of 2 (DDP over gloo), not two lone runs: one step of 2 x 1 samples is 2/12 of an epoch
+    metrics = json.loads((tmp_path / "o" / "train_metrics.json").read_text())
+    assert metrics["epoch"] == pytest.approx(2 / 12, abs=1e-3)

@@ -216,7 +216,7 @@ def test_dataset_dict_takes_train_or_lists_its_splits(tmp_path):
     assert str(tmp_path / "no_train" / "validation") in found
 
 
-def test_directory_of_mixed_formats_and_unsupported_files(tmp_path):
+def test_directory_of_mixed_formats_and_unsupported_files(tmp_path, capsys):
     d = tmp_path / "d"
     d.mkdir()
     write_as("parquet", "sft_example", d)
@@ -224,8 +224,11 @@ def test_directory_of_mixed_formats_and_unsupported_files(tmp_path):
     want = load_conversations([DATA / "sft_example.jsonl", DATA / "sft_tools_example.jsonl"])
     assert [conv_key(c) for c in load_conversations(d)] == [conv_key(c) for c in want]  # sorted: .csv, .parquet
     (d / "notes.txt").write_text("not data")  # never skipped without a word
-    with pytest.raises(UserError, match=r"d holds notes.txt, which qwen-tune does not read as data \(expected .*\.jsonl"):
-        load_conversations(d)
+    (d / "more").mkdir()
+    capsys.readouterr()
+    assert len(load_conversations(d)) == len(want)
+    assert f"data: reading 2 files of {d}; not read: more/, notes.txt (not a data file type; folders are not " \
+           f"searched)" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"unsupported data file type; expected .*\.jsonl\.gz.*\.csv.*\.parquet, \.arrow"):
         load_conversations(d / "notes.txt")
 

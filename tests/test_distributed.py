@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from helpers import DATA, ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python
+from qwen_tune.train import ownership
 
 pytestmark = pytest.mark.slow
 TRAIN = os.path.join(DATA, "sft_example.json")
@@ -104,6 +105,7 @@ def test_resume_from_a_zero3_checkpoint_continues_exactly(tmp_path):
     resumed = str(tmp_path / "resumed")
     os.makedirs(resumed)
     subprocess.run(["cp", "-r", checkpoint, resumed], check=True)
+    ownership.claim(resumed, ["checkpoint-2"])  # qwen-tune's own: it resumes only from checkpoints it wrote
     proc = recipe("finetune_ds.sh", "-d", TRAIN, "-o", resumed, "--per_device_train_batch_size", "1", *steps,
                   "--save_steps", "2", "--resume_from_checkpoint", "auto")
     assert "resuming from" in proc.stderr

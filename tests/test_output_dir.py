@@ -77,7 +77,7 @@ def test_a_users_checkpoint_folder_is_never_removed_resumed_or_replaced(tmp_path
 
 def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharmed(tmp_path):
     out = tmp_path / "out"
-    first = subprocess.Popen(["python", "-m", "qwen_tune", *RUN, "--max_steps", "300", "--save_steps", "1000",
+    first = subprocess.Popen(["python", "-m", "qwen_tune", *RUN, "--max_steps", "80", "--save_steps", "1000",
                               "--output_dir", str(out)], cwd=ROOT, env=fresh_env(**REAL_INTERPRETER),  # its own pid
                              stderr=subprocess.PIPE, text=True)
     lock = out / ".qwen-tune" / "lock"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..train.distributed import log
 from . import tables
 from .mixture import check_weights, split_weight
 
@@ -59,6 +60,9 @@ class Source:
     files: list[Path]
 
 
+_named: set[Path] = set()  # directories whose unread entries were already named (sources are resolved more than once)
+
+
 def _files_of(path: Path) -> list[Path]:
     if not path.exists():
         raise UserError(f"data path not found: {path}")
@@ -72,11 +76,12 @@ def _files_of(path: Path) -> list[Path]:
         found = [f for f in visible if f.is_file() and data_suffix(f)]
         if not found:
             raise UserError(f"no data files in directory {path}; expected {SUPPORTED}")
-        other = [f.name for f in visible if f not in found]
-        if other:  # never skipped without a word: the user may have meant them as data
-            raise UserError(f"{path} holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}, which qwen-tune "
-                            f"does not read as data (expected {SUPPORTED}); move them out, or list the data files "
-                            f"themselves (comma-separated)")
+        other = [f.name + ("/" if f.is_dir() else "") for f in visible if f not in found]
+        if other and path not in _named:  # never skipped without a word: the user may have meant them as data
+            _named.add(path)
+            log(f"data: reading {len(found)} file{'s' if len(found) > 1 else ''} of {path}; not read: "
+                f"{', '.join(other[:5])}{f' and {len(other) - 5} more' if len(other) > 5 else ''} (not a data file "
+                f"type; folders are not searched)")
         return found
     if not data_suffix(path):
         raise UserError(f"{path}: unsupported data file type; expected {SUPPORTED}")

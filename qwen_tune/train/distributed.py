@@ -1,9 +1,11 @@
-"""Multi-process training: rank-0 messages, and DeepSpeed over gloo on CPU ranks without a GPU.
+"""Multi-process training: rank-0 messages, and DDP / DeepSpeed over gloo on CPU ranks without a GPU.
 
-On a GPU machine DeepSpeed needs nothing from us. On CPU-only ranks (how the test suite exercises
-the whole distributed path) accelerate would find no backend, count one process while DeepSpeed
-counts the world, and fail a batch-size assertion. Creating accelerate's state ourselves with the
-gloo backend, before `TrainingArguments` exists, and telling the Trainer to use that state, fixes it.
+On a GPU machine torchrun and DeepSpeed need nothing from us. On CPU-only ranks (how the test suite
+exercises the whole distributed path) accelerate finds no backend: under plain torchrun every rank
+then trains alone, unsynchronised, and all of them write the output; under DeepSpeed it counts one
+process while DeepSpeed counts the world and fails a batch-size assertion. Creating accelerate's
+state ourselves with the gloo backend, before `TrainingArguments` exists, and telling the Trainer to
+use that state, fixes both.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ def wants_deepspeed(argv: list[str]) -> bool:
     return any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
 
 
-def prepare_cpu_deepspeed(argv: list[str]) -> bool:
-    """Set up gloo-backed DeepSpeed when `--deepspeed` is asked for on a machine without CUDA."""
-    if not wants_deepspeed(argv):
+def prepare_cpu_ranks(argv: list[str]) -> bool:
+    """Set up gloo-backed ranks (DDP, or DeepSpeed when `--deepspeed` is asked for) on a machine without CUDA."""
+    deepspeed = wants_deepspeed(argv)
+    if not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     import torch
 
     if torch.cuda.is_available():
         return False
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if deepspeed:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
 
     PartialState(backend="gloo")

@@ -89,8 +89,10 @@ def prepare_output_dir(args) -> None:
 
 def check_users_files(out: str, overwrite: bool) -> None:
     """A directory holding files qwen-tune did not write is used only when the user says so, and never when one of
-    them has a name qwen-tune writes."""
-    users = ownership.users_entries(out)
+    them has a name qwen-tune writes. Another run's output inside it (the reward recipe's OUT/pmp) is left alone
+    and needs no flag."""
+    users = [n for n in ownership.users_entries(out)
+             if ownership.would_replace([n]) or not ownership.is_qwen_tune_output(os.path.join(out, n))]
     if not users:
         return
     shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
