@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from .checkpoints import CheckpointSafety, NonFiniteError, latest_complete_checkpoint
+from .reshard import UniversalParamGroups
 from .distributed import log
 
 
@@ -160,5 +161,5 @@ class FreeDiskCheck(TrainerCallback):
 def safety_callbacks(args, extra: tuple = ()) -> list:
     """The callbacks that guard every HF / TRL Trainer. `extra` callbacks (a test's fault or trace) come
     first, so that the NaN guard sees what they did to a batch."""
-    return [*extra, FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
+    return [*extra, UniversalParamGroups(), FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
             CheckpointSafety(args.checkpoint_limit)]  # last: it claims the checkpoint any of them asked for

@@ -89,9 +89,11 @@ def load_engine_checkpoint(path: str, engine) -> dict:
     import torch.distributed as dist
 
     rng_file = os.path.join(path, f"rng_rank{dist.get_rank()}.safetensors")
-    if not os.path.isdir(os.path.join(path, "deepspeed")) or not os.path.isfile(rng_file):
-        raise UserError(f"{path} was not written by ppo under --deepspeed with {dist.get_world_size()} ranks; "
-                        f"resume with the launch and options of the interrupted run")
+    saved_ranks = len([f for f in os.listdir(path) if f.startswith("rng_rank")]) if os.path.isdir(path) else 0
+    if not os.path.isdir(os.path.join(path, "deepspeed")) or saved_ranks != dist.get_world_size():
+        raise UserError(f"{path} was not written by ppo under --deepspeed with {dist.get_world_size()} ranks "
+                        f"({saved_ranks or 'no'} ranks wrote it); ppo resumes with the launch and options of the "
+                        f"interrupted run (sft, rm, dpo and grpo resume on another number of ranks)")
     loaded, _ = engine.load_checkpoint(path, tag="deepspeed")
     if loaded is None:
         raise UserError(f"{path}: DeepSpeed could not load its checkpoint")

@@ -1,8 +1,8 @@
 """Before any data or model is loaded: is the output directory safe to use, and is this a resume?
 
-`prepare_output_dir(args)` resolves `--resume_from_checkpoint auto|PATH`, refuses to overwrite a
-finished run, an interrupted one's checkpoints or a user's files, fails early on an unwritable directory and
-takes the directory's run lock.
+`prepare_output_dir(args)` resolves `--resume_from_checkpoint auto|PATH` (a DeepSpeed one on any number of ranks),
+refuses to overwrite a finished run, an interrupted one's checkpoints or a user's files, fails early on an unwritable
+directory and takes the directory's run lock.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ..trust import check_checkpoint_pickles
 from . import ownership
 from .checkpoints import COMPLETE, checkpoints, latest_complete_checkpoint
 from .distributed import is_main_process, log
+from .reshard import resume_on_this_world
 
 
 def resolve_resume(args) -> str | None:
@@ -71,6 +72,7 @@ def prepare_output_dir(args) -> None:
     resume = resolve_resume(args)
     if hasattr(args, "resume_from_checkpoint"):
         args.resume_from_checkpoint = resume
+    resume_on_this_world(args, resume)  # a DeepSpeed checkpoint of another number of ranks (reshard.py)
     if resume is None and os.path.isdir(out):
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]
         if finished and not args.overwrite_output_dir:
@@ -120,9 +122,10 @@ def remove_earlier_run(out: str) -> None:
 
 
 def check_writable(out: str) -> None:
+    """In qwen-tune's own folder of `out`, so that another rank looking for the user's files never sees the probe."""
     try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        os.makedirs(ownership.state_path(out), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=ownership.state_path(out), prefix=".write-test-"):
             pass
     except OSError as e:
         raise UserError(f"--output_dir {out} is not writable ({e.strerror or e}); checkpoints could not be saved") from e
