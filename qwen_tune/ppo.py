@@ -344,10 +344,11 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
                 f"len {row['response_len_mean']:.1f}  policy_loss {row['policy_loss']:+.4f}  value_loss {row['value_loss']:.4f}  "
                 f"({row['elapsed_s']:.0f}s)")
 
-            # 5. checkpoint (every --save_steps, and on SIGTERM/SIGINT before exiting)
+            # 5. checkpoint (every --save_steps, the last step too: a kill in the final save resumes from it;
+            #    and on SIGTERM/SIGINT before exiting)
             if world > 1:  # a signal reaches the ranks at different moments: all stop after the same step
                 stop.signum = int(max_over_ranks(float(stop.signum or 0), device))
-            if checkpoints_on and step < total_steps and (step % args.save_steps == 0 or stop.signum):
+            if checkpoints_on and (step % args.save_steps == 0 or (stop.signum and step < total_steps)):
                 state = {"history": history, "kl_coef": kl_ctl.value}
                 if engine is not None:
                     save_engine_checkpoint(args.output_dir, step, engine, state, args.save_total_limit)

@@ -356,20 +356,22 @@ FINAL_SAVE_RUNS = {  # each method, two steps with a checkpoint at the last one,
 def test_a_kill_in_the_final_save_is_not_a_finished_run_and_resumes_to_the_uninterrupted_weights(method, tmp_path,
                                                                                                     base_model_path):
     """Killed with half of its final files moved in: no run_complete.json, so nothing loads it and resume does not
-    refuse it; the resumed run ends with the weights of a run that was never killed."""
+    refuse it; the resumed run ends with the weights of a run that was never killed: those the killed one had
+    finished training and was publishing (written whole to its staging folder, half of them moved in)."""
     from qwen_tune.chat import main as chat
 
     command = FINAL_SAVE_RUNS[method] + (["--policy", base_model_path] if method in ("grpo", "ppo") else [])
-    reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
+    killed = str(tmp_path / "killed")
     trace = None if method == "ppo" else str(tmp_path / "trace.jsonl")  # ppo is not a Trainer: no callbacks
-    rc, log = finish(start(reference, trace, command=command), reference)
-    assert rc == 0 and os.path.isfile(os.path.join(reference, "run_complete.json")), log
     proc = start(killed, trace, "--kill_in_final_save", "half", command=command, to_be_killed=True)
     assert proc.wait(timeout=600) == -signal.SIGKILL, finish(proc, killed)[1]
     assert not os.path.exists(os.path.join(killed, "run_complete.json"))
+    staged = os.path.join(killed, ".qwen-tune", "final")
+    uninterrupted = weights(killed if os.path.exists(os.path.join(killed, "model.safetensors")) else staged)
     with pytest.raises(UserError, match="is a qwen-tune run that did not finish .*--resume_from_checkpoint auto"):
         chat(["--model", killed, "--prompt", "hi"])
     rc, log = finish(start(killed, trace, "--resume_from_checkpoint", "auto", command=command), killed)
     assert rc == 0 and os.path.isfile(os.path.join(killed, "run_complete.json")), log
-    assert_same_weights(weights(killed), weights(reference))
-    assert not os.path.exists(os.path.join(killed, ".qwen-tune", "final"))  # nothing staged is left
+    assert f"resuming from {os.path.join(killed, 'checkpoint-2')}" in log, log  # not trained again
+    assert_same_weights(weights(killed), uninterrupted)
+    assert not os.path.exists(staged)  # nothing staged is left

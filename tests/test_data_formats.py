@@ -245,6 +245,14 @@ def test_hostile_files_give_their_file_and_line(tmp_path):
     (tmp_path / "deep.jsonl").write_text(json.dumps(records_of("sft_example")[0]) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
     (found,) = problems(load_conversations, tmp_path / "deep.jsonl")
     assert found.startswith(f"{tmp_path / 'deep.jsonl'}:2: JSON nested too deeply"), found
+    good = json.dumps(records_of("sft_example")[0])
+    with open(tmp_path / "long.jsonl", "w") as f:  # line 2: 65 MiB, read a piece at a time; line 3 still checked
+        f.write(good + "\n" + '{"messages": "' + "x" * (65 << 20) + '"}\n' + "{oops\n"
+                + json.dumps(records_of("sft_example")[1]) + "\n")
+    found = problems(load_conversations, tmp_path / "long.jsonl")
+    assert found[0] == f"{tmp_path / 'long.jsonl'}:2: the line is longer than 64 MiB, far more text than any model's " \
+                       f"context; split or shorten that sample", found
+    assert found[1].startswith(f"{tmp_path / 'long.jsonl'}:3: invalid JSON") and len(found) == 2, found
     pair = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "same.", "rejected": "same."}
     (tmp_path / "pairs.jsonl").write_text(json.dumps({**pair, "rejected": "other."}) + "\n" + json.dumps(pair) + "\n")
     with pytest.raises(UserError, match=r"pairs.jsonl:2: .*\"chosen\" and \"rejected\" are the same reply"):

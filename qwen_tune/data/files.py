@@ -22,6 +22,7 @@ from ..train.distributed import log
 from . import tables
 from .mixture import check_weights, split_weight
 
+MAX_LINE_BYTES = 64 << 20  # one JSONL / CSV line: a million-token context is about 4 MB of text
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
 SUPPORTED = (".json (a list of samples), .jsonl (one sample a line), .json.gz / .jsonl.gz (the same, gzipped), "
              ".csv (a header, then one sample a row; JSON cells such as messages are parsed), .parquet, .arrow, "
@@ -160,7 +161,17 @@ def _text_lines(path: Path, problems: list[str]) -> Iterator[str]:
     has_text, offset, number = False, 0, 0
     try:
         with _open(path) as f:
-            for number, raw in enumerate(f, 1):
+            while raw := f.readline(MAX_LINE_BYTES + 1):  # never more than the limit held: a line past it is named
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    problems.append(f"{path}:{number}: the line is longer than {MAX_LINE_BYTES >> 20} MiB, far more text "
+                                    f"than any model's context; split or shorten that sample")
+                    while raw and not raw.endswith(b"\n"):  # the rest of it, a piece at a time
+                        offset += len(raw)
+                        raw = f.readline(1 << 24)
+                    offset += len(raw)
+                    yield "\n"  # in its place: the next line keeps its number
+                    continue
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
