@@ -99,21 +99,13 @@ def mark_complete(path: str, step: int) -> None:
     """Flush every file of the checkpoint to disk, then write the marker (power loss, not just kills)."""
     for root, _, files in os.walk(path):
         for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
+            ownership.fsync(os.path.join(root, name))
+        ownership.fsync(root)
     with open(os.path.join(path, COMPLETE), "w") as f:
         json.dump({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(path)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    ownership.fsync(path)
 
 
 def _wait_for_every_rank() -> None:

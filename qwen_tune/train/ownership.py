@@ -144,14 +144,14 @@ def mark_finished(out: str, summary: dict) -> None:
     for name in ours(out):
         path = os.path.join(out, name)
         if os.path.isfile(path):
-            _fsync(path)
+            fsync(path)
     tmp = os.path.join(out, RUN_COMPLETE + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({**summary, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(out, RUN_COMPLETE))
-    _fsync(out)
+    fsync(out)
 
 
 def is_finished(out: str) -> bool:
@@ -166,7 +166,8 @@ def check_finished(path: str) -> None:
                         f"--resume_from_checkpoint auto")
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
+    """Flush a file (or a directory's entries) to disk: a power loss after it keeps them."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
