@@ -194,34 +194,11 @@ def test_ppo_under_deepspeed_zero2_on_two_ranks(sft_policy, reward_model, prompt
 
 
 @pytest.mark.slow
-def test_ppo_under_zero3_shards_generates_and_saves_complete_weights(sft_policy, reward_model, prompts, workdir):
-    """ZeRO-3: each rank holds half the weights, generation runs on sharded weights, the save is gathered."""
-    out = str(workdir / "ppo_zero3")
-    proc = ppo_on_two_ranks("ds_config_zero3.json", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts,
-                            "--output_dir", out, "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
-                            "--max_new_tokens", "12", "--ppo_epochs", "1")
-    # searched anywhere: the two ranks share one stderr, so a line may follow another rank's partial line
-    shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
-    assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
-    assert [r["rollouts"] for r in ppo_log(out)] == [8, 8]
-    check = ("import sys, torch\n"
-             "from transformers import AutoModelForCausalLM\n"
-             "m, b = (AutoModelForCausalLM.from_pretrained(p) for p in sys.argv[1:])\n"
-             "sb = b.state_dict()\n"
-             "assert all(v.shape == sb[k].shape and v.numel() for k, v in m.state_dict().items())\n"
-             "print(sum(not torch.equal(v, sb[k]) for k, v in m.state_dict().items()), 'tensors changed')\n")
-    res = run_python([out, sft_policy], code=check, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert int(res.stdout.split()[-3]) > 0, res.stdout  # trained, and saved complete (no empty shards)
-    [reply] = generate_in_fresh_process(out, [PROMPT], adapter=False)
-    assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # a gathered, working policy
-
-
-@pytest.mark.slow
 def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(sft_policy, prompts, tmp_path):
-    """2 ranks: a run resumed from its step-2 checkpoint (DeepSpeed's weights + optimizer shards, each rank's RNG,
-    the KL coefficient and log) ends with the same weights and log as the uninterrupted run. Under ZeRO-3, where
-    parameters are partitioned too (ZeRO-2's checkpoint is the same DeepSpeed save / load with fewer shards)."""
+    """ZeRO-3 on 2 ranks: each rank holds half the weights, generation runs on sharded weights, the save is gathered
+    complete and generates; a run resumed from its step-2 checkpoint (DeepSpeed's weights + optimizer shards, each
+    rank's RNG, the KL coefficient and log) ends with the same weights and log as the uninterrupted run (ZeRO-2's
+    checkpoint is the same DeepSpeed save / load with fewer shards)."""
     config = "ds_config_zero3.json"
     from safetensors.torch import load_file
 
@@ -233,7 +210,22 @@ def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(sft
            "--per_device_train_batch_size", "2", "--max_new_tokens", "8", "--ppo_epochs", "2", "--adaptive_kl", "True",
            "--save_steps", "2", "--save_total_limit", "3"]
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    ppo_on_two_ranks(config, *ppo, "--output_dir", reference, "--keep_checkpoints", "True")
+    proc = ppo_on_two_ranks(config, *ppo, "--output_dir", reference, "--keep_checkpoints", "True")
+    # searched anywhere: the two ranks share one stderr, so a line may follow another rank's partial line
+    shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
+    assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
+    assert [r["rollouts"] for r in ppo_log(reference)] == [4, 4, 4, 4]  # 2 from each rank, scored together
+    check = ("import sys, torch\n"
+             "from transformers import AutoModelForCausalLM\n"
+             "m, b = (AutoModelForCausalLM.from_pretrained(p) for p in sys.argv[1:])\n"
+             "sb = b.state_dict()\n"
+             "assert all(v.shape == sb[k].shape and v.numel() for k, v in m.state_dict().items())\n"
+             "print(sum(not torch.equal(v, sb[k]) for k, v in m.state_dict().items()), 'tensors changed')\n")
+    res = run_python([reference, sft_policy], code=check, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert int(res.stdout.split()[-3]) > 0, res.stdout  # trained, and saved complete (no empty shards)
+    [reply] = generate_in_fresh_process(reference, [PROMPT], adapter=False)
+    assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # a gathered, working policy
     checkpoint = os.path.join(reference, "checkpoint-2")
     assert os.path.isfile(os.path.join(checkpoint, COMPLETE)) and os.path.isdir(os.path.join(checkpoint, "deepspeed"))
     assert sorted(f for f in os.listdir(checkpoint) if f.startswith("rng_rank")) == ["rng_rank0.safetensors", "rng_rank1.safetensors"]

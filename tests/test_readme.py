@@ -29,6 +29,10 @@ NOT_RUN_HERE = {
         "two machines and a real checkpoint; test_distributed runs two nodes on localhost",
     "python bench/sft_throughput.py": "a benchmark of minutes; its results are bench/results.md",
     "python bench/sft_throughput.py --shape qwen2.5-0.5b --samples 24 --batch_size 4": "a benchmark of about an hour on 2 cores",
+    "python bench/sft_throughput.py --shape qwen3.5-0.8b --samples 12 --batch_size 2 --loss_tokens 1024,4096 "
+    "--rows qwen-tune,qwen-tune-checkpointing,trl-padded": "a benchmark of 10-20 minutes on 2 cores",
+    "python bench/sft_throughput.py --shape qwen3.5-35b-a3b-4l32e --samples 12 --batch_size 2 --loss_tokens 1024":
+        "a benchmark of 10-20 minutes on 2 cores",
     "qwen-tune sft --config recipes/finetune_lora.yaml --model_name_or_path /models/Qwen2.5-7B-Instruct --data_path my.json":
         "a real checkpoint; test_cli resolves every finetune YAML for a checkpoint name",
 }

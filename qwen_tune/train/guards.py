@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from ..errors import UserError
 from .checkpoints import CheckpointSafety, NonFiniteError, latest_complete_checkpoint
-from .reshard import UniversalParamGroups
 from .distributed import log
+from .reshard import UniversalParamGroups
 
 
 class BatchObserver(TrainerCallback):

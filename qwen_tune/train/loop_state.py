@@ -92,7 +92,7 @@ def load_engine_checkpoint(path: str, engine) -> dict:
     saved_ranks = len([f for f in os.listdir(path) if f.startswith("rng_rank")]) if os.path.isdir(path) else 0
     if not os.path.isdir(os.path.join(path, "deepspeed")) or saved_ranks != dist.get_world_size():
         raise UserError(f"{path} was not written by ppo under --deepspeed with {dist.get_world_size()} ranks "
-                        f"({saved_ranks or 'no'} ranks wrote it); ppo resumes with the launch and options of the "
+                        f"(written by {saved_ranks or 'no'} rank{'' if saved_ranks == 1 else 's'}); ppo resumes with the launch and options of the "
                         f"interrupted run (sft, rm, dpo and grpo resume on another number of ranks)")
     loaded, _ = engine.load_checkpoint(path, tag="deepspeed")
     if loaded is None:
