@@ -126,6 +126,9 @@ def check_options(args: PPOArguments, lora: LoraArguments) -> None:
             raise UserError(f"--{name} is required (see qwen-tune ppo --help)")
     if not (args.reward_model or args.reward_fn or args.reward_funcs):
         raise UserError("give --reward_model DIR, --reward_funcs module:function[,...] or --reward_fn module:function")
+    if not args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # else every rank would train alone
+        raise UserError("ppo on several ranks runs under DeepSpeed: add --deepspeed recipes/ds_config_zero2.json "
+                        "(or ds_config_zero3.json), or launch one process")
     if args.reward_fn and (args.reward_model or args.reward_funcs):
         raise UserError("--reward_fn (one reply at a time) cannot be combined; use --reward_funcs with --reward_model")
     if args.critic not in ("head", "reward_model"):
