@@ -91,7 +91,7 @@ def sft_policy(workdir) -> str:
 
 def grpo_args(policy: str, prompts: str, rewards: str, out: str, *extra: str) -> list[str]:
     return ["grpo", "--policy", policy, "--prompts", prompts, "--output_dir", out,
-            "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", steps, "--per_device_train_batch_size", "8",
+            "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "10", "--per_device_train_batch_size", "8",
             "--num_generations", "8", "--max_completion_length", "8", "--logging_steps", "1", "--report_to", "none", *extra]
 
 
