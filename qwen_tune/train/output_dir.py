@@ -123,9 +123,10 @@ def remove_earlier_run(out: str) -> None:
 
 def check_writable(out: str) -> None:
     """In qwen-tune's own folder of `out`, so that another rank looking for the user's files never sees the probe."""
+    own = ownership.state_path(out)
     try:
-        os.makedirs(ownership.state_path(out), exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=ownership.state_path(out), prefix=".write-test-"):
+        os.makedirs(own, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=own, prefix=".write-test-"):
             pass
     except OSError as e:
         raise UserError(f"--output_dir {out} is not writable ({e.strerror or e}); checkpoints could not be saved") from e

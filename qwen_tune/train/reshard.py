@@ -41,7 +41,9 @@ def tag(checkpoint: str, latest: str = LATEST) -> str | None:
 def saved_world_size(checkpoint: str) -> int | None:
     """How many ranks wrote `checkpoint`'s ZeRO state (None: not a DeepSpeed checkpoint)."""
     folder = tag(checkpoint)
-    return len(glob.glob(os.path.join(checkpoint, folder, "*zero_pp_rank_*_optim_states.pt"))) or None if folder else None
+    if folder is None:
+        return None
+    return len(glob.glob(os.path.join(checkpoint, folder, "*zero_pp_rank_*_optim_states.pt"))) or None
 
 
 def resume_on_this_world(args, checkpoint: str | None) -> None:
