@@ -132,10 +132,10 @@ DATA_PATH_ONLY = """
 import sys, time
 import datasets  # imported by every sft run before its data (through transformers' Trainer)
 from qwen_tune.data.cache import load_tokens
-from qwen_tune.args import DataArguments
+from qwen_tune.options import FormatOptions, set_chat_format
 from qwen_tune.model import resolve_model_path
 from qwen_tune.tokenizer import load_tokenizer
-fmt = DataArguments().chat_format(load_tokenizer(resolve_model_path(None)))  # what sft uses: the same cache key
+fmt = set_chat_format(load_tokenizer(resolve_model_path(None)), FormatOptions())  # what sft uses: the same cache key
 start = time.monotonic()
 rows, report = load_tokens(sys.argv[1], fmt, 512)
 print(f"data path: {time.monotonic() - start:.2f} s for {len(rows):,} rows")

@@ -189,7 +189,7 @@ def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
     if row == "pad-to-max":
         argv += ["--pad_to_max_length", "True"]
         sft.causal_lm_loss_terms = plain_loss  # the seed's full-logits loss, in this benchmark process only
-    sft.run(*sft.parse(sft.ARGUMENTS, argv), callbacks=(timer,))
+    sft.run(sft.load(sft.METHOD, argv), callbacks=(timer,))
 
 
 def train_trl(row: str, a, timer, bf16: bool) -> None:

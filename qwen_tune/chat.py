@@ -95,7 +95,8 @@ def repl(chat: Chat) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .args import format_arguments, inference_parser
+    from .options.groups import set_chat_format
+    from .options.tools import format_options, inference_parser
 
     p = inference_parser("qwen-tune chat", __doc__)
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.max_new_tokens < 1 or a.temperature < 0:
         raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")
     model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
-    fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
+    fmt = set_chat_format(tokenizer, format_options(a), source=a.model or "the embedded model")
     chat = Chat(model, tokenizer, fmt, a.max_new_tokens, a.temperature)
     if a.prompt is not None:
         print(chat.answer(a.prompt, stream=False))

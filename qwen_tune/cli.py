@@ -83,9 +83,9 @@ def usage() -> str:
 def show_help(name: str, which: str) -> None:
     """Print a command's help: qwen-tune's own options, or (`--help-all`, and commands without dataclass options) argparse's full text."""
     module = importlib.import_module(COMMANDS[name][0])
-    arguments = getattr(module, "ARGUMENTS", None)
-    if which == "--help" and arguments:
-        print(help.own_options(arguments, f"qwen-tune {name}"))
+    method = getattr(module, "METHOD", None)
+    if which == "--help" and method:
+        print(help.own_options(tuple(method.groups.values()), f"qwen-tune {name}"))
     else:
         module.main(["--help"])
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, set_seed
+from transformers import Trainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
+from .options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
+                      prepare_run, set_chat_format, train_dtype)
 from .data.collate import PackedPairCollator, PaddedPairCollator
 from .data.pairs import encode_pairs
 from .data.splits import load_splits
@@ -48,7 +49,11 @@ class DPOTrainingArguments(TrainingArguments):
                                                         "choices": list(LOSS_TYPES)})
 
 
-ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, DPOTrainingArguments)
+METHOD = Method(
+    "dpo",
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "lora": LoraOptions, "train": DPOTrainingArguments},
+    learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
+)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_type: str):
@@ -118,30 +123,29 @@ class DPOTrainer(ObservedSteps, Trainer):
         super().log(logs, start_time)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: DPOTrainingArguments,
-        callbacks: tuple = ()) -> dict:
+def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
-    resolve_options(model_args, data_args, lora_args, args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-    fmt = data_args.chat_format(tokenizer, source=model_path)
+    prepared = prepare_run(config)
+    args, model_options, data, lora = prepared.args, config.model, config.data, config.lora
+    model_path = resolve_model_path(model_options.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=model_path)
     log(f"format: {fmt.description}")
     train, train_report, evaluation, eval_report = load_splits(
-        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, split_prompt=True, seed=args.seed), log)
+        data, args.seed, lambda paths: encode_pairs(paths, fmt, data.model_max_length, split_prompt=True, seed=args.seed), log)
     if not len(train):
-        raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
+        raise UserError(f"{data.data_path}: no pair fits within model_max_length={data.model_max_length}")
 
-    set_seed(args.seed)
-    load = dict(dtype=train_dtype(args), trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
-                allow_pickle_weights=model_args.allow_pickle_weights)
-    model = load_model(model_path, q_lora=lora_args.q_lora, **load)
+    load = dict(dtype=train_dtype(args), trust_remote_code=model_options.trust_remote_code,
+                attn_implementation=model_options.attn_implementation, allow_pickle_weights=model_options.allow_pickle_weights)
+    model = load_model(model_path, q_lora=lora.q_lora, **load)
     model.config.use_cache = False  # packed rows need it off
     print_zero3_partition(model)
     reference = None
-    if lora_args.use_lora:
+    if lora.use_lora:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora_args.adapter_options())
+        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
         model.print_trainable_parameters()
     else:
         reference = load_model(model_path, **load).eval().requires_grad_(False)
@@ -153,10 +157,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         eval_dataset=evaluation,
         data_collator=PackedPairCollator() if packing_for(model, True, log) else PaddedPairCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
     )
     show_progress_as_lines(trainer)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     metrics = dict(result.metrics)
     metrics["train_loss_final"] = last_logged(trainer, "loss")
     if evaluation is not None:
@@ -164,10 +168,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
             f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
 
-    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
-               metrics=metrics, kind="dpo", model_path=model_path, adapter=lora_args.use_lora)
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data=data, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="dpo", model_path=model_path, adapter=lora.use_lora)
     return metrics
 
 
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune dpo"), callbacks=callbacks)
+    return run(load(METHOD, argv), callbacks=callbacks)

@@ -38,7 +38,8 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .args import add_cache_arguments, cache_options, format_arguments, inference_parser
+    from .options.groups import set_chat_format
+    from .options.tools import add_cache_arguments, cache_options, format_options, inference_parser
     from .chat import load_for_inference
 
     p = inference_parser("qwen-tune eval", __doc__)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
     model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
-    fmt = format_arguments(a).chat_format(tokenizer, source=a.model or "the embedded model")
+    fmt = set_chat_format(tokenizer, format_options(a), source=a.model or "the embedded model")
     result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size,
                       options=cache_options(a))
     print(json.dumps(result))

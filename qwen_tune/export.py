@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import add_trust_argument
+from .options.tools import add_trust_argument
 from .errors import UserError
 from .model import is_adapter
 

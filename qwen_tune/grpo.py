@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import set_seed
 from trl import GRPOConfig, GRPOTrainer
 
-from .args import (DataArguments, FormatArguments, LoraArguments, ModelArguments, TrainingArguments, parse,
-                   resolve_options, train_dtype)
+from .options import (FormatOptions, LearningRates, LoraOptions, Method, TrainingArguments, load, prepare_run,
+                      set_chat_format, train_dtype)
+from .options.groups import Frozen
 from .data.read import load_prompts
 from .errors import UserError
 from .lora import describe_adapter, lora_config
@@ -31,7 +31,7 @@ from .train.outputs import finish_run, last_logged
 
 
 @dataclass
-class GRPOInputs(FormatArguments):
+class GRPOInputs(Frozen):
     _argument_group_name = "grpo"
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a model directory (qwen-tune sft output) or hub id."})
     prompts: str | None = field(default=None, metadata={"help": "Prompts ending with a user turn (any data file format, see data/grpo_example.jsonl); other fields (e.g. answer) reach the reward functions."})
@@ -53,7 +53,18 @@ class GRPOTrainingArguments(TrainingArguments, GRPOConfig):
     chat_template_kwargs: dict | None = field(default=None, init=False)  # set from the format's --enable_thinking / --chat_template_kwargs
 
 
-ARGUMENTS = (GRPOInputs, LoraArguments, GRPOTrainingArguments)
+def check_inputs(values: dict[str, dict]) -> None:
+    if not values["grpo"]["policy"]:
+        raise UserError("--policy is required: the SFT model to improve (see qwen-tune grpo --help)")
+
+
+METHOD = Method(
+    "grpo",
+    groups={"grpo": GRPOInputs, "format": FormatOptions, "lora": LoraOptions, "train": GRPOTrainingArguments},
+    learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's GRPOConfig; an adapter's update is scaled down by alpha / r
+    model_option=("grpo", "policy"),
+    resolve=check_inputs,
+)
 
 
 class ObservedGRPOTrainer(OwnModelCard, ObservedSteps, GRPOTrainer):
@@ -101,31 +112,25 @@ def load_rewards(inputs: GRPOInputs, fmt) -> list:
     return rewards
 
 
-def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArguments, callbacks: tuple = ()) -> dict:
+def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
-    if not inputs.policy:
-        raise UserError("--policy is required: the SFT model to improve (see qwen-tune grpo --help)")
+    prepared = prepare_run(config)
+    args, inputs, lora = prepared.args, config.grpo, config.lora
     if is_adapter(inputs.policy):
         raise UserError(f"--policy {inputs.policy} is a LoRA adapter; merge it first (qwen-tune merge), then train "
                         f"the merged model (add --use_lora True for a new adapter)")
-    model_args = ModelArguments(model_name_or_path=inputs.policy, trust_remote_code=inputs.trust_remote_code)
-    data_args = DataArguments(data_path=inputs.prompts, **{k: getattr(inputs, k) for k in FormatArguments.__dataclass_fields__})
-    resolve_options(model_args, data_args, lora_args, args)
     policy_path = resolve_model_path(inputs.policy)
 
     tokenizer = load_tokenizer(policy_path, trust_remote_code=inputs.trust_remote_code)
-    fmt = data_args.chat_format(tokenizer, source=policy_path)  # the policy's saved template: the format it was trained in
+    fmt = set_chat_format(tokenizer, config.format, source=policy_path)  # the policy's saved template: the format it was trained in
     log(f"format: {fmt.description}")
     conversations = load_prompts(inputs.prompts, seed=args.seed, log=log)
     train = prompt_dataset(conversations, rendered_as_served(fmt, conversations))
-    args.chat_template_kwargs = dict(fmt.template_kwargs)  # TRL renders the prompts with the same switches
     rewards = load_rewards(inputs, fmt)
     log(f"grpo: {len(train)} prompts x {args.num_generations} completions, rewards: "
         + ", ".join(r.__name__ for r in rewards))
 
-    set_seed(args.seed)
-    model = load_model(policy_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
-                       trust_remote_code=inputs.trust_remote_code)
+    model = load_model(policy_path, dtype=train_dtype(args), q_lora=lora.q_lora, trust_remote_code=inputs.trust_remote_code)
     print_zero3_partition(model)
     trainer = ObservedGRPOTrainer(
         model=model,
@@ -133,20 +138,28 @@ def run(inputs: GRPOInputs, lora_args: LoraArguments, args: GRPOTrainingArgument
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=lora_config(model, **lora_args.adapter_options()) if lora_args.use_lora else None,
-        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
+        peft_config=lora_config(model, **lora.adapter_options()) if lora.use_lora else None,
+        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
     )
-    if lora_args.use_lora:
+    if lora.use_lora:
         log(f"lora: adapting {describe_adapter(trainer.model)}")
     show_progress_as_lines(trainer)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     metrics = dict(result.metrics)
     metrics["reward_first"] = next((h["reward"] for h in trainer.state.log_history if "reward" in h), None)
     metrics["reward_final"] = last_logged(trainer, "reward")
-    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={}, metrics=metrics,
-               kind="grpo", model_path=policy_path, adapter=lora_args.use_lora)
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data=PromptData(inputs.prompts), data_reports={}, metrics=metrics,
+               kind="grpo", model_path=policy_path, adapter=lora.use_lora)
     return metrics
 
 
+@dataclass(frozen=True)
+class PromptData:
+    """Where the prompts came from, as the model card lists data."""
+
+    data_path: str
+    eval_data_path: None = None
+
+
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune grpo"), callbacks=callbacks)
+    return run(load(METHOD, argv), callbacks=callbacks)

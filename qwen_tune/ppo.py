@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .args import FormatArguments, LoraArguments, RunArguments, parse
+from .options import FormatOptions, LoraOptions, Method, RunArguments, load, prepare_run, set_chat_format
+from .options.groups import Frozen
 from .data.chat_format import check_renderable
 from .data.read import load_prompts
 from .errors import UserError
@@ -64,7 +65,6 @@ from .train.deepspeed_loop import (
 )
 from .train.distributed import log, print_zero3_partition
 from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
-from .train.output_dir import prepare_output_dir
 from .train import ownership
 from .train.outputs import clean_up_checkpoints, how_to_load, publish
 
@@ -74,7 +74,7 @@ PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS = 1e-6, 1e-5, 3e-4, 100
 
 
 @dataclass
-class PPOArguments(FormatArguments, RunArguments):
+class PPOArguments(RunArguments, Frozen):
     _argument_group_name = "ppo"
     policy: str | None = field(default=None, metadata={"help": "The SFT model to improve: a full model directory or a LoRA adapter (qwen-tune sft output)."})
     reward_model: str | None = field(default=None, metadata={"help": "Reward model directory (qwen-tune rm output: full or adapter)."})
@@ -119,32 +119,39 @@ class PPOArguments(FormatArguments, RunArguments):
 # ---------------------------------------------------------------- options, prompts, rewards
 
 
-def check_options(args: PPOArguments, lora: LoraArguments) -> None:
-    """Mistakes users hit, each a clear message before anything heavy is loaded."""
+def check_options(values: dict[str, dict]) -> None:
+    """Mistakes users hit in the options, each a clear message before anything runs."""
+    args = values["ppo"]
     for name in ("policy", "prompts"):
-        if not getattr(args, name):
+        if not args[name]:
             raise UserError(f"--{name} is required (see qwen-tune ppo --help)")
-    if not (args.reward_model or args.reward_fn or args.reward_funcs):
+    if not (args["reward_model"] or args["reward_fn"] or args["reward_funcs"]):
         raise UserError("give --reward_model DIR, --reward_funcs module:function[,...] or --reward_fn module:function")
+    if args["reward_fn"] and (args["reward_model"] or args["reward_funcs"]):
+        raise UserError("--reward_fn (one reply at a time) cannot be combined; use --reward_funcs with --reward_model")
+    if args["critic"] not in ("head", "reward_model"):
+        raise UserError(f"--critic {args['critic']}: expected head or reward_model")
+    if args["critic"] == "reward_model" and not args["reward_model"]:
+        raise UserError("--critic reward_model needs --reward_model")
+    if args["kl_estimator"] not in ("k1", "k2", "k3"):
+        raise UserError(f"--kl_estimator {args['kl_estimator']}: expected k1, k2 or k3")
+    if min(args["per_device_train_batch_size"], args["mini_batch_size"] or 1, args["max_new_tokens"], args["ppo_epochs"]) < 1:
+        raise UserError("--per_device_train_batch_size, --mini_batch_size, --max_new_tokens and --ppo_epochs must be >= 1")
+    if args["temperature"] <= 0:
+        raise UserError("--temperature must be > 0 (PPO needs sampled replies)")
+
+
+METHOD = Method("ppo", groups={"ppo": PPOArguments, "format": FormatOptions, "lora": LoraOptions}, model_option=("ppo", "policy"),
+                resolve=check_options, run_group="ppo")
+
+
+def check_paths(args: PPOArguments) -> None:
+    """What the options name exists, and several ranks run under DeepSpeed."""
     if not args.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # else every rank would train alone
         raise UserError("ppo on several ranks runs under DeepSpeed: add --deepspeed recipes/ds_config_zero2.json "
                         "(or ds_config_zero3.json), or launch one process")
-    if args.reward_fn and (args.reward_model or args.reward_funcs):
-        raise UserError("--reward_fn (one reply at a time) cannot be combined; use --reward_funcs with --reward_model")
-    if args.critic not in ("head", "reward_model"):
-        raise UserError(f"--critic {args.critic}: expected head or reward_model")
-    if args.critic == "reward_model" and not args.reward_model:
-        raise UserError("--critic reward_model needs --reward_model")
-    if args.kl_estimator not in ("k1", "k2", "k3"):
-        raise UserError(f"--kl_estimator {args.kl_estimator}: expected k1, k2 or k3")
     if args.deepspeed and not Path(args.deepspeed).is_file():
         raise UserError(f"--deepspeed {args.deepspeed}: no such file")
-    if args.per_device_train_batch_size < 1 or (args.mini_batch_size or 1) < 1 or args.max_new_tokens < 1 or args.ppo_epochs < 1:
-        raise UserError("--per_device_train_batch_size, --mini_batch_size, --max_new_tokens and --ppo_epochs must be >= 1")
-    if args.temperature <= 0:
-        raise UserError("--temperature must be > 0 (PPO needs sampled replies)")
-    if lora.q_lora and not lora.use_lora:
-        raise UserError("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora True")
     for name in ("policy", "reward_model"):
         path = getattr(args, name)
         if path and not Path(path).is_dir():
@@ -176,19 +183,19 @@ def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int, rank: i
             step += 1
 
 
-def run(args: PPOArguments, lora: LoraArguments) -> dict:
-    check_options(args, lora)
+def run(config) -> dict:
+    args, lora = config.ppo, config.lora
+    check_paths(args)
+    prepared = prepare_run(config)
     ds_config = read_deepspeed_config(args.deepspeed) if args.deepspeed else None
     rank, world, device = init_distributed(bool(args.deepspeed))
     conversations = load_prompts(args.prompts, seed=args.seed, log=log)  # validate the data before any model is loaded
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
     reward_funcs = load_batch_rewards(args.reward_funcs, args.reward_timeout or None) if args.reward_funcs else []
-    prepare_output_dir(args)
-    torch.manual_seed(args.seed)
     policy_path = str(Path(args.policy).resolve())
 
     tokenizer = load_tokenizer(policy_path, trust_remote_code=args.trust_remote_code)
-    fmt = args.chat_format(tokenizer, source=policy_path)  # the policy's saved template: the format it was trained in
+    fmt = set_chat_format(tokenizer, config.format, source=policy_path)  # the policy's saved template: the format it was trained in
     log(f"format: {fmt.description}")
     check_renderable(fmt, conversations)
     prompt_ids = [fmt.prompt_ids(c.messages, c.tools) for c in conversations]
@@ -240,11 +247,11 @@ def run(args: PPOArguments, lora: LoraArguments) -> dict:
         f"{n_trainable:,} trainable parameters, reward from {', '.join(filter(None, (args.reward_model, args.reward_funcs, args.reward_fn)))}")
     history, start, resumed_step, recent = [], time.time(), 0, []
     trained = {"actor": actor, "critic": critic}
-    if args.resume_from_checkpoint:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
-        state = (load_engine_checkpoint(args.resume_from_checkpoint, engine) if engine is not None
-                 else load_loop_checkpoint(args.resume_from_checkpoint, trained, optimizer))
+    if prepared.resume_from:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
+        state = (load_engine_checkpoint(prepared.resume_from, engine) if engine is not None
+                 else load_loop_checkpoint(prepared.resume_from, trained, optimizer))
         resumed_step, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
-        log(f"ppo: resumed from {args.resume_from_checkpoint} after step {resumed_step}")
+        log(f"ppo: resumed from {prepared.resume_from} after step {resumed_step}")
     checkpoints_on = args.save_steps > 0
     with open(log_path, "w", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as log_file, StopSignal(checkpoints_on) as stop:
         for row in history if log_file is not None else ():
@@ -403,8 +410,5 @@ def save(actor, critic, tokenizer, out: str, adapter: bool) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
 
 
-ARGUMENTS = (PPOArguments, LoraArguments)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune ppo"))
+    return run(load(METHOD, argv))

@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from .args import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_arguments
+from .options.groups import set_chat_format
+from .options.tools import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_options
 from .data.chat_format import IGNORE
 from .data.cache import build_tokens, load_tokens
 from .tokenizer import load_tokenizer
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     source = resolve_model_path(a.tokenizer)  # unset: the embedded model's, so `sft --data_path OUT` on it matches
     tokenizer = load_tokenizer(source, trust_remote_code=a.trust_remote_code)
-    fmt = format_arguments(a).chat_format(tokenizer, source=a.tokenizer or "the embedded model")
+    fmt = set_chat_format(tokenizer, format_options(a), source=a.tokenizer or "the embedded model")
     print(f"format: {fmt.description}")
     options = cache_options(a)
     if a.out and not a.out.endswith(".jsonl"):

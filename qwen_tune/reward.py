@@ -1,7 +1,7 @@
 """Reward model training (`qwen-tune rm`): a Qwen backbone with a scalar head, Bradley-Terry loss.
 
 Reads top to bottom like the job: validate and tokenize the pairs (before any model is loaded;
-each side is scored at its closing `<|im_end|>`, see `score.reply_ids`), load a standard
+each side is scored at its closing `<|im_end|>`, see `ChatFormat.reply_ids`), load a standard
 `AutoModelForSequenceClassification` (num_labels=1; full, LoRA with the head saved in the adapter,
 or Q-LoRA), train with TRL's RewardTrainer (loss -log sigmoid(r_chosen - r_rejected - margin)),
 report accuracy and mean margin, save a plain Hugging Face directory.
@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForSequenceClassification, TrainerCallback, set_seed
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from .args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse, resolve_options, train_dtype
+from .options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
+                      prepare_run, set_chat_format, train_dtype)
 from .errors import UserError
 from .lora import add_lora
 from .model import is_adapter, load_model, resolve_model_path
@@ -41,7 +42,11 @@ class RewardTrainingArguments(TrainingArguments, RewardConfig):
     trust_remote_code: bool = field(default=False, init=False)  # set from ModelArguments' --trust_remote_code
 
 
-ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, RewardTrainingArguments)
+METHOD = Method(
+    "rm",
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "lora": LoraOptions, "train": RewardTrainingArguments},
+    learning_rates=LearningRates(full=1e-4, lora=1e-4),  # TRL's RewardConfig
+)
 
 
 class ObservedRewardTrainer(OwnModelCard, ObservedSteps, RewardTrainer):
@@ -65,46 +70,46 @@ class ContinuedTokenCount(TrainerCallback):
             self.trainer._total_train_tokens = counted[-1]
 
 
-def load_reward_backbone(model_args: ModelArguments, lora_args: LoraArguments, args: TrainingArguments):
+def load_reward_backbone(model_options: ModelOptions, lora: LoraOptions, args: TrainingArguments):
     """(model, base path): from a base LM (new head), a full reward model, or a LoRA reward adapter (stage 2)."""
-    start = model_args.model_name_or_path
+    start = model_options.model_name_or_path
     if is_adapter(start):
-        if lora_args.q_lora:
+        if lora.q_lora:
             raise UserError(f"--model_name_or_path {start} is a LoRA adapter; merge it first (qwen-tune merge) to train Q-LoRA on it")
-        model, _ = load_reward_model(start, is_trainable=lora_args.use_lora, dtype=train_dtype(args),
-                                     trust_remote_code=model_args.trust_remote_code)
+        model, _ = load_reward_model(start, is_trainable=lora.use_lora, dtype=train_dtype(args),
+                                     trust_remote_code=model_options.trust_remote_code)
         base = model.peft_config["default"].base_model_name_or_path
-        if not lora_args.use_lora:
+        if not lora.use_lora:
             model = model.merge_and_unload()  # full fine-tuning of stage 1's merged reward model
         return model, base
     path = resolve_model_path(start)
-    model = load_model(path, dtype=train_dtype(args), q_lora=lora_args.q_lora, trust_remote_code=model_args.trust_remote_code,
-                       attn_implementation=model_args.attn_implementation, model_class=AutoModelForSequenceClassification, num_labels=1)
-    if lora_args.use_lora:
+    model = load_model(path, dtype=train_dtype(args), q_lora=lora.q_lora, trust_remote_code=model_options.trust_remote_code,
+                       attn_implementation=model_options.attn_implementation, allow_pickle_weights=model_options.allow_pickle_weights,
+                       model_class=AutoModelForSequenceClassification, num_labels=1)
+    if lora.use_lora:
         # task_type SEQ_CLS makes PEFT train the new `score` head in full and save it with the adapter
-        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
-                         task_type="SEQ_CLS", **lora_args.adapter_options())
+        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing,
+                         task_type="SEQ_CLS", **lora.adapter_options())
     return model, path
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: RewardTrainingArguments,
-        callbacks: tuple = ()) -> dict:
+def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
-    resolve_options(model_args, data_args, lora_args, args)
-    start = model_args.model_name_or_path
+    prepared = prepare_run(config)  # also seeds the new score head
+    args, model_options, data, lora = prepared.args, config.model, config.data, config.lora
+    start = model_options.model_name_or_path
     tokenizer = load_tokenizer(start if start and os.path.isdir(start) else resolve_model_path(start),
-                               trust_remote_code=model_args.trust_remote_code)
-    fmt = data_args.chat_format(tokenizer, source=start or "the embedded model")
+                               trust_remote_code=model_options.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=start or "the embedded model")
     log(f"format: {fmt.description}")
     train, train_report, evaluation, eval_report = load_splits(
-        data_args, args.seed, lambda paths: encode_pairs(paths, fmt, args.model_max_length, args.margin, seed=args.seed), log)
+        data, args.seed, lambda paths: encode_pairs(paths, fmt, data.model_max_length, args.margin, seed=args.seed), log)
     if not len(train):
-        raise UserError(f"{data_args.data_path}: no pair fits within model_max_length={args.model_max_length}")
+        raise UserError(f"{data.data_path}: no pair fits within model_max_length={data.model_max_length}")
 
-    set_seed(args.seed)  # the new score head is random: make it reproducible
-    model, base_path = load_reward_backbone(model_args, lora_args, args)
+    model, base_path = load_reward_backbone(model_options, lora, args)
     model.config.use_cache = False
-    if lora_args.use_lora:
+    if lora.use_lora:
         model.print_trainable_parameters()
 
     trainer = ObservedRewardTrainer(
@@ -113,27 +118,25 @@ def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArg
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
     )
     show_progress_as_lines(trainer)
-    if lora_args.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
+    if lora.q_lora:  # TRL casts every trainable tensor of a 4-bit model to bf16; the score head must match the hidden states
         for name, param in model.named_parameters():
             if param.requires_grad and "modules_to_save" in name:
                 param.data = param.data.to(train_dtype(args))
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     metrics = dict(result.metrics)
     metrics["train_loss_final"] = last_logged(trainer, "loss")
     metrics["train_accuracy_first"] = next((h["accuracy"] for h in trainer.state.log_history if "accuracy" in h), None)  # stage 2: did it start from a working RM?
     metrics["train_accuracy_final"] = last_logged(trainer, "accuracy")
     if evaluation is not None:
         metrics.update(trainer.evaluate())  # eval_accuracy, eval_margin (mean r_chosen - r_rejected)
-
-    if evaluation is not None:
         log(f"eval: accuracy {metrics.get('eval_accuracy', float('nan')):.3f}, mean margin {metrics.get('eval_margin', float('nan')):.3f}")
-    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
-               metrics=metrics, kind="rm", model_path=base_path, adapter=lora_args.use_lora, reward_model=True)
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data=data, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="rm", model_path=base_path, adapter=lora.use_lora, reward_model=True)
     return metrics
 
 
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune rm"), callbacks=callbacks)
+    return run(load(METHOD, argv), callbacks=callbacks)

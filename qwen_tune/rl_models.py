@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from .args import LoraArguments
+from .options import LoraOptions
 from .loading import load_trained
 from .lora import add_lora
 from .model import is_adapter, load_model
@@ -23,7 +23,7 @@ from .train.loss import backbone_and_head
 from .train.deepspeed_loop import to_device
 
 
-def load_actor(policy: str, lora: LoraArguments, trust_remote_code: bool, device: torch.device):
+def load_actor(policy: str, lora: LoraOptions, trust_remote_code: bool, device: torch.device):
     """-> (actor, reference context). The reference is the frozen starting policy:
     LoRA on a full model: the adapter switched off; an SFT adapter trained further: a frozen copy
     of that adapter (PEFT multi-adapter); full training: a second, frozen model."""

@@ -11,7 +11,7 @@ from .reward_model import last_reply_ids, load_reward_model, score_token_ids
 
 
 def parse_args(argv: list[str] | None):
-    from .args import add_format_arguments, add_trust_argument
+    from .options.tools import add_format_arguments, add_trust_argument
 
     p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
     p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
@@ -24,14 +24,15 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .args import format_arguments
+    from .options.groups import set_chat_format
+    from .options.tools import format_options
     from .data.read import detect_kind, load_conversations, load_preference_pairs
 
     args = parse_args(argv)
     kind = detect_kind(args.data)
     samples = load_preference_pairs(args.data) if kind == "preference" else load_conversations(args.data)  # validate first
     model, tokenizer = load_reward_model(args.model, trust_remote_code=args.trust_remote_code)
-    fmt = format_arguments(args).chat_format(tokenizer, source=args.model)
+    fmt = set_chat_format(tokenizer, format_options(args), source=args.model)
     check_renderable(fmt, samples)
     if kind == "preference":
         chosen = score_token_ids(model, [sum(fmt.reply_ids(s.prompt, s.chosen, s.tools), []) for s in samples], args.batch_size)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from .args import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, cache_options, parse, resolve_options,
-                   train_dtype)
+from .options import (CacheOptions, DataOptions, FormatOptions, LayoutOptions, LearningRates, LoraOptions, Method,
+                      ModelOptions, TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
+from .options.training import SEED_LR_FULL, SEED_LR_LORA
 from .data.collate import PackedCollator, PaddedCollator
 from .data.cache import load_tokens
 from .data.splits import load_splits
@@ -24,8 +25,6 @@ from .train.distributed import log, print_zero3_partition
 from .train.guards import ObservedSteps, safety_callbacks
 from .train.loss import causal_lm_loss_terms, router_aux_loss_coef
 from .train.outputs import finish_run, last_logged
-
-ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
 
 class SFTTrainer(ObservedSteps, Trainer):
@@ -77,75 +76,86 @@ def router_loss_share(aux_loss: torch.Tensor, coef: float, n: int) -> torch.Tens
     return coef * aux_loss.to(torch.float32) * n
 
 
-def resolve_sft_options(data_args: DataArguments, args: TrainingArguments) -> None:
-    """SFT's layout choices, made before `resolve_options`: the seed's pad-to-max turns packing off;
-    unpacked batches group by length."""
-    if data_args.pad_to_max_length and data_args.packing:
-        data_args.packing = False  # the seed's layout was asked for explicitly
-    if args.train_sampling_strategy == "auto":  # dynamic padding wastes little when lengths are alike
-        args.train_sampling_strategy = "group_by_length" if not data_args.packing and not data_args.pad_to_max_length else "random"
+def resolve_layout(values: dict[str, dict]) -> None:
+    """SFT's layout choices: the seed's pad-to-max turns packing off; unpacked batches group by length (dynamic
+    padding wastes little when lengths are alike)."""
+    layout, train = values["layout"], values["train"]
+    if layout["pad_to_max_length"]:
+        layout["packing"] = False  # the seed's layout was asked for explicitly
+    if train["train_sampling_strategy"] == "auto":
+        train["train_sampling_strategy"] = "group_by_length" if not layout["packing"] and not layout["pad_to_max_length"] else "random"
 
 
-def collator_for(data_args: DataArguments, args: TrainingArguments, pad_token_id: int, packing: bool):
+METHOD = Method(
+    "sft",
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "layout": LayoutOptions, "cache": CacheOptions,
+            "lora": LoraOptions, "train": TrainingArguments},
+    learning_rates=LearningRates(full=SEED_LR_FULL, lora=SEED_LR_LORA),  # the seed's
+    resolve=resolve_layout,
+)
+
+
+def collator_for(layout: LayoutOptions, max_length: int, pad_token_id: int, packing: bool):
     """`packing`: `--packing` as the model can honour it (model.packing_for)."""
-    if data_args.pad_to_max_length:
-        return PaddedCollator(pad_token_id, pad_to=args.model_max_length)
+    if layout.pad_to_max_length:
+        return PaddedCollator(pad_token_id, pad_to=max_length)
     if packing:
         return PackedCollator()
     return PaddedCollator(pad_token_id)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments,
-        callbacks: tuple = ()) -> dict:
+def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
-    resolve_sft_options(data_args, args)
-    resolve_options(model_args, data_args, lora_args, args)
-    model_path = resolve_model_path(model_args.model_name_or_path)
+    prepared = prepare_run(config)
+    args, model_options, data, lora = prepared.args, config.model, config.data, config.lora
+    model_path = resolve_model_path(model_options.model_name_or_path)
+    if config.layout.lazy_preprocess:
+        log("--lazy_preprocess: accepted for the seed's scripts; the data is always tokenized once and memory-mapped")
 
-    tokenizer = load_tokenizer(model_path, trust_remote_code=model_args.trust_remote_code)
-    fmt = data_args.chat_format(tokenizer, source=model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=model_path)
     log(f"format: {fmt.description}")
     def load(paths):
-        return load_tokens(paths, fmt, args.model_max_length, seed=args.seed, options=cache_options(data_args))
+        return load_tokens(paths, fmt, data.model_max_length, seed=args.seed, options=config.cache)
 
     with args.main_process_first(local=True, desc="tokenizing the data"):  # one rank per node tokenizes, the others map its cache
-        train_samples, train_report, eval_samples, eval_report = load_splits(data_args, args.seed, load, log)
+        train_samples, train_report, eval_samples, eval_report = load_splits(data, args.seed, load, log)
     if not train_samples:
-        raise UserError(f"{data_args.data_path}: no sample has a supervised token left within model_max_length={args.model_max_length}")
+        raise UserError(f"{data.data_path}: no sample has a supervised token left within model_max_length={data.model_max_length}")
 
-    model = load_model(model_path, dtype=train_dtype(args), q_lora=lora_args.q_lora,
-                       trust_remote_code=model_args.trust_remote_code, attn_implementation=model_args.attn_implementation,
-                       allow_pickle_weights=model_args.allow_pickle_weights)
+    model = load_model(model_path, dtype=train_dtype(args), q_lora=lora.q_lora,
+                       trust_remote_code=model_options.trust_remote_code, attn_implementation=model_options.attn_implementation,
+                       allow_pickle_weights=model_options.allow_pickle_weights)
     model.config.use_cache = False  # packed rows need it off, and training never uses the cache
     print_zero3_partition(model)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
-    if lora_args.use_lora:
-        model = add_lora(model, q_lora=lora_args.q_lora, gradient_checkpointing=args.gradient_checkpointing,
-                         **lora_args.adapter_options())
+    if lora.use_lora:
+        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
         model.print_trainable_parameters()
 
+    packing = packing_for(model, config.layout.packing, log)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length
         eval_dataset=eval_samples if eval_samples else None,
-        data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing_for(model, data_args.packing, log)),
+        data_collator=collator_for(config.layout, data.model_max_length, tokenizer.pad_token_id, packing),
         processing_class=tokenizer,
-        callbacks=safety_callbacks(args, callbacks) + report_callbacks(args),
+        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
     )
     show_progress_as_lines(trainer)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     metrics = dict(result.metrics)
     metrics["train_real_tokens_per_second"] = round(trainer.state.num_input_tokens_seen / max(metrics["train_runtime"], 1e-9), 1)
     metrics["train_loss_final"] = last_logged(trainer, "loss")
     if eval_samples:
         metrics.update(trainer.evaluate())
 
-    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data_args=data_args, data_reports={"train": train_report, "eval": eval_report},
-               metrics=metrics, kind="sft", model_path=model_path, adapter=lora_args.use_lora)
+    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data=data, data_reports={"train": train_report, "eval": eval_report},
+               metrics=metrics, kind="sft", model_path=model_path, adapter=lora.use_lora)
     return metrics
 
 
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:
-    return run(*parse(ARGUMENTS, argv, prog="qwen-tune sft"), callbacks=callbacks)
+    return run(load(METHOD, argv), callbacks=callbacks)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_hybrid_packing import ATTENTION_ONLY, COMPOSITE, HYBRID, save_tiny_checkpoint
-from qwen_tune.args import LoraArguments
+from qwen_tune.options import LoraOptions
 from qwen_tune.data.collate import PackedCollator
 from qwen_tune.loading import load_trained
 from qwen_tune.lora import add_lora
@@ -41,7 +41,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", EVERY_TYPE)
 def test_lora_with_the_defaults_trains_and_reloads_on_its_base(model_type, tmp_path, tokenizer, conversations):
     base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
-    model = add_lora(load_model(base), **LoraArguments(use_lora=True).adapter_options())
+    model = add_lora(load_model(base), **LoraOptions(use_lora=True).adapter_options())
     one_step(model, conversations)
     model.save_pretrained(tmp_path / "adapter")
     ids = torch.tensor([conversations[0]["input_ids"][:40]])
@@ -56,7 +56,7 @@ def test_lora_with_the_defaults_trains_and_reloads_on_its_base(model_type, tmp_p
 @pytest.mark.parametrize("model_type", EVERY_TYPE)
 def test_qlora_with_the_defaults_trains_an_adapter_on_a_4bit_base(model_type, tmp_path, tokenizer, conversations):
     base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
-    model = add_lora(load_model(base, q_lora=True), q_lora=True, **LoraArguments(use_lora=True, q_lora=True).adapter_options())
+    model = add_lora(load_model(base, q_lora=True), q_lora=True, **LoraOptions(use_lora=True, q_lora=True).adapter_options())
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
     one_step(model, conversations)
     model.save_pretrained(tmp_path / "adapter")

@@ -343,12 +343,12 @@ def test_a_template_that_refuses_a_conversation_is_a_user_error(tokenizer, tmp_p
 
 
 def test_template_switch_options_are_checked(tokenizer):
-    from qwen_tune.args import FormatArguments
+    from qwen_tune.options import FormatOptions, set_chat_format
 
     with pytest.raises(UserError, match="--chat_template_kwargs is not valid JSON"):
-        FormatArguments(chat_template_kwargs="{preserve_thinking: true}").chat_format(copy.copy(tokenizer))
-    fmt = FormatArguments(chat_template="qwen3", enable_thinking=False,
-                          chat_template_kwargs='{"preserve_thinking": true}').chat_format(copy.copy(tokenizer))
+        set_chat_format(copy.copy(tokenizer), FormatOptions(chat_template_kwargs="{preserve_thinking: true}"))
+    fmt = set_chat_format(copy.copy(tokenizer), FormatOptions(chat_template="qwen3", enable_thinking=False,
+                                                             chat_template_kwargs='{"preserve_thinking": true}'))
     assert fmt.template_kwargs == {"preserve_thinking": True, "enable_thinking": False}
     prompt = tokenizer.decode(fmt.prompt_ids([{"role": "user", "content": "Hi"}]))
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

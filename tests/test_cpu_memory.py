@@ -2,7 +2,7 @@
 
 Without it glibc returns every block above 32 MB to the kernel, and each step's activations are
 page-faulted and zeroed again: measured as the page faults of allocating a 128 MB tensor a second time,
-in a fresh process, after the real `qwen-tune sft` option parsing (or without it, or with the user's own
+in a fresh process, after the real `qwen-tune sft` run preparation (or without it, or with the user's own
 glibc setting, which must be left alone). The fewest faults of three reallocations: about one run in eight, the
 heap's free space after the first block does not fit the next aligned block of the same size and the heap grows
 once; from then on the blocks are reused (without the setting, every reallocation faults its 128 MB in again).
@@ -18,9 +18,9 @@ from helpers import ROOT, fresh_env
 REALLOCATE = r"""
 import resource, sys, torch
 from qwen_tune import sft
-from qwen_tune.args import parse
+from qwen_tune.options import load, prepare_run
 if sys.argv[1] == "sft":
-    parse(sft.ARGUMENTS, ["--data_path", "data/sft_example.json", "--output_dir", sys.argv[2]])
+    prepare_run(load(sft.METHOD, ["--data_path", "data/sft_example.json", "--output_dir", sys.argv[2]]))
 block = 2**25  # float32 values: 128 MB
 torch.ones(block)  # allocated and freed
 faults = []

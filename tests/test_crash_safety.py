@@ -19,7 +19,6 @@ import torch
 from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env
 from safetensors.torch import load_file
 
-from qwen_tune.args import TrainingArguments
 from qwen_tune.errors import UserError
 from qwen_tune.train import ownership
 from qwen_tune.train.checkpoints import COMPLETE, latest_complete_checkpoint, rotate_checkpoints
@@ -235,8 +234,9 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
     assert "train:" not in capsys.readouterr().err  # failed before the data was even read
 
 
-def args_for(out, **kw) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(out), report_to="none", **kw)
+def prepare(out, overwrite: bool = False, resume: str | None = None) -> str | None:
+    """The output directory step of prepare_run: the checkpoint to resume from, or None."""
+    return prepare_output_dir(str(out), overwrite, resume)
 
 
 def make_checkpoint(out, step: int, complete: bool = True) -> str:
@@ -257,19 +257,17 @@ def test_finished_or_interrupted_run_is_not_overwritten_without_the_flag(tmp_pat
     (finished / "model.safetensors").write_bytes(b"x")
     ownership.mark_finished(str(finished), {})
     with pytest.raises(UserError, match="holds a finished run.*--overwrite_output_dir"):
-        prepare_output_dir(args_for(finished))
+        prepare(finished)
     make_checkpoint(finished, 8)  # the last checkpoint of that run
     with pytest.raises(UserError, match="finished run \\(run_complete.json\\): there is nothing to resume, and nothing was changed"):
-        prepare_output_dir(args_for(finished, resume_from_checkpoint="auto"))
+        prepare(finished, resume="auto")
     assert sorted(os.listdir(finished)) == [".qwen-tune", "checkpoint-8", "model.safetensors", "run_complete.json"]
     interrupted = tmp_path / "interrupted"
     make_checkpoint(interrupted, 4)
     with pytest.raises(UserError, match="checkpoints of an interrupted run.*--resume_from_checkpoint auto"):
-        prepare_output_dir(args_for(interrupted))
-    args = args_for(interrupted, resume_from_checkpoint="auto")
-    prepare_output_dir(args)  # resuming is allowed
-    assert args.resume_from_checkpoint == os.path.join(interrupted, "checkpoint-4")
-    prepare_output_dir(args_for(finished, overwrite_output_dir=True))
+        prepare(interrupted)
+    assert prepare(interrupted, resume="auto") == os.path.join(interrupted, "checkpoint-4")  # resuming is allowed
+    prepare(finished, overwrite=True)
     assert not (finished / "model.safetensors").exists()
 
 
@@ -277,14 +275,10 @@ def test_resume_auto_skips_incomplete_checkpoints_and_starts_fresh_when_none(tmp
     make_checkpoint(tmp_path, 2)
     make_checkpoint(tmp_path, 4)
     make_checkpoint(tmp_path, 6, complete=False)  # killed while writing
-    args = args_for(tmp_path, resume_from_checkpoint="auto")
-    prepare_output_dir(args)
-    assert args.resume_from_checkpoint == os.path.join(tmp_path, "checkpoint-4")
-    args = args_for(tmp_path / "empty", resume_from_checkpoint="auto")
-    prepare_output_dir(args)
-    assert args.resume_from_checkpoint is None and "starting fresh" in capsys.readouterr().err
+    assert prepare(tmp_path, resume="auto") == os.path.join(tmp_path, "checkpoint-4")
+    assert prepare(tmp_path / "empty", resume="auto") is None and "starting fresh" in capsys.readouterr().err
     with pytest.raises(UserError, match="not a checkpoint directory"):
-        prepare_output_dir(args_for(tmp_path / "x", resume_from_checkpoint=str(tmp_path / "nowhere")))
+        prepare(tmp_path / "x", resume=str(tmp_path / "nowhere"))
 
 
 def test_rotation_never_deletes_the_kept_newest_or_incomplete_checkpoints(tmp_path):

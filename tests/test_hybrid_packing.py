@@ -100,13 +100,13 @@ def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_typ
     """sft's default batch is packed on every type but Qwen4-Exp (padded, one line says why) and gives the loss of each
     sample alone, in float64: sums of a few hundred token losses agree to ~1e-12, a sample seeing another one moves
     the loss by far more."""
-    from qwen_tune.args import parse
-    from qwen_tune.sft import ARGUMENTS, collator_for
+    from qwen_tune.options import load
+    from qwen_tune.sft import METHOD, collator_for
 
     model = tiny_model(model_type)
     lines = []
-    data_args, args = (parse(ARGUMENTS, ["--data_path", f"{DATA}/sft_example.json", "--output_dir", "/nonexistent"]))[1::2]
-    collator = collator_for(data_args, args, 0, packing_for(model, data_args.packing, lines.append))
+    config = load(METHOD, ["--data_path", f"{DATA}/sft_example.json", "--output_dir", "/nonexistent"])
+    collator = collator_for(config.layout, config.data.model_max_length, 0, packing_for(model, config.layout.packing, lines.append))
     packed_here = model_type not in NOT_PACKED
     assert isinstance(collator, PackedCollator) == packing_is_exact(model) == packed_here
     assert lines == ([] if packed_here else [f"packing: off: {model_type} has indexed_attention layers, which would carry "

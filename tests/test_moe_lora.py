@@ -35,11 +35,10 @@ def tiny(model_type: str, **config):
 
 def default_lora_options(*argv: str) -> dict:
     """`add_lora`'s options as `qwen-tune sft --use_lora True ARGV` resolves them (rank 4 for speed)."""
-    from qwen_tune.args import parse
-    from qwen_tune.sft import ARGUMENTS
+    from qwen_tune.options import load
+    from qwen_tune.sft import METHOD
 
-    lora = parse(ARGUMENTS, ["--data_path", "x.json", "--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", *argv])[2]
-    return lora.adapter_options()
+    return load(METHOD, ["--data_path", "x.json", "--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", *argv]).lora.adapter_options()
 
 
 def batch(n_tokens: int = 24, seed: int = 1) -> dict:

@@ -14,13 +14,14 @@ import pytest
 import torch
 from helpers import DATA, run_cli
 
-from qwen_tune.args import parse, resolve_options
+from qwen_tune.options import load
+from qwen_tune.options.prepare import trainer_arguments
 from qwen_tune.data.collate import PackedCollator, PaddedCollator
 from qwen_tune.data.dataset import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
 from qwen_tune.lora import add_lora
 from qwen_tune.model import load_model
-from qwen_tune.sft import ARGUMENTS, SFTTrainer, collator_for, resolve_sft_options
+from qwen_tune.sft import METHOD, SFTTrainer, collator_for
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 
@@ -105,11 +106,10 @@ def test_pad_id_equal_to_im_end_keeps_end_of_turn_labels(samples):
 
 
 def parsed(*argv):
+    """The resolved config, and the Trainer's arguments built from it."""
     out = tempfile.mkdtemp(prefix="qwen-tune-options-")
-    model_args, data_args, lora_args, args = parse(ARGUMENTS, ["--data_path", "x.json", "--output_dir", out, "--report_to", "none", *argv])
-    resolve_sft_options(data_args, args)
-    resolve_options(model_args, data_args, lora_args, args)
-    return data_args, args
+    config = load(METHOD, ["--data_path", "x.json", "--output_dir", out, "--report_to", "none", *argv])
+    return config, trainer_arguments(config, resume=None, own_ranks=False)
 
 
 def test_packing_off_groups_by_length_unless_told_otherwise():
@@ -117,8 +117,8 @@ def test_packing_off_groups_by_length_unless_told_otherwise():
     assert parsed("--packing", "False", "--train_sampling_strategy", "random")[1].train_sampling_strategy == "random"
     assert parsed("--packing", "False")[1].train_sampling_strategy == "group_by_length"
     assert parsed("--packing", "False", "--train_sampling_strategy", "sequential")[1].train_sampling_strategy == "sequential"
-    data_args, args = parsed("--pad_to_max_length", "True")  # the seed's layout, the seed's random order
-    assert not data_args.packing and args.train_sampling_strategy == "random"
+    config, args = parsed("--pad_to_max_length", "True")  # the seed's layout, the seed's random order
+    assert not config.layout.packing and args.train_sampling_strategy == "random"
 
 
 def padding_fraction(trainer) -> float:
@@ -137,9 +137,10 @@ def test_length_grouped_batches_waste_less_padding(model, samples, tokenizer, tm
               for s in samples for k in range(1, 17)]  # 192 samples from 47 to 1856 tokens
     fractions = {}
     for extra in ([], ["--train_sampling_strategy", "random"]):
-        data_args, args = parsed("--packing", "False", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *extra)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=SFTDataset_of(spread),
-                             data_collator=collator_for(data_args, args, tokenizer.pad_token_id, packing=False), processing_class=tokenizer)
+        config, args = parsed("--packing", "False", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *extra)
+        collator = collator_for(config.layout, config.data.model_max_length, tokenizer.pad_token_id, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=SFTDataset_of(spread), data_collator=collator,
+                             processing_class=tokenizer)
         fractions[args.train_sampling_strategy] = padding_fraction(trainer)
     assert fractions["group_by_length"] < 0.5 * fractions["random"], fractions
 

@@ -291,14 +291,13 @@ def test_bad_options_are_clear_errors(prompts, tmp_path):
         main(base + ["--prompts", prompts, "--reward_fn", "no_such_module_xyz:f"])
     with pytest.raises(UserError, match="has no function nope"):
         main(base + ["--prompts", prompts, "--reward_fn", "os:nope"])
-    from qwen_tune.args import LoraArguments
-    from qwen_tune.ppo import PPOArguments, check_options
+    from qwen_tune.ppo import PPOArguments, check_paths
 
     several_ranks = PPOArguments(policy=str(tmp_path), prompts=prompts, reward_fn="os:getcwd", output_dir=str(tmp_path))
     with pytest.MonkeyPatch.context() as patch:  # as torchrun sets it; without DeepSpeed each rank would train alone
         patch.setenv("WORLD_SIZE", "2")
         with pytest.raises(UserError, match="ppo on several ranks runs under DeepSpeed: add --deepspeed"):
-            check_options(several_ranks, LoraArguments())
+            check_paths(several_ranks)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     with pytest.raises(UserError, match="bad.jsonl:1: .*must end with a user turn"):

@@ -108,7 +108,7 @@ def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp
     import torch
 
     from qwen_tune import sft
-    from qwen_tune.args import parse
+    from qwen_tune.options import load
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -116,9 +116,9 @@ def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp
         sft.main(["--config", os.path.join(ROOT, "recipes", "finetune_lora.yaml"), "--data_path", "/nonexistent.json",
                   "--output_dir", str(tmp_path / "o")])
     for yaml_file, flag in (("finetune_lora.yaml", "--bf16"), ("finetune_qlora.yaml", "--fp16")):
-        *_, args = parse(sft.ARGUMENTS, ["--config", os.path.join(ROOT, "recipes", yaml_file), "--output_dir", str(tmp_path / "p")])
-        assert not args.bf16 and not args.fp16
-        assert args.precision_fallback == f"{flag} True asked for, but there is no CUDA GPU: training in fp32 on the CPU"
+        config = load(sft.METHOD, ["--config", os.path.join(ROOT, "recipes", yaml_file), "--output_dir", str(tmp_path / "p")])
+        assert not config.train["bf16"] and not config.train["fp16"]
+        assert config.notes == (f"{flag} True asked for, but there is no CUDA GPU: training in fp32 on the CPU",)
 
 
 @pytest.mark.parametrize("offline", ["1", "0"])
@@ -173,7 +173,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
     from qwen_tune.data.chat_format import resolve_format
 
     """4 micro-batches of 1 give the same update as one batch of 4: the loss is the mean over the step's tokens."""
-    from qwen_tune.args import TrainingArguments
+    from qwen_tune.options import TrainingArguments
     from qwen_tune.data.collate import PackedCollator
     from qwen_tune.data.dataset import SFTDataset, encode_conversations
     from qwen_tune.data.read import Conversation

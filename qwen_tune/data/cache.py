@@ -23,13 +23,13 @@ import tempfile
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import xxhash
 
 from ..errors import DataError, UserError
+from ..options.groups import CacheOptions
 from .dataset import EncodeReport
 
 DATA, INFO, MARKER = "data.arrow", "tokens.json", "complete.json"
@@ -41,26 +41,6 @@ SCHEMA = pa.schema([
 ])
 TRAINING_COLUMNS = ["input_ids", "labels", "id", "length"]
 CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "dataset.py", "cache.py")
-
-
-@dataclass
-class CacheOptions:
-    """`--tokens_cache` (a directory, or "none") and `--preprocessing_num_workers` (None: min(4, CPUs))."""
-
-    root: str | None = None
-    workers: int | None = None
-
-    def directory(self) -> Path | None:
-        if self.root and self.root.lower() in ("none", "off", "false", "no"):
-            return None
-        if self.root:
-            return Path(self.root).expanduser()
-        from ..paths import cache_dir
-
-        return cache_dir() / "tokens"
-
-    def num_workers(self) -> int:
-        return max(1, self.workers if self.workers else min(4, os.cpu_count() or 1))
 
 
 def say(message: str) -> None:

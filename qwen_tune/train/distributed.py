@@ -25,13 +25,8 @@ def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def wants_deepspeed(argv: list[str]) -> bool:
-    return any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
-
-
-def prepare_cpu_ranks(argv: list[str]) -> bool:
+def prepare_cpu_ranks(deepspeed: bool) -> bool:
     """Set up gloo-backed ranks (DDP, or DeepSpeed when `--deepspeed` is asked for) on a machine without CUDA."""
-    deepspeed = wants_deepspeed(argv)
     if not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     import torch

@@ -158,8 +158,8 @@ class FreeDiskCheck(TrainerCallback):
             check_free_space(args.output_dir, checkpoint_bytes(model))
 
 
-def safety_callbacks(args, extra: tuple = ()) -> list:
+def safety_callbacks(args, extra: tuple = (), resume_from: str | None = None) -> list:
     """The callbacks that guard every HF / TRL Trainer. `extra` callbacks (a test's fault or trace) come
-    first, so that the NaN guard sees what they did to a batch."""
-    return [*extra, UniversalParamGroups(), FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
+    first, so that the NaN guard sees what they did to a batch. `resume_from`: the checkpoint the run continues."""
+    return [*extra, UniversalParamGroups(resume_from), FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
             CheckpointSafety(args.checkpoint_limit)]  # last: it claims the checkpoint any of them asked for

@@ -1,6 +1,6 @@
 """Before any data or model is loaded: is the output directory safe to use, and is this a resume?
 
-`prepare_output_dir(args)` resolves `--resume_from_checkpoint auto|PATH` (a DeepSpeed one on any number of ranks),
+`prepare_output_dir(out, overwrite, resume)` resolves `--resume_from_checkpoint auto|PATH` (a DeepSpeed one on any number of ranks),
 refuses to overwrite a finished run, an interrupted one's checkpoints or a user's files, fails early on an unwritable
 directory and takes the directory's run lock.
 """
@@ -16,15 +16,16 @@ from ..trust import check_checkpoint_pickles
 from . import ownership
 from .checkpoints import COMPLETE, checkpoints, latest_complete_checkpoint
 from .distributed import is_main_process, log
-from .reshard import resume_on_this_world
 
 
-def resolve_resume(args) -> str | None:
+def asks_to_resume(value) -> bool:
+    return value is not None and str(value).strip().lower() not in ("", "false", "no", "none")
+
+
+def resolve_resume(out: str, value: str | None) -> str | None:
     """`--resume_from_checkpoint auto` (or true) -> newest complete checkpoint or None; PATH -> checked PATH."""
-    value = getattr(args, "resume_from_checkpoint", None)  # PPO has no mid-run checkpoints to resume
-    if value is None or str(value).strip().lower() in ("", "false", "no", "none"):
+    if not asks_to_resume(value):
         return None
-    out = args.output_dir
     if str(value).strip().lower() in ("auto", "true", "yes", "latest"):
         path = latest_complete_checkpoint(out)
         for _, cut_short, ok in checkpoints(out):
@@ -49,36 +50,30 @@ def resolve_resume(args) -> str | None:
 
 # ---- before any work ----------------------------------------------------------------------------
 
-def prepare_output_dir(args) -> None:
+def prepare_output_dir(out: str, overwrite: bool, resume_from_checkpoint: str | None) -> str | None:
     """Refuse, before any work, to start a run that would lose work, touch the user's files or could not save;
-    then hold the directory's lock for the run (ownership.py). Sets `args.resume_from_checkpoint` to the resolved
-    checkpoint path (or None)."""
-    out = args.output_dir
+    then hold the directory's lock for the run (ownership.py). Returns the checkpoint to resume from (or None)."""
     if os.path.islink(out) and not os.path.exists(out):
         raise UserError(f"--output_dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; create "
                         f"that directory or choose another --output_dir")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--output_dir {out} exists and is not a directory")
-    check_users_files(out, args.overwrite_output_dir)
+    check_users_files(out, overwrite)
     main_process = is_main_process()
     if main_process:
         check_writable(out)
         ownership.lock(out)
     finished = ownership.is_finished(out)
-    asked = str(getattr(args, "resume_from_checkpoint", None) or "").strip().lower() not in ("", "false", "no", "none")
-    if finished and asked and not args.overwrite_output_dir:
+    if finished and asks_to_resume(resume_from_checkpoint) and not overwrite:
         raise UserError(f"--output_dir {out} holds a finished run ({ownership.RUN_COMPLETE}): there is nothing to resume, "
                         f"and nothing was changed. To train it again, pass --overwrite_output_dir instead")
-    resume = resolve_resume(args)
-    if hasattr(args, "resume_from_checkpoint"):
-        args.resume_from_checkpoint = resume
-    resume_on_this_world(args, resume)  # a DeepSpeed checkpoint of another number of ranks (reshard.py)
+    resume = resolve_resume(out, resume_from_checkpoint)
     if resume is None and os.path.isdir(out):
         previous = [os.path.basename(path) for _, path, _ in checkpoints(out)]
-        if finished and not args.overwrite_output_dir:
+        if finished and not overwrite:
             raise UserError(f"--output_dir {out} holds a finished run. Replace it with --overwrite_output_dir, or choose "
                             f"another --output_dir")
-        if previous and not args.overwrite_output_dir:
+        if previous and not overwrite:
             raise UserError(f"--output_dir {out} holds checkpoints of an interrupted run ({', '.join(previous[-3:])}). "
                             f"Continue it with --resume_from_checkpoint auto, replace it with --overwrite_output_dir, "
                             f"or choose another --output_dir")
@@ -87,6 +82,7 @@ def prepare_output_dir(args) -> None:
     if main_process:
         ownership.clear_staging(out)
         ownership.claim(out, [n for n in ownership.WRITTEN_WHILE_TRAINING if n not in ownership.users_entries(out)])
+    return resume
 
 
 def check_users_files(out: str, overwrite: bool) -> None:

@@ -24,10 +24,10 @@ def last_logged(trainer: Trainer, key: str):
     return values[-1] if values else None
 
 
-def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dict, metrics: dict, kind: str,
+def finish_run(trainer: Trainer, *, tokenizer, fmt, data, data_reports: dict, metrics: dict, kind: str,
                model_path: str, adapter: bool, reward_model: bool = False) -> None:
     """Save what `trainer` trained into its output directory and print how to load it.
-    `fmt`: the run's ChatFormat; `data_args`: where the data came from (for the card)."""
+    `fmt`: the run's ChatFormat; `data`: the run's DataOptions, where the data came from (for the card)."""
     out = trainer.args.output_dir
     data_reports = {name: report for name, report in data_reports.items() if report is not None}
     card = card_path(out) if trainer.is_world_process_zero() else None
@@ -46,7 +46,7 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data_args, data_reports: dic
     vision_language = is_vision_language(model.config)
     write_run_report(out, trainer=trainer, metrics=metrics, model_path=model_path, kind=kind, chat_format=fmt.description,
                      card=card, adapter=adapter, vision_language=vision_language, reward_model=reward_model,
-                     data_files={"train": data_args.data_path, "eval": data_args.eval_data_path}, data_reports=data_reports)
+                     data_files={"train": data.data_path, "eval": data.eval_data_path}, data_reports=data_reports)
     ownership.mark_finished(out, {"method": kind, "adapter": adapter})
     log(how_to_load(out, adapter, reward_model=reward_model, vision_language=vision_language))
     clean_up_checkpoints(out, trainer.args.keep_checkpoints)

@@ -92,10 +92,13 @@ class UniversalParamGroups(TrainerCallback):
     """After a ZeRO-3 universal load: each optimizer parameter group's own hyperparameters (weight decay, lr, betas,
     eps), as the checkpoint saved them."""
 
+    def __init__(self, resume_from: str | None):
+        self.resume_from = resume_from
+
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if not (args.resume_from_checkpoint and loads_universal(args) and args.hf_deepspeed_config.is_zero3()):
+        if not (self.resume_from and loads_universal(args) and args.hf_deepspeed_config.is_zero3()):
             return
-        universal = os.path.join(args.resume_from_checkpoint, tag(args.resume_from_checkpoint, LATEST_UNIVERSAL))
+        universal = os.path.join(self.resume_from, tag(self.resume_from, LATEST_UNIVERSAL))
         with open(os.path.join(universal, PARAM_GROUPS), encoding="utf-8") as f:
             saved = json.load(f)
         if len(saved) != len(optimizer.param_groups):
