@@ -120,8 +120,9 @@ def measure(cmd: list[str], env: dict, first_step: str | None = None) -> dict:
 
 OLD = """
 import sys
+sys.path.insert(0, "tests")  # the in-memory pipeline, kept as the cache's reference
 from qwen_tune.data.chat_format import resolve_format
-from qwen_tune.data.dataset import load_sft_dataset
+from in_memory_sft import load_sft_dataset
 from qwen_tune.tokenizer import load_tokenizer
 samples, report = load_sft_dataset(sys.argv[1], resolve_format(load_tokenizer()), 512)
 print(report.summary())

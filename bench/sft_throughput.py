@@ -332,7 +332,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from qwen_tune.data.chat_format import resolve_format
-    from qwen_tune.data.dataset import encode_conversations
     from qwen_tune.data.read import load_conversations
 
     model = str(build_shape(a.shape, Path(a.scratch) / a.shape))
@@ -341,7 +340,8 @@ def main() -> None:
     convs = make_dataset(a.samples, a.max_length, tokenizer)
     data = os.path.join(tempfile.mkdtemp(prefix="qt-bench-"), "bench_sft.json")
     json.dump(convs, open(data, "w"))
-    encoded, _ = encode_conversations(load_conversations(data), resolve_format(tokenizer), a.max_length)
+    conversations = load_conversations(data)
+    encoded = resolve_format(tokenizer).encode_many(conversations, [c.id for c in conversations], a.max_length)
     lengths, supervised = [len(e.input_ids) for e in encoded], [e.num_supervised for e in encoded]
     counts = parameter_counts(config)
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32

@@ -13,7 +13,7 @@ import math
 
 def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4, options=None) -> dict:
     """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`); tokenized through the
-    tokens cache (`options`: a data.cache.CacheOptions), batches read from it memory-mapped."""
+    tokens cache (`options`: the --tokens_cache options), batches read from it memory-mapped."""
     import torch
 
     from .data.collate import PaddedCollator

@@ -274,11 +274,6 @@ def keep_used_weight_conversions(model) -> None:
         model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
-def unwrap(model):
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def is_adapter(path: str | os.PathLike | None) -> bool:
     """A PEFT adapter directory (adapter_config.json and no full model beside it)."""
     return bool(path) and (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists()

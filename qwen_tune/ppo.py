@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,13 +57,13 @@ from .train.deepspeed_loop import (
     gather_over_ranks,
     gathered,
     init_distributed,
-    max_over_ranks,
     mean_over_ranks,
     read_deepspeed_config,
     to_device,
 )
 from .train.distributed import log, print_zero3_partition
-from .train.loop_state import StopSignal, load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
+from .train.loop_state import load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
+from .train.stop_signal import StopSignal, exit_after_saving
 from .train import ownership
 from .train.outputs import clean_up_checkpoints, how_to_load, publish
 
@@ -356,19 +355,15 @@ def run(config) -> dict:
 
             # 5. checkpoint (every --save_steps, the last step too: a kill in the final save resumes from it;
             #    and on SIGTERM/SIGINT before exiting)
-            if world > 1:  # a signal reaches the ranks at different moments: all stop after the same step
-                stop.signum = int(max_over_ranks(float(stop.signum or 0), device))
-            if checkpoints_on and (step % args.save_steps == 0 or (stop.signum and step < total_steps)):
+            stopping = stop.agreed(device) and step < total_steps
+            if checkpoints_on and (step % args.save_steps == 0 or stopping):
                 state = {"history": history, "kl_coef": kl_ctl.value}
                 if engine is not None:
                     save_engine_checkpoint(args.output_dir, step, engine, state, args.save_total_limit)
                 else:
                     save_loop_checkpoint(args.output_dir, step, trained, optimizer, state, args.save_total_limit)
-            if stop.signum and step < total_steps:
-                name = signal.Signals(stop.signum).name
-                log(f"{name}: stopped after step {step} and saved {os.path.join(args.output_dir, f'checkpoint-{step}')}. "
-                    f"Continue with the same command plus --resume_from_checkpoint auto")
-                raise SystemExit(128 + stop.signum)
+            if stopping:
+                exit_after_saving(stop.signum, step, args.output_dir)
 
     adapter = hasattr(actor, "peft_config")
     card = card_path(args.output_dir) if rank == 0 else None

@@ -205,7 +205,7 @@ def file_facts(path: Path) -> tuple[int, str]:
 
 
 def _data_section(data_files: dict, data_reports: dict) -> list[str]:
-    from .data.cache import is_tokens_dir
+    from .data.files import is_tokens_dir
     from .data.files import resolve_sources
 
     lines = ["| split | file | samples | sha256 |", "|---|---|---|---|"]

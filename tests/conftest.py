@@ -32,7 +32,7 @@ def conversations(tokenizer):
     import copy
 
     from qwen_tune.data.chat_format import resolve_format
-    from qwen_tune.data.dataset import load_sft_dataset
+    from in_memory_sft import load_sft_dataset
 
     samples, _ = load_sft_dataset(os.path.join(os.path.dirname(__file__), "..", "data", "sft_example.json"),
                                   resolve_format(copy.copy(tokenizer)), 512)

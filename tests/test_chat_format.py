@@ -15,7 +15,7 @@ import pytest
 
 from qwen_tune.data.chat_format import IGNORE, resolve_format
 from qwen_tune.data.read import load_conversations
-from qwen_tune.data.dataset import load_sft_dataset
+from in_memory_sft import load_sft_dataset
 from qwen_tune.errors import DataError, UserError
 from qwen_tune.tokenizer import DEFAULT_SYSTEM_MESSAGE, load_tokenizer
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from helpers import DATA, ROOT, free_port, fresh_env, run_cli
-from qwen_tune.data.cache import DATA as ARROW, CacheOptions, load_tokens
+from qwen_tune.data.cache import DATA as ARROW, load_tokens
+from qwen_tune.options import CacheOptions
 from qwen_tune.data.chat_format import ChatFormat, resolve_format
-from qwen_tune.data.dataset import load_sft_dataset
+from in_memory_sft import load_sft_dataset
 from qwen_tune.data.read import load_conversations
 from qwen_tune.data.splits import hold_out
 from qwen_tune.errors import DataError, UserError

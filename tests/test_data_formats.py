@@ -86,7 +86,7 @@ def problems(loader, path, **kw) -> list[str]:
 @pytest.mark.parametrize("name", ["sft_example", "sft_tools_example"])
 def test_every_format_gives_the_records_and_tokens_of_jsonl(tmp_path, tokenizer, chatml, fmt, name):
     from qwen_tune.data.chat_format import resolve_format
-    from qwen_tune.data.dataset import load_sft_dataset
+    from in_memory_sft import load_sft_dataset
 
     path = write_as(fmt, name, tmp_path)
     want, got = load_conversations(DATA / f"{name}.jsonl"), load_conversations(path)
@@ -336,7 +336,7 @@ def test_a_colon_in_a_real_file_name_is_part_of_the_path(tmp_path):
 
 
 def test_mixture_report_reaches_the_data_summary(tmp_path, chatml):
-    from qwen_tune.data.dataset import load_sft_dataset
+    from in_memory_sft import load_sft_dataset
     from qwen_tune.data.pairs import encode_pairs
 
     a, b = make_sources(tmp_path, (4, 4))

@@ -103,13 +103,13 @@ def zero3_run_with_a_checkpoint(out, ranks):
     return steps
 
 
-def resume_after_step_2(checkpoint, out, ranks, steps):
-    """A run that died after step 2 (only its checkpoint is left), resumed on `ranks` ranks."""
+def resume_from(checkpoint, out, ranks, steps, *more):
+    """A run that died after the checkpoint's step (only the checkpoint is left), resumed on `ranks` ranks."""
     os.makedirs(out)
     subprocess.run(["cp", "-r", checkpoint, out], check=True)
-    ownership.claim(out, ["checkpoint-2"])  # qwen-tune's own: it resumes only from checkpoints it wrote
+    ownership.claim(out, [os.path.basename(checkpoint)])  # qwen-tune's own: it resumes only from checkpoints it wrote
     return recipe("finetune_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", str(2 // ranks), *steps,
-                  "--save_steps", "2", "--resume_from_checkpoint", "auto", NPROC_PER_NODE=str(ranks))
+                  "--save_steps", "2", *more, "--resume_from_checkpoint", "auto", NPROC_PER_NODE=str(ranks))
 
 
 # fp32 sums over another number of ranks: rounding (4e-6 seen). A lost Adam state moves step 4's loss by far more,
@@ -127,27 +127,25 @@ def two_rank_run(tmp_path_factory):
 @pytest.mark.xdist_group("two_rank_run")  # one worker builds the run both tests resume
 def test_resume_from_a_zero3_checkpoint_continues_exactly(two_rank_run, tmp_path):
     full, steps = two_rank_run
-    same = resume_after_step_2(os.path.join(full, "checkpoint-2"), str(tmp_path / "same"), 2, steps)
+    same = resume_from(os.path.join(full, "checkpoint-2"), str(tmp_path / "same"), 2, steps)
     assert "resuming from" in same.stderr and "universal" not in same.stderr
     assert losses(str(tmp_path / "same"))[-2:] == pytest.approx(losses(full)[-2:], rel=1e-5)
 
 
 @pytest.mark.xdist_group("two_rank_run")
-def test_a_two_rank_zero3_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
-    """Through DeepSpeed's universal checkpoint (weights and Adam state whole, each parameter group's own
-    hyperparameters): steps 3-4 log the losses of the uninterrupted run."""
+def test_a_zero3_checkpoint_resumes_on_another_number_of_ranks(two_rank_run, tmp_path):
+    """2 -> 1, then 1 -> 2, through DeepSpeed's universal checkpoint (weights and Adam state whole, each parameter
+    group's own hyperparameters): the one-rank run resumed from step 2 logs steps 3-4 of the uninterrupted two-rank
+    run, and the two-rank run resumed from the one-rank run's step 3 logs its step 4."""
     full, steps = two_rank_run
-    fewer = resume_after_step_2(os.path.join(full, "checkpoint-2"), str(tmp_path / "fewer"), 1, steps)
-    assert "was saved by 2 ranks and this run has 1: its ZeRO state is loaded through DeepSpeed's universal" in fewer.stderr
-    assert losses(str(tmp_path / "fewer"))[-2:] == pytest.approx(losses(full)[-2:], rel=OTHER_WORLD_REL)
-
-
-def test_a_one_rank_zero3_checkpoint_resumes_on_two_ranks(tmp_path):
-    single = str(tmp_path / "single")
-    steps = zero3_run_with_a_checkpoint(single, ranks=1)
-    more = resume_after_step_2(os.path.join(single, "checkpoint-2"), str(tmp_path / "more"), 2, steps)
-    assert "was saved by 1 rank and this run has 2" in more.stderr
-    assert losses(str(tmp_path / "more"))[-2:] == pytest.approx(losses(single)[-2:], rel=OTHER_WORLD_REL)
+    fewer = str(tmp_path / "fewer")
+    proc = resume_from(os.path.join(full, "checkpoint-2"), fewer, 1, steps, "--save_steps", "1", "--keep_checkpoints", "True")
+    assert "was saved by 2 ranks and this run has 1: its ZeRO state is loaded through DeepSpeed's universal" in proc.stderr
+    assert losses(fewer)[-2:] == pytest.approx(losses(full)[-2:], rel=OTHER_WORLD_REL)
+    more = str(tmp_path / "more")
+    proc = resume_from(os.path.join(fewer, "checkpoint-3"), more, 2, steps)
+    assert "was saved by 1 rank and this run has 2" in proc.stderr
+    assert losses(more)[-1:] == pytest.approx(losses(full)[-1:], rel=OTHER_WORLD_REL)
 
 
 def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):

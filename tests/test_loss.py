@@ -8,7 +8,7 @@ states and output weight (the 151,936-word vocabulary), in fp32 tightly and in b
 import pytest
 import torch
 
-from qwen_tune.data.dataset import load_sft_dataset
+from in_memory_sft import load_sft_dataset
 from qwen_tune.data.chat_format import IGNORE
 from qwen_tune.train.loss import causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
 from qwen_tune.model import load_model

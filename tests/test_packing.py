@@ -17,7 +17,7 @@ from helpers import DATA, run_cli
 from qwen_tune.options import load
 from qwen_tune.options.prepare import trainer_arguments
 from qwen_tune.data.collate import PackedCollator, PaddedCollator
-from qwen_tune.data.dataset import SFTDataset, load_sft_dataset
+from in_memory_sft import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
 from qwen_tune.lora import add_lora
 from qwen_tune.model import load_model

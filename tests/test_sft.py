@@ -175,7 +175,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
     """4 micro-batches of 1 give the same update as one batch of 4: the loss is the mean over the step's tokens."""
     from qwen_tune.options import TrainingArguments
     from qwen_tune.data.collate import PackedCollator
-    from qwen_tune.data.dataset import SFTDataset, encode_conversations
+    from in_memory_sft import SFTDataset, encode_conversations
     from qwen_tune.data.read import Conversation
     from qwen_tune.model import load_model
     from qwen_tune.sft import SFTTrainer

@@ -30,9 +30,11 @@ import xxhash
 
 from ..errors import DataError, UserError
 from ..options.groups import CacheOptions
-from .dataset import EncodeReport
+from .encode_report import EncodeReport
+from .files import TOKENS_COMPLETE as MARKER, TOKENS_INFO as INFO, is_tokens_dir
+from .read import data_error, stream_conversations
 
-DATA, INFO, MARKER = "data.arrow", "tokens.json", "complete.json"
+DATA = "data.arrow"
 CHUNK = 256  # conversations per worker task
 PROGRESS_EVERY = 5.0  # seconds between progress lines
 SCHEMA = pa.schema([
@@ -40,7 +42,7 @@ SCHEMA = pa.schema([
     ("supervised", pa.int32()), ("truncated", pa.bool_()), ("reasoning_not_trained", pa.int32()), ("source", pa.string()),
 ])
 TRAINING_COLUMNS = ["input_ids", "labels", "id", "length"]
-CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "dataset.py", "cache.py")
+CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "mixture.py", "encode_report.py", "cache.py")
 
 
 def say(message: str) -> None:
@@ -123,11 +125,6 @@ def _key(parts: dict, files: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- checking a cache
-
-
-def is_tokens_dir(path) -> bool:
-    """A directory this module wrote (`preprocess --out DIR`), which `--data_path DIR` trains from."""
-    return Path(path).is_dir() and ((Path(path) / INFO).is_file() or (Path(path) / MARKER).is_file())
 
 
 def damage(directory: Path) -> str | None:
@@ -241,7 +238,6 @@ def _duration(seconds: float) -> str:
 def _build(directory: Path, sources: list, fmt, max_length, workers: int, info: dict) -> None:
     """Validate (streaming), tokenize and write the cache into a temporary directory beside `directory`, mark it
     complete, then rename it into place; a failure leaves nothing behind. Raises DataError with every problem."""
-    from .read import data_error, stream_conversations
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))

@@ -22,6 +22,14 @@ from ..train.distributed import log
 from . import tables
 from .mixture import check_weights, split_weight
 
+# A tokens directory (`preprocess --out DIR`, data/cache.py) holds these; `--data_path DIR` trains from it.
+TOKENS_INFO, TOKENS_COMPLETE = "tokens.json", "complete.json"
+
+
+def is_tokens_dir(path) -> bool:
+    """A directory of tokens written by data/cache.py, which `--data_path DIR` trains from."""
+    return Path(path).is_dir() and ((Path(path) / TOKENS_INFO).is_file() or (Path(path) / TOKENS_COMPLETE).is_file())
+
 MAX_LINE_BYTES = 64 << 20  # one JSONL / CSV line: a million-token context is about 4 MB of text
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
 SUPPORTED = (".json (a list of samples), .jsonl (one sample a line), .json.gz / .jsonl.gz (the same, gzipped), "
@@ -144,11 +152,6 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[tuple[int | str, o
         yield from tables.read_csv(path, _text_lines(path, problems), problems)
     else:
         yield from _jsonl_records(path, _text_lines(path, problems), problems)
-
-
-def read_records(path: Path, problems: list[str]) -> list[tuple[int | str, object]]:
-    """All records of a data file as a list (small files; `iter_records` streams)."""
-    return list(iter_records(path, problems))
 
 
 def _open(path: Path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import DataError
-from .files import data_suffix, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
+from .files import data_suffix, is_tokens_dir, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
 from .messages import parse_tools, parse_turns
 from .mixture import mix
 
@@ -237,8 +237,6 @@ def stream_conversations(sources: list, problems: list[str]) -> Iterator[tuple[i
 
 def check_conversations(paths, max_problems: int = 20) -> None:
     """Validate SFT data without keeping it (one DataError with every problem); a tokens directory is checked when used."""
-    from .cache import is_tokens_dir
-
     if isinstance(paths, str) and "," not in paths and is_tokens_dir(paths):
         return
     problems: list[str] = []

@@ -95,12 +95,12 @@ class CacheOptions(Frozen):
     """How conversations are tokenized once and kept (data/cache.py): sft, preprocess and eval take these."""
 
     _argument_group_name = "tokens cache"
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes that tokenize the data (unset: min(4, CPU count))."}
-    )
     tokens_cache: str | None = field(
         default=None, metadata={"help": "Where tokenized data is kept and reused while data, tokenizer, template and options are "
                                        "unchanged (unset: $QWEN_TUNE_CACHE/tokens, default ~/.cache/qwen_tune/tokens; none: off)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that tokenize the data (unset: min(4, CPU count))."}
     )
 
     def directory(self):

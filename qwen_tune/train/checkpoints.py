@@ -80,8 +80,19 @@ def rotate_checkpoints(run_dir: str, limit: int | None, keep: set) -> None:
             excess -= 1
 
 
-def is_finite_model(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+def refuse_non_finite(tensors, when: str, run_dir: str, every_rank: bool = False) -> None:
+    """Weights holding NaN/Inf are never saved over good ones: one message for every save (Trainer checkpoints, the
+    final model, ppo's loop and DeepSpeed engine). `every_rank`: each rank checks its shard, and all refuse together."""
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() and t.numel())
+    if every_rank:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(finite)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.item() == 1
+    if not finite:
+        raise NonFiniteError(f"{when}: the weights hold NaN/Inf; refusing to save them. The last complete checkpoint is "
+                             f"{latest_complete_checkpoint(run_dir) or 'none'}")
 
 
 def write_arguments_as_json(directory: str, args) -> None:
@@ -121,9 +132,8 @@ class CheckpointSafety(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.claim_next_checkpoint(args, state, control)
-        if control.should_save and model is not None and not is_finite_model(model):
-            raise NonFiniteError(f"step {state.global_step}: the weights hold NaN/Inf; refusing to save them. The last "
-                                 f"complete checkpoint is {latest_complete_checkpoint(args.output_dir) or 'none'}")
+        if control.should_save and model is not None:
+            refuse_non_finite(model.parameters(), f"step {state.global_step}", args.output_dir)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.claim_next_checkpoint(args, state, control)
@@ -146,9 +156,7 @@ class CheckpointSafety(TrainerCallback):
 
 def save_final_model(trainer, output_dir: str) -> None:
     """The trained weights as safetensors (refused when non-finite) with the arguments as JSON."""
-    if not is_finite_model(trainer.model):
-        raise NonFiniteError(f"refusing to save non-finite (NaN/Inf) weights to {output_dir}; the last complete "
-                             f"checkpoint is {latest_complete_checkpoint(trainer.args.output_dir) or 'none'}")
+    refuse_non_finite(trainer.model.parameters(), f"the end of training ({output_dir})", trainer.args.output_dir)
     trainer.save_model(output_dir)
     if trainer.args.should_save:
         write_arguments_as_json(output_dir, trainer.args)

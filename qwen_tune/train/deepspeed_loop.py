@@ -91,14 +91,6 @@ def mean_over_ranks(values: dict[str, float], world: int, device: torch.device) 
     return dict(zip(values, (t / world).tolist()))
 
 
-def max_over_ranks(value: float, device: torch.device) -> float:
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
-
-
 def gather_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
     if world == 1:
         return t

@@ -8,9 +8,7 @@ guard is one; tests add their own (a sample-id trace, an injected NaN) the same 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 
 import torch
 from transformers import TrainerCallback
@@ -18,6 +16,7 @@ from transformers import TrainerCallback
 from ..errors import UserError
 from .checkpoints import CheckpointSafety, NonFiniteError, latest_complete_checkpoint
 from .distributed import log
+from .stop_signal import StopSignal, exit_after_saving
 from .reshard import UniversalParamGroups
 
 
@@ -87,51 +86,26 @@ class NonFiniteGuard(BatchObserver):
 
 
 class Preemption(TrainerCallback):
-    """SIGTERM/SIGINT: finish the current step, save a checkpoint, exit 143 (SIGTERM) or 130 (SIGINT).
-
-    A second signal acts at once (the default handler is back in place after the first).
-    """
+    """SIGTERM/SIGINT (train/stop_signal.py): the Trainer finishes the current step, saves a checkpoint and exits."""
 
     def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict = {}
+        self.stop = StopSignal()
         self.saved_step: int | None = None
 
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-        log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            f"(send it again to stop at once)")
-
     def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                return
+        self.stop.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.signum is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # all ranks stop together
-            flag = torch.tensor([int(self.signum or 0)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop, self.signum = bool(flag.item()), int(flag.item()) or None
-        if stop:
+        if self.stop.agreed(args.device):
             control.should_save = True
             control.should_training_stop = True
             self.saved_step = state.global_step
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
+        self.stop.__exit__()
         if self.saved_step is not None:
-            name = signal.Signals(self.signum).name
-            log(f"{name}: stopped after step {self.saved_step} and saved "
-                f"{os.path.join(args.output_dir, f'checkpoint-{self.saved_step}')}. "
-                f"Continue with the same command plus --resume_from_checkpoint auto")
-            raise SystemExit(128 + self.signum)
+            exit_after_saving(self.stop.signum, self.saved_step, args.output_dir)
 
 
 def checkpoint_bytes(model) -> int:

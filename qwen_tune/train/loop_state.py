@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from . import ownership
-from .checkpoints import NonFiniteError, latest_complete_checkpoint, mark_complete, rotate_checkpoints
+from .checkpoints import mark_complete, refuse_non_finite, rotate_checkpoints
 
 STATE = "trainer_state.json"
 
@@ -36,9 +35,7 @@ def save_loop_checkpoint(out: str, step: int, modules: dict[str, torch.nn.Module
                          state: dict, limit: int | None) -> str:
     """Write `out/checkpoint-{step}`, mark it complete, then rotate to `limit` complete checkpoints."""
     weights = trainable_tensors(modules)
-    if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
-        raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
-                             f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
+    refuse_non_finite(weights.values(), f"step {step}", out)
     path = os.path.join(out, f"checkpoint-{step}")
     ownership.claim(out, [os.path.basename(path)])
     os.makedirs(path, exist_ok=True)
@@ -62,11 +59,7 @@ def save_engine_checkpoint(out: str, step: int, engine, state: dict, limit: int 
 
     path = os.path.join(out, f"checkpoint-{step}")
     local = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]  # ZeRO-3: this rank's shard of each
-    finite = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in local if t.numel()))])
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if finite.item() < 1:
-        raise NonFiniteError(f"step {step}: the weights hold NaN/Inf; refusing to save them. The last complete "
-                             f"checkpoint is {latest_complete_checkpoint(out) or 'none'}")
+    refuse_non_finite(local, f"step {step}", out, every_rank=True)
     rank = dist.get_rank()
     if rank == 0:
         ownership.claim(out, [os.path.basename(path)])
@@ -139,30 +132,3 @@ def load_loop_checkpoint(path: str, modules: dict[str, torch.nn.Module], optimiz
     _set_rng_state(load_file(os.path.join(path, "rng.safetensors")))
     with open(os.path.join(path, STATE)) as f:
         return json.load(f)
-
-
-class StopSignal:
-    """SIGTERM/SIGINT while a loop runs: note it, so the loop can finish its step, save and exit 143/130.
-    A second signal acts at once. Inactive (signals act at once) when the loop cannot save."""
-
-    def __init__(self, active: bool = True):
-        self.active = active
-        self.signum: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT) if self.active else ():
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                break
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
