@@ -123,7 +123,7 @@ import sys
 sys.path.insert(0, "tests")  # the in-memory pipeline, kept as the cache's reference
 from qwen_tune.data.chat_format import resolve_format
 from in_memory_sft import load_sft_dataset
-from qwen_tune.tokenizer import load_tokenizer
+from qwen_tune.models.tokenizer import load_tokenizer
 samples, report = load_sft_dataset(sys.argv[1], resolve_format(load_tokenizer()), 512)
 print(report.summary())
 """
@@ -134,8 +134,8 @@ import sys, time
 import datasets  # imported by every sft run before its data (through transformers' Trainer)
 from qwen_tune.data.cache import load_tokens
 from qwen_tune.options import FormatOptions, set_chat_format
-from qwen_tune.model import resolve_model_path
-from qwen_tune.tokenizer import load_tokenizer
+from qwen_tune.models.model import resolve_model_path
+from qwen_tune.models.tokenizer import load_tokenizer
 fmt = set_chat_format(load_tokenizer(resolve_model_path(None)), FormatOptions())  # what sft uses: the same cache key
 start = time.monotonic()
 rows, report = load_tokens(sys.argv[1], fmt, 512)

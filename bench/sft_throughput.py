@@ -174,7 +174,7 @@ def child_train(row: str, a) -> dict:
 
 
 def train_qwen_tune(row: str, a, timer, bf16: bool) -> None:
-    from qwen_tune import sft
+    from qwen_tune.methods import sft
 
     argv = ["--model_name_or_path", a.model, "--data_path", a.data, "--output_dir", a.tmp,
             "--model_max_length", str(a.max_length), "--per_device_train_batch_size", str(a.batch_size),
@@ -200,7 +200,7 @@ def train_trl(row: str, a, timer, bf16: bool) -> None:
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qwen_tune.lora import lora_config
+    from qwen_tune.models.lora import lora_config
     from qwen_tune.train.cpu_memory import reuse_freed_memory
 
     if row == "trl-reusing-memory":

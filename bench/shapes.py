@@ -78,7 +78,7 @@ def build_shape(shape: str, directory: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     from qwen_tune.data.chat_format import official_templates
-    from qwen_tune.model import resolve_model_path
+    from qwen_tune.models.model import resolve_model_path
 
     directory = Path(directory)
     stamp = directory / "bench_shape.json"

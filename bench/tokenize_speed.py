@@ -19,7 +19,7 @@ import time
 import torch
 
 from qwen_tune.data.chat_format import IGNORE, resolve_format
-from qwen_tune.tokenizer import load_tokenizer
+from qwen_tune.models.tokenizer import load_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]

@@ -14,16 +14,16 @@ from .errors import UserError
 
 # subcommand -> (module with `main(argv)`, one-line description)
 COMMANDS = {
-    "sft": ("qwen_tune.sft", "supervised fine-tuning: full, LoRA or Q-LoRA (same as python finetune.py)"),
-    "preprocess": ("qwen_tune.preprocess", "validate and tokenize data; show what the model will learn"),
-    "rm": ("qwen_tune.reward", "train a reward model on preference pairs (Bradley-Terry)"),
-    "dpo": ("qwen_tune.dpo", "Direct Preference Optimization on preference pairs"),
-    "ppo": ("qwen_tune.ppo", "PPO on an SFT policy against a reward model or a reward function"),
-    "grpo": ("qwen_tune.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
-    "score": ("qwen_tune.score", "score pairs or conversations with a reward model"),
-    "merge": ("qwen_tune.export", "merge a LoRA adapter into its base and save a full model"),
-    "chat": ("qwen_tune.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
-    "eval": ("qwen_tune.evaluate", "loss and perplexity over supervised tokens, as JSON"),
+    "sft": ("qwen_tune.methods.sft", "supervised fine-tuning: full, LoRA or Q-LoRA (same as python finetune.py)"),
+    "preprocess": ("qwen_tune.tools.preprocess", "validate and tokenize data; show what the model will learn"),
+    "rm": ("qwen_tune.methods.rm", "train a reward model on preference pairs (Bradley-Terry)"),
+    "dpo": ("qwen_tune.methods.dpo", "Direct Preference Optimization on preference pairs"),
+    "ppo": ("qwen_tune.methods.ppo", "PPO on an SFT policy against a reward model or a reward function"),
+    "grpo": ("qwen_tune.methods.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
+    "score": ("qwen_tune.tools.score", "score pairs or conversations with a reward model"),
+    "merge": ("qwen_tune.tools.merge", "merge a LoRA adapter into its base and save a full model"),
+    "chat": ("qwen_tune.tools.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
+    "eval": ("qwen_tune.tools.evaluate", "loss and perplexity over supervised tokens, as JSON"),
 }
 
 

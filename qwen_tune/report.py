@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .loading import loading_code
+from .models.trained import loading_code
 
 PLOT, PLOT_DATA, CARD = "loss.png", "loss.json", "README.md"
 
@@ -234,7 +234,7 @@ HYPER = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_bat
 
 
 def _hyper_section(trainer, extra: dict | None) -> list[str]:
-    from .lora import describe_adapter
+    from .models.lora import describe_adapter
 
     values = {}
     if trainer is not None:

@@ -21,7 +21,7 @@ _started = time.monotonic()
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from qwen_tune.tokenizer import load_tokenizer
+    from qwen_tune.models.tokenizer import load_tokenizer
 
     return load_tokenizer()
 
@@ -41,7 +41,7 @@ def conversations(tokenizer):
 
 @pytest.fixture(scope="session")
 def base_model_path():
-    from qwen_tune.model import embedded_model_path
+    from qwen_tune.models.model import embedded_model_path
 
     return embedded_model_path()
 

@@ -29,8 +29,8 @@ import sys
 import threading
 
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "safetensors",
-           "qwen_tune.cli", "qwen_tune.sft", "qwen_tune.reward", "qwen_tune.dpo", "qwen_tune.ppo", "qwen_tune.grpo",
-           "qwen_tune.score", "qwen_tune.export", "qwen_tune.chat", "qwen_tune.evaluate", "qwen_tune.preprocess")
+           "qwen_tune.cli", "qwen_tune.methods.sft", "qwen_tune.methods.rm", "qwen_tune.methods.dpo", "qwen_tune.methods.ppo", "qwen_tune.methods.grpo",
+           "qwen_tune.tools.score", "qwen_tune.tools.merge", "qwen_tune.tools.chat", "qwen_tune.tools.evaluate", "qwen_tune.tools.preprocess")
 RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE",
                       # what torchrun gives each rank (read by torch.distributed, accelerate and DeepSpeed at init)
                       "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_NAME",

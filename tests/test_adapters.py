@@ -1,7 +1,7 @@
 """LoRA and Q-LoRA with the default options on every Qwen model type: the adapter trains and reloads on its base.
 
 Tiny random checkpoints of each type are saved from config (no download) and loaded the way `qwen-tune sft` loads
-them (load_model, add_lora with LoraArguments' defaults); one packed step; the adapter saved with save_pretrained
+them (load_model, add_lora with LoraOptions' defaults); one packed step; the adapter saved with save_pretrained
 reloads on the original base (loading.load_trained: a composite checkpoint's adapter on its own class) and gives
 the logits it had in training.
 """
@@ -14,9 +14,9 @@ import torch
 from test_hybrid_packing import ATTENTION_ONLY, COMPOSITE, HYBRID, save_tiny_checkpoint
 from qwen_tune.options import LoraOptions
 from qwen_tune.data.collate import PackedCollator
-from qwen_tune.loading import load_trained
-from qwen_tune.lora import add_lora
-from qwen_tune.model import load_model
+from qwen_tune.models.trained import load_trained
+from qwen_tune.models.lora import add_lora
+from qwen_tune.models.model import load_model
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 EVERY_TYPE = ATTENTION_ONLY + HYBRID + COMPOSITE

@@ -17,7 +17,7 @@ from qwen_tune.data.chat_format import IGNORE, resolve_format
 from qwen_tune.data.read import load_conversations
 from in_memory_sft import load_sft_dataset
 from qwen_tune.errors import DataError, UserError
-from qwen_tune.tokenizer import DEFAULT_SYSTEM_MESSAGE, load_tokenizer
+from qwen_tune.models.tokenizer import DEFAULT_SYSTEM_MESSAGE, load_tokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 TEMPLATES = ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6", "qwen3_8"]

@@ -109,7 +109,7 @@ def test_help_lists_our_options_grouped_and_a_second_call_imports_no_torch(comma
 
 def test_config_values_apply_and_command_line_flags_override_them(tmp_path):
     from qwen_tune.options import load
-    from qwen_tune.sft import METHOD
+    from qwen_tune.methods.sft import METHOD
 
     config = tmp_path / "c.yaml"
     config.write_text("data_path: a.json\nlearning_rate: 0.1\nuse_lora: true\nlora_r: 8\nnum_train_epochs: 2\n")
@@ -126,7 +126,7 @@ def test_config_values_apply_and_command_line_flags_override_them(tmp_path):
 def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch, accumulation, tmp_path):
     from qwen_tune.options import load
     from qwen_tune.options.training import EMBEDDED_LR
-    from qwen_tune.sft import METHOD
+    from qwen_tune.methods.sft import METHOD
 
     # --bf16/--fp16 False: the recipes are for GPUs; this machine has none.
     def resolved(*model):

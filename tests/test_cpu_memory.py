@@ -17,7 +17,7 @@ from helpers import ROOT, fresh_env
 
 REALLOCATE = r"""
 import resource, sys, torch
-from qwen_tune import sft
+from qwen_tune.methods import sft
 from qwen_tune.options import load, prepare_run
 if sys.argv[1] == "sft":
     prepare_run(load(sft.METHOD, ["--data_path", "data/sft_example.json", "--output_dir", sys.argv[2]]))

@@ -213,7 +213,7 @@ def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tm
 
 
 def test_unwritable_output_dir_fails_before_training(tmp_path, capsys):
-    from qwen_tune import sft
+    from qwen_tune.methods import sft
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -298,7 +298,7 @@ def test_too_little_disk_space_is_a_user_error(tmp_path):
 
 
 def test_pickle_only_model_dir_needs_allow_pickle_weights(tmp_path):
-    from qwen_tune.model import load_model
+    from qwen_tune.models.model import load_model
     from qwen_tune.trust import check_weights_format
 
     (tmp_path / "config.json").write_text("{}")
@@ -352,7 +352,7 @@ def test_a_kill_in_the_final_save_is_not_a_finished_run_and_resumes_to_the_unint
     """Killed with half of its final files moved in: no run_complete.json, so nothing loads it and resume does not
     refuse it; the resumed run ends with the weights of a run that was never killed: those the killed one had
     finished training and was publishing (written whole to its staging folder, half of them moved in)."""
-    from qwen_tune.chat import main as chat
+    from qwen_tune.tools.chat import main as chat
 
     command = FINAL_SAVE_RUNS[method] + (["--policy", base_model_path] if method in ("grpo", "ppo") else [])
     killed = str(tmp_path / "killed")

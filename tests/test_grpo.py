@@ -242,7 +242,7 @@ def test_sigterm_stops_a_run_whose_reward_function_hangs(sft_policy, prompts, re
 
 def test_prompts_are_checked_before_any_model_loads(tmp_path, base_model_path):
     from qwen_tune.errors import DataError, UserError
-    from qwen_tune.grpo import main
+    from qwen_tune.methods.grpo import main
 
     base = ["--policy", base_model_path, "--output_dir", str(tmp_path / "out"), "--reward_funcs", "os:getcwd"]
     uneven = write_jsonl(tmp_path / "uneven.jsonl", [{"messages": PROMPT, "answer": "green"}, {"messages": PROMPT}])

@@ -20,9 +20,9 @@ from helpers import DATA
 from qwen_tune.data.chat_format import IGNORE, resolve_format
 from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator
 from qwen_tune.data.pairs import encode_pairs
-from qwen_tune.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
-from qwen_tune.model import packing_for, packing_is_exact
-from qwen_tune.reward_model import score_token_ids
+from qwen_tune.models.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
+from qwen_tune.models.model import packing_for, packing_is_exact
+from qwen_tune.rl.reward_models import score_token_ids
 from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
 
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
@@ -101,7 +101,7 @@ def test_sft_packed_batches_equal_each_sample_alone_on_every_qwen_type(model_typ
     sample alone, in float64: sums of a few hundred token losses agree to ~1e-12, a sample seeing another one moves
     the loss by far more."""
     from qwen_tune.options import load
-    from qwen_tune.sft import METHOD, collator_for
+    from qwen_tune.methods.sft import METHOD, collator_for
 
     model = tiny_model(model_type)
     lines = []

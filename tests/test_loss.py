@@ -11,7 +11,7 @@ import torch
 from in_memory_sft import load_sft_dataset
 from qwen_tune.data.chat_format import IGNORE
 from qwen_tune.train.loss import causal_lm_loss_sum, chunked_cross_entropy_sum, plain_cross_entropy_sum
-from qwen_tune.model import load_model
+from qwen_tune.models.model import load_model
 
 from helpers import DATA
 

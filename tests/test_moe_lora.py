@@ -15,7 +15,7 @@ import torch
 
 from helpers import DATA, run_cli
 from test_hybrid_packing import SMALL
-from qwen_tune.linear_attention import split_linear_attention
+from qwen_tune.models.linear_attention import split_linear_attention
 
 MOE = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text")
 SHARED_EXPERT = ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text")
@@ -36,7 +36,7 @@ def tiny(model_type: str, **config):
 def default_lora_options(*argv: str) -> dict:
     """`add_lora`'s options as `qwen-tune sft --use_lora True ARGV` resolves them (rank 4 for speed)."""
     from qwen_tune.options import load
-    from qwen_tune.sft import METHOD
+    from qwen_tune.methods.sft import METHOD
 
     return load(METHOD, ["--data_path", "x.json", "--use_lora", "True", "--lora_r", "4", "--lora_alpha", "8", *argv]).lora.adapter_options()
 
@@ -66,7 +66,7 @@ def test_default_lora_adapts_trains_saves_and_reloads_the_routed_experts(model_t
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from qwen_tune.lora import add_lora
+    from qwen_tune.models.lora import add_lora
     from qwen_tune.train.loss import causal_lm_loss_sum
 
     lines = []
@@ -107,7 +107,7 @@ def test_an_explicit_dropout_on_an_moe_model_is_a_one_line_error_and_dense_model
     """PEFT's ParamWrapper (the routed experts' adapter) takes no dropout: `--lora_dropout 0.1` on an MoE model says
     what to do instead; on a dense model 0.1 is used, and unset stays the seed's 0.05 with PEFT's own all-linear."""
     from qwen_tune.errors import UserError
-    from qwen_tune.lora import add_lora
+    from qwen_tune.models.lora import add_lora
 
     with pytest.raises(UserError) as error:
         add_lora(tiny("qwen3_moe"), log=print, **default_lora_options("--lora_dropout", "0.1"))
@@ -128,7 +128,7 @@ def test_an_explicit_dropout_on_an_moe_model_is_a_one_line_error_and_dense_model
 def test_a_target_list_can_name_the_experts_or_leave_them_out():
     """`--lora_target_modules q_proj,v_proj` adapts no expert (so the usual 0.05 dropout applies); adding `experts`
     adapts both stacked weights, `gate_up_proj` only that one."""
-    from qwen_tune.lora import add_lora
+    from qwen_tune.models.lora import add_lora
 
     def adapted(targets: str) -> tuple[str, float]:
         lines = []
@@ -146,8 +146,8 @@ def test_q_lora_says_what_stays_unquantized_and_still_adapts_the_experts(model_t
     float32 by PEFT's k-bit preparation), one line says so and how much of the model that is, and their LoRA weights
     still train. On qwen3_next the 4-bit shared expert cannot be adapted (PEFT would reload its names as experts):
     one line says it stays frozen."""
-    from qwen_tune.lora import add_lora
-    from qwen_tune.model import load_model
+    from qwen_tune.models.lora import add_lora
+    from qwen_tune.models.model import load_model
     from qwen_tune.train.loss import causal_lm_loss_sum
 
     tiny(model_type).save_pretrained(tmp_path)
@@ -173,16 +173,16 @@ def test_q_lora_says_what_stays_unquantized_and_still_adapts_the_experts(model_t
 def sft_trainer(model, tmp_path):
     from transformers import TrainingArguments
 
-    from qwen_tune.sft import SFTTrainer
+    from qwen_tune.methods.sft import SFTLossTrainer
 
-    return SFTTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    return SFTLossTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
 
 
 def test_the_router_load_balancing_loss_joins_the_sft_loss_when_the_config_asks(tmp_path):
     """With `output_router_logits` the training loss is the cross-entropy plus router_aux_loss_coef times the
     model's own aux_loss, which is logged as `aux_loss`; without it (transformers' default) nothing changes.
     Evaluation reports the language-model loss alone either way."""
-    from qwen_tune.lora import add_lora
+    from qwen_tune.models.lora import add_lora
 
     inputs = batch()
     n = int((inputs["labels"][:, 1:] != -100).sum())
@@ -211,8 +211,8 @@ def test_the_router_load_balancing_loss_joins_the_dpo_loss_when_the_config_asks(
     from qwen_tune.data.chat_format import resolve_format
     from qwen_tune.data.collate import PackedPairCollator
     from qwen_tune.data.pairs import encode_pairs
-    from qwen_tune.dpo import DPOTrainer, DPOTrainingArguments
-    from qwen_tune.lora import add_lora
+    from qwen_tune.methods.dpo import DPOLossTrainer, DPOTrainingArguments
+    from qwen_tune.models.lora import add_lora
 
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
     inputs = PackedPairCollator()([pairs[i] for i in range(2)])
@@ -220,7 +220,7 @@ def test_the_router_load_balancing_loss_joins_the_dpo_loss_when_the_config_asks(
 
     def loss():
         args = DPOTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-        return DPOTrainer(model=model, args=args).compute_loss(model, inputs)
+        return DPOLossTrainer(model=model, args=args).compute_loss(model, inputs)
 
     plain = loss()
     model.config.output_router_logits = True

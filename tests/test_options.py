@@ -93,7 +93,7 @@ def test_seed_governs_lora_initialisation_bit_for_bit(tmp_path):
     """Two LoRA runs with the same --seed end with equal adapters; another seed gives other ones."""
     from safetensors.torch import load_file
 
-    from qwen_tune import sft
+    from qwen_tune.methods import sft
 
     def adapter(seed: int, out: str) -> dict:
         sft.main(["--data_path", f"{DATA}/sft_example.json", "--output_dir", str(tmp_path / out), "--use_lora", "True",

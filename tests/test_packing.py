@@ -19,9 +19,9 @@ from qwen_tune.options.prepare import trainer_arguments
 from qwen_tune.data.collate import PackedCollator, PaddedCollator
 from in_memory_sft import SFTDataset, load_sft_dataset
 from qwen_tune.errors import UserError
-from qwen_tune.lora import add_lora
-from qwen_tune.model import load_model
-from qwen_tune.sft import METHOD, SFTTrainer, collator_for
+from qwen_tune.models.lora import add_lora
+from qwen_tune.models.model import load_model
+from qwen_tune.methods.sft import METHOD, SFTLossTrainer, collator_for
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 
@@ -139,7 +139,7 @@ def test_length_grouped_batches_waste_less_padding(model, samples, tokenizer, tm
     for extra in ([], ["--train_sampling_strategy", "random"]):
         config, args = parsed("--packing", "False", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *extra)
         collator = collator_for(config.layout, config.data.model_max_length, tokenizer.pad_token_id, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=SFTDataset_of(spread), data_collator=collator,
+        trainer = SFTLossTrainer(model=model, args=args, train_dataset=SFTDataset_of(spread), data_collator=collator,
                              processing_class=tokenizer)
         fractions[args.train_sampling_strategy] = padding_fraction(trainer)
     assert fractions["group_by_length"] < 0.5 * fractions["random"], fractions

@@ -280,7 +280,7 @@ def test_ppo_killed_then_resumed_matches_an_uninterrupted_run(sft_policy, prompt
 
 def test_bad_options_are_clear_errors(prompts, tmp_path):
     from qwen_tune.errors import UserError
-    from qwen_tune.ppo import main
+    from qwen_tune.methods.ppo import main
 
     base = ["--policy", str(tmp_path), "--output_dir", str(tmp_path / "out")]
     with pytest.raises(UserError, match="give --reward_model DIR, --reward_funcs"):
@@ -291,7 +291,7 @@ def test_bad_options_are_clear_errors(prompts, tmp_path):
         main(base + ["--prompts", prompts, "--reward_fn", "no_such_module_xyz:f"])
     with pytest.raises(UserError, match="has no function nope"):
         main(base + ["--prompts", prompts, "--reward_fn", "os:nope"])
-    from qwen_tune.ppo import PPOArguments, check_paths
+    from qwen_tune.methods.ppo import PPOArguments, check_paths
 
     several_ranks = PPOArguments(policy=str(tmp_path), prompts=prompts, reward_fn="os:getcwd", output_dir=str(tmp_path))
     with pytest.MonkeyPatch.context() as patch:  # as torchrun sets it; without DeepSpeed each rank would train alone

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qwen_tune.ppo_math import (
+from qwen_tune.rl.ppo_math import (
     AdaptiveKLController,
     entropy_from_logits,
     gae,
@@ -133,7 +133,7 @@ def test_adaptive_kl_controller():
 
 
 def test_collapse_is_reported_with_what_to_change_but_convergence_is_not():
-    from qwen_tune.rollouts import collapse_warning
+    from qwen_tune.rl.rollouts import collapse_warning
 
     cats, short = ["I prefer cats."] * 8, ["I cats"] * 8
     assert collapse_warning([cats, cats, cats], [1.0, 1.0, 1.0], best_reward=1.0) is None  # converged on the best answer

@@ -90,8 +90,8 @@ def test_finetune_py_is_the_seed_entry_point(tmp_path):
 def test_qlora_base_is_really_4bit(base_model_path):
     import bitsandbytes as bnb
 
-    from qwen_tune.lora import add_lora
-    from qwen_tune.model import load_model
+    from qwen_tune.models.lora import add_lora
+    from qwen_tune.models.model import load_model
 
     model = load_model(base_model_path, q_lora=True)
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -107,7 +107,7 @@ def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp
     with the file present, its bf16 becomes fp32 with one line saying so."""
     import torch
 
-    from qwen_tune import sft
+    from qwen_tune.methods import sft
     from qwen_tune.options import load
 
     if torch.cuda.is_available():
@@ -177,8 +177,8 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
     from qwen_tune.data.collate import PackedCollator
     from in_memory_sft import SFTDataset, encode_conversations
     from qwen_tune.data.read import Conversation
-    from qwen_tune.model import load_model
-    from qwen_tune.sft import SFTTrainer
+    from qwen_tune.models.model import load_model
+    from qwen_tune.methods.sft import SFTLossTrainer
 
     # very different numbers of supervised tokens, so a mean of per-micro-batch means would differ
     answers = ["Yes.", "A much longer answer with many more supervised tokens than the others have.", "No.", "Maybe so, friend."]
@@ -195,7 +195,7 @@ def test_gradient_accumulation_equals_one_big_batch(base_model_path, tokenizer, 
                                  weight_decay=0.0, warmup_ratio=0.0, lr_scheduler_type="constant", report_to="none",
                                  save_strategy="no", train_sampling_strategy="sequential", logging_steps=1)
         before = model.lm_head.weight.detach().clone()
-        SFTTrainer(model=model, args=args, train_dataset=SFTDataset(samples), data_collator=PackedCollator()).train()
+        SFTLossTrainer(model=model, args=args, train_dataset=SFTDataset(samples), data_collator=PackedCollator()).train()
         return before, {n: p.detach().clone() for n, p in model.named_parameters()}
 
     before, big = one_step(4, 1)

@@ -2,7 +2,7 @@
 
 import shutil
 
-from qwen_tune.tokenizer import embedded_rank_file, load_tokenizer
+from qwen_tune.models.tokenizer import embedded_rank_file, load_tokenizer
 
 
 def encode_plain(tok, texts):

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from helpers import DATA, run_cli, run_python
 from test_hybrid_packing import COMPOSITE, NOT_PACKED, save_tiny_checkpoint
 from qwen_tune.data.collate import PackedCollator
-from qwen_tune.model import load_model, packing_is_exact
+from qwen_tune.models.model import load_model, packing_is_exact
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 
@@ -77,7 +77,7 @@ def test_text_training_keeps_every_tensor_of_a_composite_checkpoint(model_type, 
 RELOAD = """
 import sys, torch
 from transformers import AutoModelForImageTextToText
-from qwen_tune.chat import load_for_inference
+from qwen_tune.tools.chat import load_for_inference
 full = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
 base = AutoModelForImageTextToText.from_pretrained(sys.argv[2])
 adapter, _ = load_for_inference(sys.argv[3])

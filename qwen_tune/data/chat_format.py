@@ -25,7 +25,7 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
-from ..tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
+from ..models.tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
 
 IGNORE = -100
 ASSISTANT = "assistant\n"  # what follows a template's <|im_start|> in an assistant turn

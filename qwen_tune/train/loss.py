@@ -14,8 +14,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..data.chat_format import IGNORE
-from ..linear_attention import BOUNDARY_KEYS
-from ..model import is_vision_language
+from ..models.linear_attention import BOUNDARY_KEYS
+from ..models.model import is_vision_language
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .errors import UserError
-from .paths import cache_dir
+from ..errors import UserError
+from ..paths import cache_dir
 
 # Qwen's pre-tokenizer: like cl100k but digits are split one by one.
 QWEN_PATTERN = (
@@ -29,7 +29,7 @@ ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 QWEN_V1_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i in range(205)]
 # Everything of the official Qwen3 tokenizer but its ranks: added tokens 151643-151668 (special or not),
 # the NFC normalizer, pre-tokenizer and decoder. With it the embedded ids equal the official ones.
-QWEN_SPEC = Path(__file__).parent / "assets" / "qwen_tokenizer_spec.json"
+QWEN_SPEC = Path(__file__).parent.parent / "assets" / "qwen_tokenizer_spec.json"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
 
@@ -102,8 +102,8 @@ def load_tokenizer(path: str | None = None, trust_remote_code: bool = False) -> 
     """
     if path is None:
         return _finish(_convert_rank_file(embedded_rank_file()))
-    from .train.ownership import check_finished
-    from .trust import check_custom_code
+    from ..train.ownership import check_finished
+    from ..trust import check_custom_code
 
     check_finished(str(path))
     check_custom_code(str(path), trust_remote_code)

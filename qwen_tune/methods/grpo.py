@@ -15,19 +15,19 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, GRPOTrainer
 
-from .options import (FormatOptions, LearningRates, LoraOptions, Method, TrainingArguments, load, prepare_run,
+from ..options import (FormatOptions, LearningRates, LoraOptions, Method, TrainingArguments, load, prepare_run,
                       set_chat_format, train_dtype)
-from .options.groups import Frozen
-from .data.read import load_prompts
-from .errors import UserError
-from .lora import describe_adapter, lora_config
-from .model import is_adapter, load_model, resolve_model_path
-from .report import JsonlLog, OwnModelCard, report_callbacks, show_progress_as_lines
-from .reward_functions import DEFAULT_TIMEOUT_S, load_batch_rewards
-from .tokenizer import load_tokenizer
-from .train.distributed import log, print_zero3_partition
-from .train.guards import ObservedSteps, safety_callbacks
-from .train.outputs import finish_run, last_logged
+from ..options.groups import Frozen
+from ..data.read import load_prompts
+from ..errors import UserError
+from ..models.lora import describe_adapter, lora_config
+from ..models.model import is_adapter, load_model, resolve_model_path
+from ..report import JsonlLog, OwnModelCard, report_callbacks, show_progress_as_lines
+from ..rl.reward_functions import DEFAULT_TIMEOUT_S, load_batch_rewards
+from ..models.tokenizer import load_tokenizer
+from ..train.distributed import log, print_zero3_partition
+from ..train.guards import ObservedSteps, safety_callbacks
+from ..train.finish import finish_run, last_logged
 
 
 @dataclass
@@ -103,7 +103,7 @@ def prompt_dataset(conversations, prompts):
 def load_rewards(inputs: GRPOInputs, fmt) -> list:
     rewards = load_batch_rewards(inputs.reward_funcs or "", inputs.reward_timeout or None)
     if inputs.reward_model:
-        from .reward_model import load_reward_model, reward_model_function
+        from ..rl.reward_models import load_reward_model, reward_model_function
 
         model, _ = load_reward_model(inputs.reward_model, trust_remote_code=inputs.trust_remote_code)
         rewards.append(reward_model_function(model.eval().requires_grad_(False), fmt))

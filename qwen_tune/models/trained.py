@@ -9,7 +9,7 @@ differ, and silently leave the adapter out.
 from __future__ import annotations
 
 from .model import is_adapter, is_vision_language, read_config
-from .trust import check_checkpoint
+from ..trust import check_checkpoint
 
 
 def adapter_base(path: str) -> str:

@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .options import RunArguments
-from .options.groups import Frozen
-from .reward_functions import DEFAULT_TIMEOUT_S
+from ..errors import UserError
+from ..options import RunArguments
+from ..options.groups import Frozen
+from ..rl.reward_functions import DEFAULT_TIMEOUT_S
 
 # Defaults for the learning rate: usual RLHF values for real checkpoints; tiny models (like the
 # embedded test model, ~10M parameters) need and tolerate a far larger step.

@@ -11,8 +11,8 @@ import os
 
 from transformers import Trainer
 
-from ..loading import loading_code
-from ..model import is_vision_language
+from ..models.trained import loading_code
+from ..models.model import is_vision_language
 from ..report import card_path, write_run_report
 from . import ownership
 from .checkpoints import remove_checkpoints, save_final_model

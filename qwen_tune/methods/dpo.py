@@ -22,20 +22,20 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from .options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
+from ..options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
                       prepare_run, set_chat_format, train_dtype)
-from .data.collate import PackedPairCollator, PaddedPairCollator
-from .data.pairs import encode_pairs
-from .data.splits import load_splits
-from .errors import UserError
-from .lora import add_lora
-from .model import load_model, packing_for, resolve_model_path
-from .report import report_callbacks, show_progress_as_lines
-from .tokenizer import load_tokenizer
-from .train.distributed import log, print_zero3_partition
-from .train.guards import ObservedSteps, safety_callbacks
-from .train.loss import router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
-from .train.outputs import finish_run, last_logged
+from ..data.collate import PackedPairCollator, PaddedPairCollator
+from ..data.pairs import encode_pairs
+from ..data.splits import load_splits
+from ..errors import UserError
+from ..models.lora import add_lora
+from ..models.model import load_model, packing_for, resolve_model_path
+from ..report import report_callbacks, show_progress_as_lines
+from ..models.tokenizer import load_tokenizer
+from ..train.distributed import log, print_zero3_partition
+from ..train.guards import ObservedSteps, safety_callbacks
+from ..train.loss import router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
+from ..train.finish import finish_run, last_logged
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -70,7 +70,7 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
     return loss, rewards[:n], rewards[n:]
 
 
-class DPOTrainer(ObservedSteps, Trainer):
+class DPOLossTrainer(ObservedSteps, Trainer):
     """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL.
     Where the checkpoint's config asks for it (`output_router_logits`), training adds the policy's MoE router
     load-balancing loss, `router_aux_loss_coef * aux_loss`, and logs `aux_loss`."""
@@ -149,7 +149,7 @@ def run(config, callbacks: tuple = ()) -> dict:
         model.print_trainable_parameters()
     else:
         reference = load_model(model_path, **load).eval().requires_grad_(False)
-    trainer = DPOTrainer(
+    trainer = DPOLossTrainer(
         model=model,
         reference=reference,
         args=args,

@@ -13,14 +13,14 @@ import copy
 
 import torch
 
-from .options import LoraOptions
-from .loading import load_trained
-from .lora import add_lora
-from .model import is_adapter, load_model
+from ..options import LoraOptions
+from ..models.trained import load_trained
+from ..models.lora import add_lora
+from ..models.model import is_adapter, load_model
 from .ppo_math import entropy_from_logits
 from .rollouts import Rollout
-from .train.loss import backbone_and_head
-from .train.deepspeed_loop import to_device
+from ..train.loss import backbone_and_head
+from ..train.deepspeed_loop import to_device
 
 
 def load_actor(policy: str, lora: LoraOptions, trust_remote_code: bool, device: torch.device):

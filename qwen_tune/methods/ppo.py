@@ -4,7 +4,7 @@ Our own implementation (TRL removed its PPOTrainer). Reads top to bottom like th
 for each batch of prompts, sample replies (prompts rendered by the policy's chat template) from the actor (stopping at `<|im_end|>`),
 score them, compute per-token rewards (-kl_coef * KL(actor || reference) + the score on the
 last token), values and GAE advantages, then run several epochs of clipped PPO updates over
-minibatches. The formulas live in `ppo_math.py`.
+minibatches. The formulas live in `rl/ppo_math.py`.
 
 Models: actor = the policy (all weights, or a LoRA adapter); reference = the frozen initial
 policy (with LoRA, the same weights with the adapter switched off - no second copy); critic =
@@ -31,12 +31,12 @@ from typing import Callable
 
 import torch
 
-from .data.chat_format import check_renderable
-from .data.read import load_prompts
-from .errors import UserError
-from .model import is_vision_language
-from .options import FormatOptions, LoraOptions, Method, load, prepare_run, set_chat_format
-from .ppo_math import (
+from ..data.chat_format import check_renderable
+from ..data.read import load_prompts
+from ..errors import UserError
+from ..models.model import is_vision_language
+from ..options import FormatOptions, LoraOptions, Method, load, prepare_run, set_chat_format
+from ..rl.ppo_math import (
     AdaptiveKLController,
     gae,
     kl_estimate,
@@ -47,13 +47,13 @@ from .ppo_math import (
     value_loss,
 )
 from .ppo_options import PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS, PPOArguments, check_options, check_paths
-from .report import card_path, write_run_report
-from .reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
-from .rl_models import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
-from .rollouts import collapse_warning, sample
-from .tokenizer import ENDOFTEXT, IM_END, load_tokenizer
-from .train import ownership
-from .train.deepspeed_loop import (
+from ..report import card_path, write_run_report
+from ..rl.reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
+from ..rl.actor_critic import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
+from ..rl.rollouts import collapse_warning, sample
+from ..models.tokenizer import ENDOFTEXT, IM_END, load_tokenizer
+from ..train import ownership
+from ..train.deepspeed_loop import (
     fill_deepspeed_config,
     gather_over_ranks,
     gathered,
@@ -62,10 +62,10 @@ from .train.deepspeed_loop import (
     read_deepspeed_config,
     to_device,
 )
-from .train.distributed import log, print_zero3_partition
-from .train.loop_state import load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
-from .train.outputs import clean_up_checkpoints, how_to_load, publish
-from .train.stop_signal import StopSignal, exit_after_saving
+from ..train.distributed import log, print_zero3_partition
+from ..train.loop_state import load_engine_checkpoint, load_loop_checkpoint, save_engine_checkpoint, save_loop_checkpoint
+from ..train.finish import clean_up_checkpoints, how_to_load, publish
+from ..train.stop_signal import StopSignal, exit_after_saving
 
 METHOD = Method("ppo", groups={"ppo": PPOArguments, "format": FormatOptions, "lora": LoraOptions}, model_option=("ppo", "policy"),
                 resolve=check_options, run_group="ppo")
@@ -161,7 +161,7 @@ class Rewards:
 
     def load_model(self) -> None:
         if self.args.reward_model:
-            from .reward_model import load_reward_model
+            from ..rl.reward_models import load_reward_model
 
             model, _ = load_reward_model(self.args.reward_model, trust_remote_code=self.args.trust_remote_code)
             self.model = to_device(model, self.device).requires_grad_(False)
@@ -169,7 +169,7 @@ class Rewards:
     def __call__(self, prompt_ids: list, conversations: list, replies: list, texts: list[str]) -> torch.Tensor:
         args, scores = self.args, torch.zeros(len(replies), device=self.device)
         if self.model is not None:
-            from .reward_model import score_token_ids
+            from ..rl.reward_models import score_token_ids
 
             scores += score_token_ids(self.model, [p + r for p, r in zip(prompt_ids, replies)]).to(self.device).float()
         if self.funcs:

@@ -10,24 +10,24 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from .options import (CacheOptions, DataOptions, FormatOptions, LayoutOptions, LearningRates, LoraOptions, Method,
+from ..options import (CacheOptions, DataOptions, FormatOptions, LayoutOptions, LearningRates, LoraOptions, Method,
                       ModelOptions, TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
-from .options.training import SEED_LR_FULL, SEED_LR_LORA
-from .data.collate import PackedCollator, PaddedCollator
-from .data.cache import load_tokens
-from .data.splits import load_splits
-from .errors import UserError
-from .lora import add_lora
-from .model import load_model, packing_for, resolve_model_path
-from .report import report_callbacks, show_progress_as_lines
-from .tokenizer import load_tokenizer
-from .train.distributed import log, print_zero3_partition
-from .train.guards import ObservedSteps, safety_callbacks
-from .train.loss import causal_lm_loss_terms, router_aux_loss_coef
-from .train.outputs import finish_run, last_logged
+from ..options.training import SEED_LR_FULL, SEED_LR_LORA
+from ..data.collate import PackedCollator, PaddedCollator
+from ..data.cache import load_tokens
+from ..data.splits import load_splits
+from ..errors import UserError
+from ..models.lora import add_lora
+from ..models.model import load_model, packing_for, resolve_model_path
+from ..report import report_callbacks, show_progress_as_lines
+from ..models.tokenizer import load_tokenizer
+from ..train.distributed import log, print_zero3_partition
+from ..train.guards import ObservedSteps, safety_callbacks
+from ..train.loss import causal_lm_loss_terms, router_aux_loss_coef
+from ..train.finish import finish_run, last_logged
 
 
-class SFTTrainer(ObservedSteps, Trainer):
+class SFTLossTrainer(ObservedSteps, Trainer):
     """HF Trainer whose loss is the mean over the supervised tokens of the whole optimizer step.
 
     The Trainer counts the step's supervised tokens across micro-batches and ranks
@@ -135,7 +135,7 @@ def run(config, callbacks: tuple = ()) -> dict:
         model.print_trainable_parameters()
 
     packing = packing_for(model, config.layout.packing, log)
-    trainer = SFTTrainer(
+    trainer = SFTLossTrainer(
         model=model,
         args=args,
         train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length

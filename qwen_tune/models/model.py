@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .errors import UserError
+from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
-from .train.distributed import log
+from ..train.distributed import log
 from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
-from .trust import check_checkpoint
+from ..trust import check_checkpoint
 
-EMBEDDED_CONFIG = Path(__file__).parent / "assets" / "embedded_model_config.json"
+EMBEDDED_CONFIG = Path(__file__).parent.parent / "assets" / "embedded_model_config.json"
 EMBEDDED_NAME = "qwen-tune-embedded-qwen2"
 
 FINAL_NORM_SCALE = 10.0

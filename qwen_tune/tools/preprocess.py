@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from .options.groups import set_chat_format
-from .options.tools import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_options
-from .data.chat_format import IGNORE
-from .data.cache import build_tokens, load_tokens
-from .tokenizer import load_tokenizer
+from ..options.groups import set_chat_format
+from ..options.tools import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_options
+from ..data.chat_format import IGNORE
+from ..data.cache import build_tokens, load_tokens
+from ..models.tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"
 
@@ -56,7 +56,7 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -
 
 def main(argv: list[str] | None = None) -> None:
     a = parser().parse_args(argv)
-    from .model import resolve_model_path
+    from ..models.model import resolve_model_path
 
     source = resolve_model_path(a.tokenizer)  # unset: the embedded model's, so `sft --data_path OUT` on it matches
     tokenizer = load_tokenizer(source, trust_remote_code=a.trust_remote_code)

@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from .data.chat_format import check_renderable
-from .reward_model import last_reply_ids, load_reward_model, score_token_ids
+from ..data.chat_format import check_renderable
+from ..rl.reward_models import last_reply_ids, load_reward_model, score_token_ids
 
 
 def parse_args(argv: list[str] | None):
-    from .options.tools import add_format_arguments, add_trust_argument
+    from ..options.tools import add_format_arguments, add_trust_argument
 
     p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
     p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
@@ -24,9 +24,9 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .options.groups import set_chat_format
-    from .options.tools import format_options
-    from .data.read import detect_kind, load_conversations, load_preference_pairs
+    from ..options.groups import set_chat_format
+    from ..options.tools import format_options
+    from ..data.read import detect_kind, load_conversations, load_preference_pairs
 
     args = parse_args(argv)
     kind = detect_kind(args.data)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options.tools import add_trust_argument
-from .errors import UserError
-from .model import is_adapter
+from ..options.tools import add_trust_argument
+from ..errors import UserError
+from ..models.model import is_adapter
 
 
 def merge(adapter: str, out: str, trust_remote_code: bool = False) -> str:
     """Merge and save as safetensors with the tokenizer and generation config, as the base's own class."""
-    from .loading import load_trained
-    from .tokenizer import load_tokenizer
+    from ..models.trained import load_trained
+    from ..models.tokenizer import load_tokenizer
 
     if not is_adapter(adapter):
         raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UserError
-from .train.distributed import log
+from ..errors import UserError
+from ..train.distributed import log
 
 # LoRA targets of every linear projection in Qwen1.5/2/2.5/3 (and Qwen v1's c_attn/c_proj/w1/w2).
 LORA_TARGETS = "all-linear"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .data.chat_format import ChatFormat
-from .errors import UserError
-from .model import is_adapter
-from .trust import check_checkpoint
+from ..data.chat_format import ChatFormat
+from ..errors import UserError
+from ..models.model import is_adapter
+from ..trust import check_checkpoint
 
 # ---------------------------------------------------------------- what is scored
 
@@ -39,7 +39,7 @@ def load_reward_model(path: str, *, is_trainable: bool = False, dtype: torch.dty
     """
     from transformers import AutoModelForSequenceClassification
 
-    from .tokenizer import load_tokenizer
+    from ..models.tokenizer import load_tokenizer
 
     p = Path(path).expanduser()
     if not p.is_dir():

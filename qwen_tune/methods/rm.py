@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import RewardConfig, RewardTrainer
 
-from .options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
+from ..options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
                       prepare_run, set_chat_format, train_dtype)
-from .errors import UserError
-from .lora import add_lora
-from .model import is_adapter, load_model, resolve_model_path
-from .data.pairs import encode_pairs
-from .data.splits import load_splits
-from .report import OwnModelCard, report_callbacks, show_progress_as_lines
-from .reward_model import load_reward_model
-from .tokenizer import load_tokenizer
-from .train.distributed import log
-from .train.guards import ObservedSteps, safety_callbacks
-from .train.outputs import finish_run, last_logged
+from ..errors import UserError
+from ..models.lora import add_lora
+from ..models.model import is_adapter, load_model, resolve_model_path
+from ..data.pairs import encode_pairs
+from ..data.splits import load_splits
+from ..report import OwnModelCard, report_callbacks, show_progress_as_lines
+from ..rl.reward_models import load_reward_model
+from ..models.tokenizer import load_tokenizer
+from ..train.distributed import log
+from ..train.guards import ObservedSteps, safety_callbacks
+from ..train.finish import finish_run, last_logged
 
 
 @dataclass

@@ -23,7 +23,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def load_reward_fn(spec: str, flag: str = "--reward_fn"):

@@ -16,10 +16,10 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
     tokens cache (`options`: the --tokens_cache options), batches read from it memory-mapped."""
     import torch
 
-    from .data.collate import PaddedCollator
-    from .data.cache import load_tokens
-    from .errors import UserError
-    from .train.loss import causal_lm_loss_sum
+    from ..data.collate import PaddedCollator
+    from ..data.cache import load_tokens
+    from ..errors import UserError
+    from ..train.loss import causal_lm_loss_sum
 
     samples, report = load_tokens(data, fmt, model_max_length, options=options)
     if not samples:
@@ -38,8 +38,8 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from .options.groups import set_chat_format
-    from .options.tools import add_cache_arguments, cache_options, format_options, inference_parser
+    from ..options.groups import set_chat_format
+    from ..options.tools import add_cache_arguments, cache_options, format_options, inference_parser
     from .chat import load_for_inference
 
     p = inference_parser("qwen-tune eval", __doc__)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
     add_cache_arguments(p)
     a = p.parse_args(argv)
-    from .data.read import check_conversations
+    from ..data.read import check_conversations
 
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
     model, tokenizer = load_for_inference(a.model, a.trust_remote_code)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message and reset), /exit (or Ctrl-D)"
 
@@ -19,9 +19,9 @@ def load_for_inference(path: str, trust_remote_code: bool = False):
     """(model, tokenizer) from a full/merged model directory or a LoRA adapter directory; eval mode, no grads."""
     import torch
 
-    from .loading import load_trained
-    from .model import is_adapter, resolve_model_path
-    from .tokenizer import load_tokenizer
+    from ..models.trained import load_trained
+    from ..models.model import is_adapter, resolve_model_path
+    from ..models.tokenizer import load_tokenizer
 
     if not is_adapter(path):
         path = resolve_model_path(path)
@@ -36,7 +36,7 @@ class Chat:
     """One conversation: its messages, the system message, and how to answer the next user turn."""
 
     def __init__(self, model, tokenizer, fmt, max_new_tokens: int, temperature: float):
-        from .tokenizer import ENDOFTEXT, IM_END
+        from ..models.tokenizer import ENDOFTEXT, IM_END
 
         self.model, self.tokenizer, self.format = model, tokenizer, fmt
         self.stop_ids = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT])
@@ -95,8 +95,8 @@ def repl(chat: Chat) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .options.groups import set_chat_format
-    from .options.tools import format_options, inference_parser
+    from ..options.groups import set_chat_format
+    from ..options.tools import format_options, inference_parser
 
     p = inference_parser("qwen-tune chat", __doc__)
     p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")

@@ -1,0 +1,1 @@
+"""The training methods, peers that share components and never import each other."""

@@ -1,0 +1,1 @@
+"""Checkpoints, tokenizers and adapters: loading what is trained and what was trained."""

@@ -1,0 +1,1 @@
+"""The commands that use a model or data without training: chat, eval, score, preprocess, merge."""
