@@ -14,7 +14,6 @@ Reading and validation stream (files.iter_records); tokenizing runs in worker pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,15 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
-import xxhash
 
 from ..errors import DataError, UserError
 from ..options.groups import CacheOptions
+from .cache_key import DATA, cache_key, damage, fingerprint, format_parts, hash_file, open_arrow
 from .encode_report import EncodeReport
 from .files import TOKENS_COMPLETE as MARKER, TOKENS_INFO as INFO, is_tokens_dir
 from .read import data_error, stream_conversations
 
-DATA = "data.arrow"
 CHUNK = 256  # conversations per worker task
 PROGRESS_EVERY = 5.0  # seconds between progress lines
 SCHEMA = pa.schema([
@@ -42,7 +40,6 @@ SCHEMA = pa.schema([
     ("supervised", pa.int32()), ("truncated", pa.bool_()), ("reasoning_not_trained", pa.int32()), ("source", pa.string()),
 ])
 TRAINING_COLUMNS = ["input_ids", "labels", "id", "length"]
-CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "mixture.py", "encode_report.py", "cache.py")
 
 
 def say(message: str) -> None:
@@ -50,27 +47,6 @@ def say(message: str) -> None:
     rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     sys.stderr.write(f"{rank}{message}\n")  # one write: lines of two ranks sharing a stderr do not interleave
     sys.stderr.flush()
-
-
-def _hash_file(path: Path) -> str:
-    """xxh3-128 of a file's bytes, read into one 16 MiB buffer. xxh3 (a dependency of `datasets`) runs at ~6.6 GB/s
-    here against sha256's 1.3: it finds changes and damage, which is all a cache key and checksum need, and keeps
-    the start of a run on a million conversations (2.1 GB of JSONL, a 2.9 GB cache) within about a second."""
-    digest, buffer = xxhash.xxh3_128(), memoryview(bytearray(1 << 24))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(buffer[:n])
-    return digest.hexdigest()
-
-
-def _fingerprint(path: Path) -> str:
-    """The content hash of a data file or a save_to_disk directory."""
-    if path.is_dir():
-        digest = xxhash.xxh3_128()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(f"{f.relative_to(path)}\0{_hash_file(f)}\0".encode())
-        return digest.hexdigest()
-    return _hash_file(path)
 
 
 def _expected_samples(sources) -> int | None:
@@ -99,60 +75,6 @@ def _safe_rows(tables, path: Path) -> int | None:
         return tables.count_rows(path)
     except Exception:  # unreadable: validation reports it with its location
         return None
-
-
-def format_parts(fmt, max_length: int | None) -> dict:
-    """Everything besides the data that changes the tokens (or the code making them), each as a short value."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def sha(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    tokenizer = fmt.tokenizer
-    added = sorted(f"{i}:{t.content}:{t.special}" for i, t in tokenizer.added_tokens_decoder.items())
-    code = hashlib.sha256(b"".join(Path(__file__).with_name(n).read_bytes() for n in CODE)).hexdigest()[:16]
-    try:
-        ours = version("qwen-tune")
-    except PackageNotFoundError:
-        ours = "unknown"
-    return {"tokenizer": sha(tokenizer.backend_tokenizer.to_str() + "\n".join(added)), "chat_template": sha(fmt.template),
-            "system_message": fmt.system_message, "template_kwargs": fmt.template_kwargs, "model_max_length": max_length,
-            "qwen_tune": f"{ours} (data code {code})"}
-
-
-def _key(parts: dict, files: list[dict]) -> str:
-    return hashlib.sha256(json.dumps({"format": parts, "data": files}, sort_keys=True).encode()).hexdigest()[:20]
-
-
-# ---------------------------------------------------------------- checking a cache
-
-
-def damage(directory: Path) -> str | None:
-    """Why a cache directory cannot be used (incomplete, a file changed or cut short), or None when it can."""
-    try:
-        marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
-        json.loads((directory / INFO).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        return f"incomplete ({Path(e.filename).name} is missing)"
-    except (OSError, ValueError) as e:
-        return f"unreadable ({e})"
-    data = directory / DATA
-    if not data.is_file() or data.stat().st_size != marker.get("bytes"):
-        return f"{DATA} is missing or has the wrong size"
-    if _hash_file(data) != marker.get("xxh3_128"):
-        return f"{DATA} does not match its checksum"
-    try:
-        rows = len(_open_arrow(directory))
-    except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise several kinds on a damaged file
-        return f"{DATA} is unreadable ({type(e).__name__}: {e})"
-    return None if rows == marker.get("rows") else f"{DATA} has {rows} rows, not {marker.get('rows')}"
-
-
-def _open_arrow(directory: Path):
-    """The whole cache as a memory-mapped `datasets.Dataset` (no copy in memory)."""
-    from datasets import Dataset
-
-    return Dataset.from_file(str(directory / DATA))
 
 
 # ---------------------------------------------------------------- building
@@ -265,11 +187,11 @@ def _build(directory: Path, sources: list, fmt, max_length, workers: int, info: 
         say(f"tokenized {rows:,} conversations with {workers} worker(s) at {progress.rate():,.0f}/s")
         offsets = [sum(sizes[:k]) for k in range(len(sizes))]
         info["sources"] = [dict(s, start=start, rows=n) for s, start, n in zip(info["sources"], offsets, sizes)]
-        dataset = _open_arrow(tmp)
+        dataset = open_arrow(tmp)
         info["report"] = _report(dataset, list(range(rows)), None).__dict__
         del dataset
         (tmp / INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False), encoding="utf-8")
-        checksum = _hash_file(tmp / DATA)
+        checksum = hash_file(tmp / DATA)
         (tmp / MARKER).write_text(json.dumps({"xxh3_128": checksum, "bytes": (tmp / DATA).stat().st_size, "rows": rows}),
                                   encoding="utf-8")
         if directory.exists():
@@ -376,9 +298,9 @@ def _plan(paths, fmt, max_length) -> tuple[list, dict, str]:
     files = []
     for s in sources:
         for f in s.files:
-            files.append({"path": str(f), "xxh3_128": _fingerprint(f)})
+            files.append({"path": str(f), "xxh3_128": fingerprint(f)})
     parts = format_parts(fmt, max_length)
-    info = {"key": _key(parts, files), "format": parts, "files": files,
+    info = {"key": cache_key(parts, files), "format": parts, "files": files,
             "sources": [{"path": str(s.path), "weight": str(s.weight) if s.weight else None} for s in sources]}
     return sources, info, info["key"]
 
@@ -424,7 +346,7 @@ def load_tokens(paths, fmt, max_length: int | None, *, seed: int = 0, options: C
         from fractions import Fraction
 
         weights = [Fraction(s["weight"]) if s["weight"] else None for s in info["sources"]]
-        return _select(_open_arrow(directory), info, weights, seed)
+        return _select(open_arrow(directory), info, weights, seed)
     sources, info, key = _plan(paths, fmt, max_length)
     root = options.directory()
     directory = (root / key) if root else Path(_scratch("tokens"))
@@ -437,4 +359,4 @@ def load_tokens(paths, fmt, max_length: int | None, *, seed: int = 0, options: C
                 say(f"tokens: the cache {directory} is {why}; rebuilding it")
             _build(directory, sources, fmt, max_length, options.num_workers(), info)
             say(f"tokens: built the cache {directory}" if root else "tokens: tokenized (cache off)")
-    return _select(_open_arrow(directory), _info(directory), [s.weight for s in sources], seed)
+    return _select(open_arrow(directory), _info(directory), [s.weight for s in sources], seed)

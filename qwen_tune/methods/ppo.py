@@ -49,7 +49,7 @@ from ..rl.ppo_math import (
 from .ppo_options import PPO_LR_FULL, PPO_LR_LORA, PPO_LR_TINY, TINY_MODEL_PARAMS, PPOArguments, check_options, check_paths
 from ..report import card_path, write_run_report
 from ..rl.reward_functions import call_reward_fn, load_batch_rewards, load_reward_fn, weighted_batch_rewards
-from ..rl.actor_critic import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor
+from ..rl.actor_critic import ActorCritic, RewardModelCritic, ValueHead, forward, load_actor, save_actor_critic
 from ..rl.rollouts import collapse_warning, sample
 from ..models.tokenizer import ENDOFTEXT, IM_END, load_tokenizer
 from ..train import ownership
@@ -346,7 +346,7 @@ def finish(args: PPOArguments, models: Trainables, tokenizer, fmt, policy_path: 
     card = card_path(args.output_dir) if rank == 0 else None
     with gathered(models.engine):  # every rank holds the full weights now; rank 0 writes them
         if rank == 0:
-            save(actor, models.critic, tokenizer, ownership.staging_dir(args.output_dir), adapter=adapter)
+            save_actor_critic(actor, models.critic, tokenizer, ownership.staging_dir(args.output_dir), adapter=adapter)
     if rank != 0:
         return {}
     publish(args.output_dir, card, also=("ppo_metrics.json",))
@@ -384,24 +384,6 @@ def prompt_batches(n: int, batch_size: int, total_steps: int, seed: int, rank: i
             batch = [batch[i % len(batch)] for i in range(math.ceil(len(batch) / world) * world)]
             yield batch[rank::world]
             step += 1
-
-
-def save(actor, critic, tokenizer, out: str, adapter: bool) -> None:
-    """Like an SFT output: full safetensors or the PEFT adapter, plus tokenizer and generation config.
-    The value head goes beside it (value_head.safetensors) for resuming or inspection."""
-    if adapter:
-        if "reference" in actor.peft_config:
-            actor.delete_adapter("reference")
-        actor.save_pretrained(out)
-        actor.get_base_model().generation_config.save_pretrained(out)
-    else:
-        actor.save_pretrained(out)
-        actor.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if isinstance(critic, ValueHead):
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
 
 
 def main(argv: list[str] | None = None) -> dict:

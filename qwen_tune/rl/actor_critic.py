@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import torch
 
@@ -124,3 +125,21 @@ class ActorCritic(torch.nn.Module):
     def __init__(self, actor, critic):
         super().__init__()
         self.actor, self.critic = actor, critic
+
+
+def save_actor_critic(actor, critic, tokenizer, out: str, adapter: bool) -> None:
+    """The trained policy like an SFT output: full safetensors or the PEFT adapter, plus tokenizer and generation config.
+    The value head goes beside it (value_head.safetensors) for resuming or inspection."""
+    if adapter:
+        if "reference" in actor.peft_config:
+            actor.delete_adapter("reference")
+        actor.save_pretrained(out)
+        actor.get_base_model().generation_config.save_pretrained(out)
+    else:
+        actor.save_pretrained(out)
+        actor.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if isinstance(critic, ValueHead):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in critic.state_dict().items()}, os.path.join(out, "value_head.safetensors"))
