@@ -1,7 +1,7 @@
 """`qwen-tune chat --model OUT`: talk to a trained model, streamed, multi-turn; `--prompt TEXT` for scripts.
 
 Loads a full or merged model, or a LoRA output directory (adapter_config.json) on its base, as its own class
-(loading.load_trained). Prompts are rendered by the chat template saved with the model (the one
+(models/trained.load_trained). Prompts are rendered by the chat template saved with the model (the one
 training used), so the model sees exactly the layout it learned; generation stops at `<|im_end|>`.
 In the REPL: /reset forgets the conversation, /system TEXT sets the system message (and resets), /exit quits.
 """
@@ -9,8 +9,12 @@ In the REPL: /reset forgets the conversation, /system TEXT sets the system messa
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..options import FormatOptions, Method, load, set_chat_format
+from ..options.groups import Frozen
+from ..options.tools import TrustOptions
 
 HELP = "commands: /reset (new conversation), /system TEXT (set the system message and reset), /exit (or Ctrl-D)"
 
@@ -94,19 +98,28 @@ def repl(chat: Chat) -> None:
             chat.answer(line, stream=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from ..options.groups import set_chat_format
-    from ..options.tools import format_options, inference_parser
+@dataclass
+class ChatOptions(Frozen):
+    _argument_group_name = "chat"
+    model: str | None = field(default=None, metadata={"help": "An output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)."})
+    prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print only the answer, and exit (for scripts)."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Longest answer, in tokens."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (deterministic)."})
 
-    p = inference_parser("qwen-tune chat", __doc__)
-    p.add_argument("--prompt", default=None, help="answer this one message, print only the answer, and exit (for scripts)")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="longest answer, in tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (deterministic)")
-    a = p.parse_args(argv)
-    if a.max_new_tokens < 1 or a.temperature < 0:
+
+def check_options(values: dict) -> None:
+    if values["chat"]["max_new_tokens"] < 1 or values["chat"]["temperature"] < 0:
         raise UserError("--max_new_tokens must be >= 1 and --temperature >= 0")
-    model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
-    fmt = set_chat_format(tokenizer, format_options(a), source=a.model or "the embedded model")
+
+
+METHOD = Method("chat", groups={"chat": ChatOptions, "trust": TrustOptions, "format": FormatOptions}, resolve=check_options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = load(METHOD, argv)
+    a = config.chat
+    model, tokenizer = load_for_inference(a.model, config.trust.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model")
     chat = Chat(model, tokenizer, fmt, a.max_new_tokens, a.temperature)
     if a.prompt is not None:
         print(chat.answer(a.prompt, stream=False))

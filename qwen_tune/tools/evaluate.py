@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
+
+from ..options import CacheOptions, FormatOptions, Method, load, set_chat_format
+from ..options.groups import Frozen
+from ..options.tools import TrustOptions, required
 
 
 def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4, options=None) -> dict:
@@ -37,23 +42,28 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
             "truncated": len(report.truncated), "dropped": len(report.dropped)}
 
 
+@dataclass
+class EvalOptions(Frozen):
+    _argument_group_name = "eval"
+    model: str | None = field(default=None, metadata={"help": "An output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)."})
+    data: str | None = field(default=None, metadata={"help": "Conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list."})
+    model_max_length: int = field(default=512, metadata={"help": "Truncate longer samples as training does (counted in the output)."})
+    batch_size: int = field(default=4, metadata={"help": "Samples per forward pass."})
+
+
+METHOD = Method("eval", groups={"eval": EvalOptions, "trust": TrustOptions, "format": FormatOptions, "cache": CacheOptions},
+                resolve=lambda values: required(values, "eval", "data"))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    from ..options.groups import set_chat_format
-    from ..options.tools import add_cache_arguments, cache_options, format_options, inference_parser
+    from ..data.read import check_conversations
     from .chat import load_for_inference
 
-    p = inference_parser("qwen-tune eval", __doc__)
-    p.add_argument("--data", required=True, help="conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list")
-    p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples as training does (counted in the output)")
-    p.add_argument("--batch_size", type=int, default=4, help="samples per forward pass")
-    add_cache_arguments(p)
-    a = p.parse_args(argv)
-    from ..data.read import check_conversations
-
+    config = load(METHOD, argv)
+    a = config.eval
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
-    model, tokenizer = load_for_inference(a.model, a.trust_remote_code)
-    fmt = set_chat_format(tokenizer, format_options(a), source=a.model or "the embedded model")
-    result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size,
-                      options=cache_options(a))
+    model, tokenizer = load_for_inference(a.model, config.trust.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model")
+    result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size, options=config.cache)
     print(json.dumps(result))
     return result

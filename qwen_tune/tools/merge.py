@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
 
-from ..options.tools import add_trust_argument
 from ..errors import UserError
+from ..options import Method, load
+from ..options.groups import Frozen
+from ..options.tools import TrustOptions, required
 from ..models.model import is_adapter
 
 
@@ -23,10 +25,18 @@ def merge(adapter: str, out: str, trust_remote_code: bool = False) -> str:
     return out
 
 
+@dataclass
+class MergeOptions(Frozen):
+    _argument_group_name = "merge"
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA output directory."})
+    out: str | None = field(default=None, metadata={"help": "Where to write the merged model."})
+
+
+METHOD = Method("merge", groups={"merge": MergeOptions, "trust": TrustOptions},
+                resolve=lambda values: required(values, "merge", "adapter", "out"))
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="qwen-tune merge", description=__doc__)
-    p.add_argument("--adapter", required=True, help="a LoRA output directory")
-    p.add_argument("--out", required=True, help="where to write the merged model")
-    add_trust_argument(p)
-    a = p.parse_args(argv)
-    print(f"merged model saved to {os.path.abspath(merge(a.adapter, a.out, a.trust_remote_code))}")
+    config = load(METHOD, argv)
+    a = config.merge
+    print(f"merged model saved to {os.path.abspath(merge(a.adapter, a.out, config.trust.trust_remote_code))}")

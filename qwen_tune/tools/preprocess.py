@@ -9,13 +9,14 @@ marked. `--out DIR` writes the tokenized data as a memory-mapped tokens director
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..options.groups import set_chat_format
-from ..options.tools import add_cache_arguments, add_format_arguments, add_trust_argument, cache_options, format_options
+from ..options import CacheOptions, FormatOptions, Method, load, set_chat_format
+from ..options.groups import Frozen
+from ..options.tools import TrustOptions, required
 from ..data.chat_format import IGNORE
 from ..data.cache import build_tokens, load_tokens
 from ..models.tokenizer import load_tokenizer
@@ -23,19 +24,18 @@ from ..models.tokenizer import load_tokenizer
 START, END = "\033[1;32m", "\033[0m"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-tune preprocess", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)")
-    p.add_argument("--tokenizer", default=None, help="a checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)")
-    p.add_argument("--model_max_length", type=int, default=512, help="truncate longer samples (head kept; counted)")
-    p.add_argument("--out", default=None, help="a directory: write the tokens there for sft --data_path DIR; a .jsonl file: "
-                   "the kept samples as JSON lines")
-    p.add_argument("--show", type=int, default=0, help="print N samples with supervised spans highlighted")
-    add_trust_argument(p)
-    add_format_arguments(p)
-    add_cache_arguments(p)  # --tokens_cache is not used with --out DIR
-    return p
+@dataclass
+class PreprocessOptions(Frozen):
+    _argument_group_name = "preprocess"
+    data: str | None = field(default=None, metadata={"help": "A data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)."})
+    tokenizer: str | None = field(default=None, metadata={"help": "A checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)."})
+    model_max_length: int = field(default=512, metadata={"help": "Truncate longer samples (head kept; counted)."})
+    out: str | None = field(default=None, metadata={"help": "A directory: write the tokens there for sft --data_path DIR (--tokens_cache is then not used); a .jsonl file: the kept samples as JSON lines."})
+    show: int = field(default=0, metadata={"help": "Print N samples with supervised spans highlighted."})
+
+
+METHOD = Method("preprocess", groups={"preprocess": PreprocessOptions, "trust": TrustOptions, "format": FormatOptions,
+                                      "cache": CacheOptions}, resolve=lambda values: required(values, "preprocess", "data"))
 
 
 def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
@@ -55,14 +55,14 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = parser().parse_args(argv)
     from ..models.model import resolve_model_path
 
+    config = load(METHOD, argv)
+    a, options = config.preprocess, config.cache
     source = resolve_model_path(a.tokenizer)  # unset: the embedded model's, so `sft --data_path OUT` on it matches
-    tokenizer = load_tokenizer(source, trust_remote_code=a.trust_remote_code)
-    fmt = set_chat_format(tokenizer, format_options(a), source=a.tokenizer or "the embedded model")
+    tokenizer = load_tokenizer(source, trust_remote_code=config.trust.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=a.tokenizer or "the embedded model")
     print(f"format: {fmt.description}")
-    options = cache_options(a)
     if a.out and not a.out.endswith(".jsonl"):
         build_tokens(a.data, fmt, a.model_max_length, Path(a.out), options.num_workers())
         data = a.out

@@ -2,37 +2,40 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.chat_format import check_renderable
+from ..options import FormatOptions, Method, load, set_chat_format
+from ..options.groups import Frozen
+from ..options.tools import TrustOptions, required
 from ..rl.reward_models import last_reply_ids, load_reward_model, score_token_ids
 
 
-def parse_args(argv: list[str] | None):
-    from ..options.tools import add_format_arguments, add_trust_argument
+@dataclass
+class ScoreOptions(Frozen):
+    _argument_group_name = "score"
+    model: str | None = field(default=None, metadata={"help": "Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm."})
+    data: str | None = field(default=None, metadata={"help": "Preference pairs (prints accuracy) or SFT-style conversations (scores the last assistant turn)."})
+    out: str | None = field(default=None, metadata={"help": "Where to write one JSON object per sample (.jsonl)."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
 
-    p = argparse.ArgumentParser(prog="qwen-tune score", description="Score preference pairs or conversations with a reward model.")
-    p.add_argument("--model", required=True, help="Reward model directory (full or LoRA adapter), e.g. the output of qwen-tune rm.")
-    p.add_argument("--data", required=True, help="Preference pairs (prints accuracy) or SFT-style conversations (scores the last assistant turn).")
-    p.add_argument("--out", required=True, help="Where to write one JSON object per sample (.jsonl).")
-    p.add_argument("--batch_size", type=int, default=16, help="Sequences per forward pass.")
-    add_trust_argument(p)
-    add_format_arguments(p)  # defaults: the reward model's saved template, as trained
-    return p.parse_args(argv)
+
+# the format options' defaults: the reward model's saved template, as trained
+METHOD = Method("score", groups={"score": ScoreOptions, "trust": TrustOptions, "format": FormatOptions},
+                resolve=lambda values: required(values, "score", "model", "data", "out"))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..options.groups import set_chat_format
-    from ..options.tools import format_options
     from ..data.read import detect_kind, load_conversations, load_preference_pairs
 
-    args = parse_args(argv)
+    config = load(METHOD, argv)
+    args = config.score
     kind = detect_kind(args.data)
     samples = load_preference_pairs(args.data) if kind == "preference" else load_conversations(args.data)  # validate first
-    model, tokenizer = load_reward_model(args.model, trust_remote_code=args.trust_remote_code)
-    fmt = set_chat_format(tokenizer, format_options(args), source=args.model)
+    model, tokenizer = load_reward_model(args.model, trust_remote_code=config.trust.trust_remote_code)
+    fmt = set_chat_format(tokenizer, config.format, source=args.model)
     check_renderable(fmt, samples)
     if kind == "preference":
         chosen = score_token_ids(model, [sum(fmt.reply_ids(s.prompt, s.chosen, s.tools), []) for s in samples], args.batch_size)
