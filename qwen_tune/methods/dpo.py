@@ -34,7 +34,7 @@ from ..report import report_callbacks, show_progress_as_lines
 from ..models.tokenizer import load_tokenizer
 from ..train.distributed import log, print_zero3_partition
 from ..train.guards import ObservedSteps, safety_callbacks
-from ..train.loss import router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
+from ..train.loss import LossOnlyEvaluation, router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
 from ..train.finish import finish_run, last_logged
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -70,7 +70,7 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
     return loss, rewards[:n], rewards[n:]
 
 
-class DPOLossTrainer(ObservedSteps, Trainer):
+class DPOLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
     """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL.
     Where the checkpoint's config asks for it (`output_router_logits`), training adds the policy's MoE router
     load-balancing loss, `router_aux_loss_coef * aux_loss`, and logs `aux_loss`."""
@@ -109,11 +109,6 @@ class DPOLossTrainer(ObservedSteps, Trainer):
             loss = loss + self.aux_loss_coef * aux_loss.to(loss.dtype)
             metrics["aux_loss"].append(gather(aux_loss.detach()[None]).mean().item())
         return (loss, None) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the pair metrics averaged since the last log (in place: `evaluate()` returns this dict)."""

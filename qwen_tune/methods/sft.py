@@ -23,11 +23,11 @@ from ..report import report_callbacks, show_progress_as_lines
 from ..models.tokenizer import load_tokenizer
 from ..train.distributed import log, print_zero3_partition
 from ..train.guards import ObservedSteps, safety_callbacks
-from ..train.loss import causal_lm_loss_terms, router_aux_loss_coef
+from ..train.loss import LossOnlyEvaluation, causal_lm_loss_terms, router_aux_loss_coef
 from ..train.finish import finish_run, last_logged
 
 
-class SFTLossTrainer(ObservedSteps, Trainer):
+class SFTLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
     """HF Trainer whose loss is the mean over the supervised tokens of the whole optimizer step.
 
     The Trainer counts the step's supervised tokens across micro-batches and ranks
@@ -54,11 +54,6 @@ class SFTLossTrainer(ObservedSteps, Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP/DeepSpeed average gradients over ranks
         return (loss, None) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add `aux_loss`, the router's load-balancing loss averaged since the last log line (unweighted; `loss` holds

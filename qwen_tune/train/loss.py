@@ -224,3 +224,12 @@ def router_aux_loss_coef(model) -> float | None:
     (`output_router_logits`, as transformers' Qwen MoE configs have), else None: nothing is added."""
     config = unwrapped(model).config.get_text_config()
     return float(config.router_aux_loss_coef) if getattr(config, "output_router_logits", False) else None
+
+
+class LossOnlyEvaluation:
+    """A Trainer mixin: evaluation needs the loss only, not the logits (which the Trainer would gather over the set)."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
