@@ -94,11 +94,12 @@ def test_two_nodes_on_localhost_train_and_save(tmp_path):
 
 
 def zero3_run_with_a_checkpoint(out, ranks):
-    """4 steps of a global batch of 2 on `ranks` ZeRO-3 ranks, checkpoint at step 2 kept; returns the step flags."""
+    """4 steps of a global batch of 2 on `ranks` ZeRO-3 ranks, a checkpoint after every step kept (a resumed run keeps
+    the checkpoint's save_steps: the one-rank run resumed from step 2 must save step 3 too); returns the step flags."""
     steps = [a if a != "3" else "4" for a in FEW_STEPS]  # --max_steps 4
     steps[steps.index("--save_strategy") + 1] = "steps"
     recipe("finetune_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", str(2 // ranks), *steps,
-           "--save_steps", "2", "--keep_checkpoints", "True", NPROC_PER_NODE=str(ranks))
+           "--save_steps", "1", "--keep_checkpoints", "True", NPROC_PER_NODE=str(ranks))
     assert os.path.exists(os.path.join(out, "checkpoint-2", "checkpoint_complete.json"))
     return steps
 
@@ -109,7 +110,7 @@ def resume_from(checkpoint, out, ranks, steps, *more):
     subprocess.run(["cp", "-r", checkpoint, out], check=True)
     ownership.claim(out, [os.path.basename(checkpoint)])  # qwen-tune's own: it resumes only from checkpoints it wrote
     return recipe("finetune_ds.sh", "-d", TRAIN, "-o", out, "--per_device_train_batch_size", str(2 // ranks), *steps,
-                  "--save_steps", "2", *more, "--resume_from_checkpoint", "auto", NPROC_PER_NODE=str(ranks))
+                  *more, "--resume_from_checkpoint", "auto", NPROC_PER_NODE=str(ranks))
 
 
 # fp32 sums over another number of ranks: rounding (4e-6 seen). A lost Adam state moves step 4's loss by far more,
@@ -139,7 +140,7 @@ def test_a_zero3_checkpoint_resumes_on_another_number_of_ranks(two_rank_run, tmp
     run, and the two-rank run resumed from the one-rank run's step 3 logs its step 4."""
     full, steps = two_rank_run
     fewer = str(tmp_path / "fewer")
-    proc = resume_from(os.path.join(full, "checkpoint-2"), fewer, 1, steps, "--save_steps", "1", "--keep_checkpoints", "True")
+    proc = resume_from(os.path.join(full, "checkpoint-2"), fewer, 1, steps, "--keep_checkpoints", "True")
     assert "was saved by 2 ranks and this run has 1: its ZeRO state is loaded through DeepSpeed's universal" in proc.stderr
     assert losses(fewer)[-2:] == pytest.approx(losses(full)[-2:], rel=OTHER_WORLD_REL)
     more = str(tmp_path / "more")

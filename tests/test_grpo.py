@@ -153,16 +153,15 @@ def test_grpo_qlora_trains_an_adapter_on_a_4bit_base_that_reloads(sft_policy, pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,steps", [("ds_config_zero2.json", "3"), ("ds_config_zero3.json", "10")])
-def test_grpo_under_deepspeed_on_two_ranks_learns_and_saves_complete_weights(config, steps, sft_policy, prompts, rewards,
-                                                                             tmp_path):
-    """sh recipes/train_grpo_ds.sh (torchrun, 2 CPU ranks): each rank generates 4 of a group's 8 completions; ZeRO-3
-    shards the weights, learns and gathers them to save; the recipe's default ZeRO-2 runs a few steps and saves."""
+@pytest.mark.parametrize("config", ["ds_config_zero2.json", "ds_config_zero3.json"])
+def test_grpo_under_deepspeed_on_two_ranks_trains_and_saves_complete_weights(config, sft_policy, prompts, rewards, tmp_path):
+    """sh recipes/train_grpo_ds.sh (torchrun, 2 CPU ranks), a few steps (learning is the single-process test's): each
+    rank generates 4 of a group's 8 completions; ZeRO-3 shards the weights and gathers them to save."""
     from safetensors.torch import load_file
 
     out = str(tmp_path / "out")
     cmd = ["sh", "recipes/train_grpo_ds.sh", "-m", sft_policy, "-d", prompts, "-o", out, "--learning_rate", "1e-3",
-           "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", steps, "--per_device_train_batch_size", "4",
+           "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "3", "--per_device_train_batch_size", "4",
            "--max_completion_length", "8", "--save_strategy", "no", "--report_to", "none"]
     env = fresh_env(MASTER_PORT=free_port(), DS_CONFIG=os.path.join(ROOT, "recipes", config))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -171,7 +170,6 @@ def test_grpo_under_deepspeed_on_two_ranks_learns_and_saves_complete_weights(con
     if "zero3" in config:  # searched anywhere: the two ranks share one stderr
         shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
         assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
-        assert json.load(open(os.path.join(out, "train_metrics.json")))["reward_final"] >= 1.0  # learned
     trained, start = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(sft_policy, "model.safetensors"))
     assert all(k in trained and trained[k].shape == start[k].shape for k in start)  # complete, not shards
     assert any(not (trained[k] == start[k]).all() for k in start)
