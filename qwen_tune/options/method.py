@@ -1,7 +1,7 @@
-"""What a training command is made of, and its options once resolved.
+"""What a command is made of, and its options once resolved.
 
-Each method module declares a `Method`: its option groups (only those it reads, so an option it would ignore is
-rejected) and its own defaults. `load(method, argv)` parses and resolves them into a frozen `Config` before anything
+Each command's module (a training method or a tool) declares a `Method`: its option groups (only those it reads, so
+an option it would ignore is rejected) and its own defaults. `load(method, argv)` parses and resolves them into a frozen `Config` before anything
 else runs; `prepare_run(config)` (options/prepare.py) is then the first line of the method's `run`.
 """
 
@@ -24,6 +24,8 @@ class LearningRates:
 
 @dataclass(frozen=True)
 class Method:
+    """A command: the option groups it reads, by the attribute its config gives each, and the defaults it decides."""
+
     name: str
     groups: dict[str, type]  # attribute of the config -> option group; TRAIN: a TrainingArguments class
     learning_rates: LearningRates | None = None  # None: the method decides it itself (ppo: from the model's size)
@@ -62,6 +64,3 @@ def build_config(method: Method, values: dict[str, dict], notes: tuple[str, ...]
                 raise UserError(str(e)) from e
     return method.config_class(**built, notes=tuple(notes), trainer_settings=MappingProxyType(dict(trainer_settings or {})))
 
-
-def train_values(config) -> Mapping:
-    return getattr(config, TRAIN)
