@@ -37,6 +37,8 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
              vocab_size=151936, tie_word_embeddings=True)
 LINEAR_ATTENTION = HYBRID + ("qwen3_5", "qwen3_5_moe")
 VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+# the ids of the embedded (Qwen2.5 / Qwen3) tokenizer's vision tokens; Qwen3.5's own 248k vocabulary has others
+VISION_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
 def tiny_config(model_type: str):
@@ -47,7 +49,7 @@ def tiny_config(model_type: str):
     text = dict(SMALL, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})  # head_dim 16
     if model_type == "qwen4_exp":  # its indexer has no defaults
         text.update(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4)
-    return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION, tie_word_embeddings=True)
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=VISION, tie_word_embeddings=True, **VISION_TOKENS)
 
 
 def save_tiny_checkpoint(model_type: str, path, tokenizer) -> str:
@@ -56,8 +58,15 @@ def save_tiny_checkpoint(model_type: str, path, tokenizer) -> str:
 
     torch.manual_seed(0)
     model_class = AutoModelForImageTextToText if model_type in COMPOSITE else AutoModelForCausalLM
-    model_class.from_config(tiny_config(model_type)).save_pretrained(path)
+    config = tiny_config(model_type)
+    model_class.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if model_type in COMPOSITE:  # the image processor, as a released checkpoint has it, with a small pixel budget
+        from transformers import Qwen2VLImageProcessor
+
+        Qwen2VLImageProcessor(patch_size=config.vision_config.patch_size, merge_size=config.vision_config.spatial_merge_size,
+                              temporal_patch_size=config.vision_config.temporal_patch_size, min_pixels=32 * 32,
+                              max_pixels=128 * 128).save_pretrained(path)
     return str(path)
 
 

@@ -38,8 +38,9 @@ PROGRESS_EVERY = 5.0  # seconds between progress lines
 SCHEMA = pa.schema([
     ("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()),
     ("supervised", pa.int32()), ("truncated", pa.bool_()), ("reasoning_not_trained", pa.int32()), ("source", pa.string()),
+    ("images", pa.list_(pa.string())),
 ])
-TRAINING_COLUMNS = ["input_ids", "labels", "id", "length"]
+TRAINING_COLUMNS = ["input_ids", "labels", "id", "length", "images"]
 
 
 def say(message: str) -> None:
@@ -100,7 +101,7 @@ def _encode_chunk(chunk: list) -> tuple[pa.RecordBatch | None, list[str]]:
         "id": [e.id for e in encoded], "input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
         "length": [len(e.input_ids) for e in encoded], "supervised": [e.num_supervised for e in encoded],
         "truncated": [e.truncated for e in encoded], "reasoning_not_trained": [e.reasoning_not_trained for e in encoded],
-        "source": [c.source for c in chunk],
+        "source": [c.source for c in chunk], "images": [e.images for e in encoded],
     }
     return pa.RecordBatch.from_pydict(columns, schema=SCHEMA), []
 
@@ -189,6 +190,8 @@ def _build(directory: Path, sources: list, fmt, max_length, workers: int, info: 
         info["sources"] = [dict(s, start=start, rows=n) for s, start, n in zip(info["sources"], offsets, sizes)]
         dataset = open_arrow(tmp)
         info["report"] = _report(dataset, list(range(rows)), None).__dict__
+        files = sorted({ref for refs in dataset.data.column("images").to_pylist() for ref in refs if not ref.startswith("data:")})
+        info["images"] = {path: hash_file(Path(path)) for path in files}  # damage() finds an image changed since
         del dataset
         (tmp / INFO).write_text(json.dumps(info, indent=1, ensure_ascii=False), encoding="utf-8")
         checksum = hash_file(tmp / DATA)

@@ -14,7 +14,7 @@ from .files import TOKENS_COMPLETE as MARKER, TOKENS_INFO as INFO
 DATA = "data.arrow"
 # qwen-tune's data code: a change to any of these files makes new tokens
 CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "mixture.py", "encode_report.py", "cache.py",
-        "cache_key.py")
+        "cache_key.py", "images.py", "image_inputs.py")
 
 
 def hash_file(path: Path) -> str:
@@ -54,7 +54,7 @@ def format_parts(fmt, max_length: int | None) -> dict:
         ours = "unknown"
     return {"tokenizer": sha(tokenizer.backend_tokenizer.to_str() + "\n".join(added)), "chat_template": sha(fmt.template),
             "system_message": fmt.system_message, "template_kwargs": fmt.template_kwargs, "model_max_length": max_length,
-            "qwen_tune": f"{ours} (data code {code})"}
+            "images": fmt.images.settings() if fmt.images is not None else None, "qwen_tune": f"{ours} (data code {code})"}
 
 
 def cache_key(parts: dict, files: list[dict]) -> str:
@@ -65,7 +65,7 @@ def damage(directory: Path) -> str | None:
     """Why a cache directory cannot be used (incomplete, a file changed or cut short), or None when it can."""
     try:
         marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
-        json.loads((directory / INFO).read_text(encoding="utf-8"))
+        info = json.loads((directory / INFO).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         return f"incomplete ({Path(e.filename).name} is missing)"
     except (OSError, ValueError) as e:
@@ -79,7 +79,12 @@ def damage(directory: Path) -> str | None:
         rows = len(open_arrow(directory))
     except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise several kinds on a damaged file
         return f"{DATA} is unreadable ({type(e).__name__}: {e})"
-    return None if rows == marker.get("rows") else f"{DATA} has {rows} rows, not {marker.get('rows')}"
+    if rows != marker.get("rows"):
+        return f"{DATA} has {rows} rows, not {marker.get('rows')}"
+    for path, digest in info.get("images", {}).items():  # pixels are read at training time: the tokens fit these bytes
+        if not Path(path).is_file() or hash_file(Path(path)) != digest:
+            return f"out of date: the image {path} changed or is gone since it was tokenized"
+    return None
 
 
 def open_arrow(directory: Path):

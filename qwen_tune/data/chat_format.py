@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import UserError
 from ..models.tokenizer import DEFAULT_SYSTEM_MESSAGE, IM_END, IM_START
+from .image_inputs import IMAGE_TOKEN
 
 IGNORE = -100
 ASSISTANT = "assistant\n"  # what follows a template's <|im_start|> in an assistant turn
@@ -45,6 +46,7 @@ class Encoded:
     truncated: bool = False
     turns: list[tuple[int, int]] = field(default_factory=list)
     reasoning_not_trained: int = 0  # reasoning blocks the template left out (Qwen3: before the last user turn)
+    images: list[str] = field(default_factory=list)  # the images whose tokens are in input_ids, in order
 
     @property
     def num_supervised(self) -> int:
@@ -104,8 +106,9 @@ class ChatFormat:
     """Renders and encodes conversations in one chat template; built once per run by `resolve_format`."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str, name: str, description: str,
-                 system_message: str | None = None, template_kwargs: dict | None = None):
+                 system_message: str | None = None, template_kwargs: dict | None = None, images=None):
         self.tokenizer, self.template, self.name, self.description = tokenizer, template, name, description
+        self.images = images  # data.image_inputs.ImageInputs of a vision-language checkpoint, else None
         self.system_message = system_message  # prepended to conversations without a system turn (None: the template decides)
         self.template_kwargs = dict(template_kwargs or {})
         specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
@@ -169,23 +172,29 @@ class ChatFormat:
                 "tool_calls": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]}], None),
                 "tool_messages": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [call]},
                                    {"role": "tool", "content": mark}], None),
+                "images": ([{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": mark}]}], None),
             }
             messages, tools = probes[feature]
             try:
-                self._renders[feature] = mark in self.render(messages, tools)
+                text = self.render(messages, tools)
+                self._renders[feature] = mark in text and (feature != "images" or text.count(IMAGE_TOKEN) == 1)
             except Exception:  # a template may raise on what it does not support
                 self._renders[feature] = False
         return self._renders[feature]
 
     def problems(self, messages: list[dict], tools: list | None) -> list[str]:
         """What in a conversation this template cannot render: an error to show, never a silent drop."""
+        if image_refs(messages) and self.images is None:
+            return ["has images, which this run cannot use: images train with qwen-tune sft and dpo on a vision-language "
+                    "checkpoint (Qwen3.5+, Qwen3-VL, Qwen2.5-VL)"]
         used = {
+            "images": bool(image_refs(messages)),
             "reasoning": any(m.get("reasoning_content") for m in messages),
             "tools": bool(tools),
             "tool_calls": any(m.get("tool_calls") for m in messages),
             "tool_messages": any(m["role"] == "tool" for m in messages),
         }
-        what = {"reasoning": "reasoning_content", "tools": "a tools list", "tool_calls": "tool calls",
+        what = {"images": "images", "reasoning": "reasoning_content", "tools": "a tools list", "tool_calls": "tool calls",
                 "tool_messages": "tool results"}
         missing = [what[f] for f, present in used.items() if present and not self.can_render(f)]
         if not missing:
@@ -214,7 +223,10 @@ class ChatFormat:
             n = (len(pieces) + 1) // 2
             encoded_texts = [(e.ids, e.offsets) for e in encodings[k:k + n]]
             k += n
-            out.append(self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0], max_length, cut[i]))
+            refs = image_refs(items[i][0]) if self.images is not None else []
+            labelled = self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0],
+                                   None if refs else max_length, cut[i])  # images: cut once expanded
+            out.append(self._with_images(labelled, refs, max_length, cut[i]) if refs else labelled)
         return out
 
     @functools.cached_property
@@ -286,6 +298,39 @@ class ChatFormat:
             turns = [(a, min(b, max_length)) for a, b in turns if a < max_length]
         return Encoded(sample_id, input_ids, labels, truncated, turns, not_trained)
 
+    def _with_images(self, e: Encoded, refs: list[str], max_length: int | None, cut: bool) -> Encoded:
+        """Each image's one `<|image_pad|>` expanded to its token count, as the Qwen-VL processors do (never supervised:
+        images are only in user and tool turns). A sample longer than max_length keeps only its whole images: a cut
+        through an image's tokens moves back to before its `<|vision_start|>`."""
+        token = self.images.image_token_id
+        positions = [i for i, t in enumerate(e.input_ids) if t == token]
+        if len(positions) != len(refs) and not (cut and len(positions) < len(refs)):
+            raise UserError(f"sample {e.id}: the chat template ({self.name}) wrote {len(positions)} image tokens for "
+                            f"{len(refs)} images")
+        counts = [self.images.num_tokens(ref) for ref in refs[:len(positions)]]
+        ids, labels, starts, previous = [], [], [], 0
+        for position, n in zip(positions, counts):
+            ids += e.input_ids[previous:position]
+            labels += e.labels[previous:position]
+            starts.append(len(ids))
+            ids += [token] * n
+            labels += [IGNORE] * n
+            previous = position + 1
+        ids += e.input_ids[previous:]
+        labels += e.labels[previous:]
+        moved = lambda i: i + sum(n - 1 for position, n in zip(positions, counts) if position < i)  # noqa: E731
+        turns = [(moved(a), moved(b)) for a, b in e.turns]
+        kept, end = len(counts), len(ids)
+        if max_length is not None and len(ids) > max_length:
+            end = max_length
+            for k, (start, n) in enumerate(zip(starts, counts)):
+                if start + n > max_length:  # the first image that does not fit whole
+                    kept, end = k, start - (start > 0 and ids[start - 1] == self.images.vision_start_id)
+                    break
+            turns = [(a, min(b, end)) for a, b in turns if a < end]
+        return Encoded(e.id, ids[:end], labels[:end], cut or end < len(ids), turns, e.reasoning_not_trained,
+                       list(refs[:kept]))
+
     def _assistant_spans(self, pieces: list[str], open_end: bool = False) -> list[tuple[int, int]]:
         """Character spans of each assistant body: after `<|im_start|>assistant\\n`, through the template's next `<|im_end|>`
         (`open_end`: the pieces were cut, so a body still open at their end runs to it)."""
@@ -303,12 +348,16 @@ class ChatFormat:
         return spans
 
     def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        """Token ids that ask the model for the next assistant turn (the template's generation prompt)."""
+        """Token ids that ask the model for the next assistant turn (the template's generation prompt), each image's
+        tokens expanded."""
         pieces = self._pieces(messages, tools, add_generation_prompt=True)
         texts = [e.ids for e in self._encode_text(pieces[0::2])]
         ids = []
         for i, piece in enumerate(pieces):
             ids += [self.tokenizer.convert_tokens_to_ids(piece)] if i % 2 else texts[i // 2]
+        refs = image_refs(messages)
+        if refs and self.images is not None:
+            ids = self._with_images(Encoded("prompt", ids, [IGNORE] * len(ids)), refs, None, False).input_ids
         return ids
 
     def reply_ids(self, prompt: list[dict], reply: list[dict], tools: list | None = None) -> tuple[list[int], list[int]]:
@@ -327,6 +376,12 @@ def _messages_tools(conversation) -> tuple[list[dict], list | None]:
     if isinstance(conversation, list):
         return conversation, None
     return conversation.messages, getattr(conversation, "tools", None)
+
+
+def image_refs(messages: list[dict]) -> list[str]:
+    """The images of a conversation in the order the template writes them (message by message, block by block)."""
+    return [block["image"] for m in messages if isinstance(m.get("content"), list)
+            for block in m["content"] if block.get("type") == "image"]
 
 
 def _strings(value):
@@ -370,7 +425,7 @@ def check_renderable(fmt: ChatFormat, samples, max_problems: int = 20) -> None:
 
 def resolve_format(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None, system_message: str | None = None,
                    enable_thinking: bool | None = None, template_kwargs: dict | None = None,
-                   source: str = "the checkpoint") -> ChatFormat:
+                   source: str = "the checkpoint", images=None) -> ChatFormat:
     """Choose the run's format and make the tokenizer carry it, so that the saved tokenizer serves what was trained.
 
     `--chat_template` wins; else the checkpoint's own template; else the seed's ChatML with the run's
@@ -399,4 +454,4 @@ def resolve_format(tokenizer: PreTrainedTokenizerBase, chat_template: str | None
         description += f", --system_message {system_message!r} added where a conversation has none"
     if kwargs:
         description += f", template options {kwargs}"
-    return ChatFormat(tokenizer, template, name, description, system_message, kwargs)
+    return ChatFormat(tokenizer, template, name, description, system_message, kwargs, images)

@@ -18,6 +18,25 @@ import torch
 from .chat_format import IGNORE
 
 
+def has_images(rows) -> bool:
+    """Whether any row of a Dataset with an `images` column (the tokens cache's, encode_pairs') has an image."""
+    import pyarrow.compute as pc
+
+    if not rows or "images" not in rows.column_names:
+        return False
+    return (pc.max(pc.list_value_length(rows.data.column("images"))).as_py() or 0) > 0
+
+
+def images_unpacked(packing: bool, log, *datasets) -> bool:
+    """Packing as the data can honour it: samples with images are padded, one per row, since the model computes their
+    multimodal rotary positions (M-RoPE) from the image grids of each row."""
+    if packing and any(has_images(d) for d in datasets):
+        log("packing: off: the data has images, whose multimodal rotary positions the model computes per row; batches are "
+            "padded instead")
+        return False
+    return packing
+
+
 def boundaries(lengths: list[int]) -> dict:
     """A packed row's sequence boundaries, as transformers' flash-attention kwargs take them."""
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
@@ -44,10 +63,13 @@ class PackedCollator:
 
 @dataclass
 class PaddedCollator:
-    """Right-pad to the longest sample of the batch, or to `pad_to` (the seed's pad-to-max)."""
+    """Right-pad to the longest sample of the batch, or to `pad_to` (the seed's pad-to-max). With `images` (a
+    vision-language run), the batch's images come along as the model's pixel inputs, and `mm_token_type_ids` marks
+    their tokens, from which the model computes each sample's multimodal rotary positions (M-RoPE)."""
 
     pad_token_id: int
     pad_to: int | None = None
+    images: object = None  # data.image_inputs.ImageInputs
 
     def __call__(self, features: list[dict]) -> dict:
         width = self.pad_to or max(len(f["input_ids"]) for f in features)
@@ -59,8 +81,12 @@ class PaddedCollator:
             input_ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-                "sample_ids": [f.get("id") for f in features]}
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "sample_ids": [f.get("id") for f in features]}
+        refs = [ref for f in features for ref in f.get("images") or ()]
+        if refs:
+            batch |= self.images.model_inputs(input_ids * attention_mask, refs)
+        return batch
 
 
 @dataclass
@@ -95,6 +121,7 @@ class PaddedPairCollator:
     layers cannot keep packed sequences apart (model.packing_is_exact)."""
 
     pad_token_id: int
+    images: object = None  # data.image_inputs.ImageInputs: the prompts' images, as PaddedCollator takes them
 
     def __call__(self, features: list[dict]) -> dict:
         sides = [(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features]
@@ -107,10 +134,14 @@ class PaddedPairCollator:
             input_ids[index, :n] = torch.tensor(prompt + reply)
             labels[index, len(prompt) : n] = torch.tensor(reply)
             attention_mask[index, :n] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
             "sequence": torch.arange(len(sides))[:, None].expand(len(sides), width),
             "sample_ids": [f.get("id") for f in features],
         }
+        refs = [ref for f in features for ref in f.get("images") or ()] * 2  # the chosen rows, then the rejected ones
+        if refs:
+            batch |= self.images.model_inputs(input_ids * attention_mask, refs)
+        return batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat_format import check_renderable
+from .chat_format import check_renderable, image_refs
 from .read import load_preference_pairs
 
 
@@ -39,7 +39,7 @@ def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt:
     pairs = load_preference_pairs(paths, seed=seed, log=mixture.append)
     check_renderable(fmt, pairs)
     report = PairReport(mixture=mixture)
-    rows = {"id": [], "chosen_ids": [], "rejected_ids": []} | ({"prompt_ids": []} if split_prompt else {})
+    rows = {"id": [], "chosen_ids": [], "rejected_ids": [], "images": []} | ({"prompt_ids": []} if split_prompt else {})
     for pair in pairs:
         report.pairs += 1
         prompt, chosen = fmt.reply_ids(pair.prompt, pair.chosen, pair.tools)
@@ -48,6 +48,7 @@ def encode_pairs(paths, fmt, max_length: int, margin: float = 0.0, split_prompt:
             report.dropped.append(pair.id)
             continue
         rows["id"].append(pair.id)
+        rows["images"].append(image_refs(pair.prompt) if fmt.images is not None else [])  # only a prompt shows images
         report.tokens += 2 * len(prompt) + len(chosen) + len(rejected)  # both sides are full sequences to the model
         if split_prompt:
             rows["prompt_ids"].append(prompt)

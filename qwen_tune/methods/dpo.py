@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ..options import (DataOptions, FormatOptions, LearningRates, LoraOptions, Method, ModelOptions, TrainingArguments, load,
-                      prepare_run, set_chat_format, train_dtype)
-from ..data.collate import PackedPairCollator, PaddedPairCollator
+from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
+                      TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
+from ..data.collate import PackedPairCollator, PaddedPairCollator, images_unpacked
+from ..data.image_inputs import image_inputs_for
 from ..data.pairs import encode_pairs
 from ..data.splits import load_splits
 from ..errors import UserError
@@ -51,7 +52,8 @@ class DPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "dpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "lora": LoraOptions, "train": DPOTrainingArguments},
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "lora": LoraOptions,
+            "train": DPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
 )
 
@@ -124,7 +126,8 @@ def run(config, callbacks: tuple = ()) -> dict:
     args, model_options, data, lora = prepared.args, config.model, config.data, config.lora
     model_path = resolve_model_path(model_options.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
-    fmt = set_chat_format(tokenizer, config.format, source=model_path)
+    images = image_inputs_for(model_path, tokenizer, min_pixels=config.images.min_pixels, max_pixels=config.images.max_pixels)
+    fmt = set_chat_format(tokenizer, config.format, source=model_path, images=images)
     log(f"format: {fmt.description}")
     train, train_report, evaluation, eval_report = load_splits(
         data, args.seed, lambda paths: encode_pairs(paths, fmt, data.model_max_length, split_prompt=True, seed=args.seed), log)
@@ -150,7 +153,8 @@ def run(config, callbacks: tuple = ()) -> dict:
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=PackedPairCollator() if packing_for(model, True, log) else PaddedPairCollator(tokenizer.pad_token_id),
+        data_collator=PackedPairCollator() if images_unpacked(packing_for(model, True, log), log, train, evaluation)
+        else PaddedPairCollator(tokenizer.pad_token_id, images),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
     )

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from ..options import (CacheOptions, DataOptions, FormatOptions, LayoutOptions, LearningRates, LoraOptions, Method,
-                      ModelOptions, TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
+from ..options import (CacheOptions, DataOptions, FormatOptions, ImageOptions, LayoutOptions, LearningRates, LoraOptions,
+                       Method, ModelOptions, TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
 from ..options.training import SEED_LR_FULL, SEED_LR_LORA
-from ..data.collate import PackedCollator, PaddedCollator
+from ..data.collate import PackedCollator, PaddedCollator, images_unpacked
 from ..data.cache import load_tokens
+from ..data.image_inputs import image_inputs_for
 from ..data.splits import load_splits
 from ..errors import UserError
 from ..models.lora import add_lora
@@ -83,20 +84,21 @@ def resolve_layout(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "sft",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "layout": LayoutOptions, "cache": CacheOptions,
-            "lora": LoraOptions, "train": TrainingArguments},
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "layout": LayoutOptions,
+            "cache": CacheOptions, "lora": LoraOptions, "train": TrainingArguments},
     learning_rates=LearningRates(full=SEED_LR_FULL, lora=SEED_LR_LORA),  # the seed's
     resolve=resolve_layout,
 )
 
 
-def collator_for(layout: LayoutOptions, max_length: int, pad_token_id: int, packing: bool):
-    """`packing`: `--packing` as the model can honour it (model.packing_for)."""
+def collator_for(layout: LayoutOptions, max_length: int, pad_token_id: int, packing: bool, images=None):
+    """`packing`: `--packing` as the model and data can honour it (model.packing_for, collate.images_unpacked); `images`:
+    the run's ImageInputs, for data with images."""
     if layout.pad_to_max_length:
-        return PaddedCollator(pad_token_id, pad_to=max_length)
+        return PaddedCollator(pad_token_id, pad_to=max_length, images=images)
     if packing:
         return PackedCollator()
-    return PaddedCollator(pad_token_id)
+    return PaddedCollator(pad_token_id, images=images)
 
 
 def run(config, callbacks: tuple = ()) -> dict:
@@ -108,7 +110,8 @@ def run(config, callbacks: tuple = ()) -> dict:
         log("--lazy_preprocess: accepted for the seed's scripts; the data is always tokenized once and memory-mapped")
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
-    fmt = set_chat_format(tokenizer, config.format, source=model_path)
+    images = image_inputs_for(model_path, tokenizer, min_pixels=config.images.min_pixels, max_pixels=config.images.max_pixels)
+    fmt = set_chat_format(tokenizer, config.format, source=model_path, images=images)
     log(f"format: {fmt.description}")
     def load(paths):
         return load_tokens(paths, fmt, data.model_max_length, seed=args.seed, options=config.cache)
@@ -129,13 +132,13 @@ def run(config, callbacks: tuple = ()) -> dict:
         model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
         model.print_trainable_parameters()
 
-    packing = packing_for(model, config.layout.packing, log)
+    packing = images_unpacked(packing_for(model, config.layout.packing, log), log, train_samples, eval_samples)
     trainer = SFTLossTrainer(
         model=model,
         args=args,
         train_dataset=train_samples,  # memory-mapped datasets.Dataset: the Trainer reads its `length` column to group by length
         eval_dataset=eval_samples if eval_samples else None,
-        data_collator=collator_for(config.layout, data.model_max_length, tokenizer.pad_token_id, packing),
+        data_collator=collator_for(config.layout, data.model_max_length, tokenizer.pad_token_id, packing, images),
         processing_class=tokenizer,
         callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
     )

@@ -82,12 +82,27 @@ class FormatOptions(Frozen):
         return kwargs | ({} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking})
 
 
-def set_chat_format(tokenizer, options: FormatOptions, source: str = "the checkpoint"):
+@dataclass
+class ImageOptions(Frozen):
+    """How the images of conversations are sized for a vision-language checkpoint (commands that train on images)."""
+
+    _argument_group_name = "images"
+    min_pixels: int | None = field(
+        default=None, metadata={"help": "Smallest image area in pixels after resizing (unset: the checkpoint's processor's)."}
+    )
+    max_pixels: int | None = field(
+        default=None, metadata={"help": "Largest image area in pixels after resizing; each 32x32 (Qwen3-VL, Qwen3.5) or 28x28 "
+                                       "(Qwen2.5-VL) block is one token (unset: the checkpoint's processor's)."}
+    )
+
+
+def set_chat_format(tokenizer, options: FormatOptions, source: str = "the checkpoint", images=None):
     """The run's `ChatFormat`, installed on `tokenizer` (which then carries the template, so saving it serves what
-    was trained)."""
+    was trained). `images`: the run's `ImageInputs` when it trains a vision-language checkpoint on images."""
     from ..data.chat_format import resolve_format
 
-    return resolve_format(tokenizer, options.chat_template, options.system_message, None, options.template_kwargs(), source)
+    return resolve_format(tokenizer, options.chat_template, options.system_message, None, options.template_kwargs(), source,
+                          images=images)
 
 
 @dataclass
@@ -188,7 +203,7 @@ def split_modules(value: str | None):
     return [m.strip() for m in value.split(",") if m.strip()]
 
 
-SHARED_GROUPS = (ModelOptions, FormatOptions, CacheOptions, DataOptions, LayoutOptions, LoraOptions)
+SHARED_GROUPS = (ModelOptions, FormatOptions, ImageOptions, CacheOptions, DataOptions, LayoutOptions, LoraOptions)
 
 
 def group_of(option: str):

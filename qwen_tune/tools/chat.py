@@ -51,25 +51,32 @@ class Chat:
         self.format.system_message = text
         self.messages = []
 
-    def answer(self, text: str, stream: bool) -> str:
+    def answer(self, text: str, stream: bool, images: tuple[str, ...] = ()) -> str:
+        """`images`: pictures the user turn shows, before its text (a vision-language model)."""
         import torch
         from transformers import TextStreamer
 
-        self.messages.append({"role": "user", "content": text})
+        from ..data.chat_format import image_refs
+
+        content = [{"type": "image", "image": ref} for ref in images] + [{"type": "text", "text": text}] if images else text
+        self.messages.append({"role": "user", "content": content})
         ids = torch.tensor([self.format.prompt_ids(self.messages)])
+        refs = image_refs(self.messages)
+        pictures = self.format.images.model_inputs(ids, refs) if refs else {}
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         out = self.model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[1],
-            streamer=streamer, top_p=None, top_k=None, **sampling,
+            streamer=streamer, top_p=None, top_k=None, **sampling, **pictures,
         )
         reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": reply})
         return reply
 
 
-def repl(chat: Chat) -> None:
+def repl(chat: Chat, images: tuple[str, ...] = ()) -> None:
+    """`images`: shown with the first message."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -95,7 +102,7 @@ def repl(chat: Chat) -> None:
             print(f"(unknown command {line.split()[0]}; {HELP})")
         else:
             print("assistant> ", end="", flush=True)
-            chat.answer(line, stream=True)
+            chat.answer(line, stream=True, images=images if not chat.messages else ())
 
 
 @dataclass
@@ -103,6 +110,8 @@ class ChatOptions(Frozen):
     _argument_group_name = "chat"
     model: str | None = field(default=None, metadata={"help": "An output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)."})
     prompt: str | None = field(default=None, metadata={"help": "Answer this one message, print only the answer, and exit (for scripts)."})
+    image: str | None = field(default=None, metadata={"help": "A picture shown with --prompt, or with the first message (a "
+                                                               "vision-language model; comma-separated for several)."})
     max_new_tokens: int = field(default=512, metadata={"help": "Longest answer, in tokens."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (deterministic)."})
 
@@ -118,11 +127,32 @@ METHOD = Method("chat", groups={"chat": ChatOptions, "trust": TrustOptions, "for
 def main(argv: list[str] | None = None) -> None:
     config = load(METHOD, argv)
     a = config.chat
+    from ..data.image_inputs import image_inputs_for
+
+    images = tuple(checked_images(a.image)) if a.image else ()
     model, tokenizer = load_for_inference(a.model, config.trust.trust_remote_code)
-    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model")
+    pictures = image_inputs_for(a.model, tokenizer, config=model.config) if images and a.model else None
+    if images and pictures is None:
+        raise UserError(f"--image: {a.model or 'the embedded model'} is not a vision-language model; it reads text only")
+    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model", images=pictures)
     chat = Chat(model, tokenizer, fmt, a.max_new_tokens, a.temperature)
     if a.prompt is not None:
-        print(chat.answer(a.prompt, stream=False))
+        print(chat.answer(a.prompt, stream=False, images=images))
         sys.stdout.flush()
     else:
-        repl(chat)
+        repl(chat, images)
+
+
+def checked_images(value: str) -> list[str]:
+    """--image's files, each an existing, readable picture (one clear line otherwise)."""
+    import os
+
+    from ..data.images import image_size
+
+    paths = [os.path.abspath(p.strip()) for p in value.split(",") if p.strip()]
+    for path in paths:
+        try:
+            image_size(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--image {path}: {'no such file' if not os.path.exists(path) else f'not a readable image ({e})'}") from e
+    return paths

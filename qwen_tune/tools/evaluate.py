@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..options import CacheOptions, FormatOptions, Method, load, set_chat_format
+from ..options import CacheOptions, FormatOptions, ImageOptions, Method, load, set_chat_format
 from ..options.groups import Frozen
 from ..options.tools import TrustOptions, required
 
@@ -29,12 +29,13 @@ def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: 
     samples, report = load_tokens(data, fmt, model_max_length, options=options)
     if not samples:
         raise UserError(f"{data}: no sample has a supervised (assistant) token within model_max_length={model_max_length}")
-    collate = PaddedCollator(fmt.tokenizer.pad_token_id)
+    collate = PaddedCollator(fmt.tokenizer.pad_token_id, images=fmt.images)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             rows = samples[start : start + batch_size]
-            batch = collate([{"input_ids": i, "labels": labels} for i, labels in zip(rows["input_ids"], rows["labels"])])
+            batch = collate([{"input_ids": i, "labels": labels, "images": images}
+                             for i, labels, images in zip(rows["input_ids"], rows["labels"], rows["images"])])
             loss_sum, n = causal_lm_loss_sum(model, batch)
             total, count = total + float(loss_sum), count + n
     loss = total / count
@@ -51,11 +52,13 @@ class EvalOptions(Frozen):
     batch_size: int = field(default=4, metadata={"help": "Samples per forward pass."})
 
 
-METHOD = Method("eval", groups={"eval": EvalOptions, "trust": TrustOptions, "format": FormatOptions, "cache": CacheOptions},
+METHOD = Method("eval", groups={"eval": EvalOptions, "trust": TrustOptions, "format": FormatOptions, "images": ImageOptions,
+                                "cache": CacheOptions},
                 resolve=lambda values: required(values, "eval", "data"))
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from ..data.image_inputs import image_inputs_for
     from ..data.read import check_conversations
     from .chat import load_for_inference
 
@@ -63,7 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = config.eval
     check_conversations(a.data)  # bad data fails here, with file and line, before the model loads (streamed, nothing kept)
     model, tokenizer = load_for_inference(a.model, config.trust.trust_remote_code)
-    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model")
+    images = image_inputs_for(a.model, tokenizer, config=model.config, min_pixels=config.images.min_pixels,
+                              max_pixels=config.images.max_pixels) if a.model else None
+    fmt = set_chat_format(tokenizer, config.format, source=a.model or "the embedded model", images=images)
     result = evaluate(model, fmt, a.data, model_max_length=a.model_max_length, batch_size=a.batch_size, options=config.cache)
     print(json.dumps(result))
     return result

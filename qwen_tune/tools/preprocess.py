@@ -14,11 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..options import CacheOptions, FormatOptions, Method, load, set_chat_format
+from ..options import CacheOptions, FormatOptions, ImageOptions, Method, load, set_chat_format
 from ..options.groups import Frozen
 from ..options.tools import TrustOptions, required
 from ..data.chat_format import IGNORE
 from ..data.cache import build_tokens, load_tokens
+from ..data.image_inputs import image_inputs_for
 from ..models.tokenizer import load_tokenizer
 
 START, END = "\033[1;32m", "\033[0m"
@@ -35,17 +36,23 @@ class PreprocessOptions(Frozen):
 
 
 METHOD = Method("preprocess", groups={"preprocess": PreprocessOptions, "trust": TrustOptions, "format": FormatOptions,
-                                      "cache": CacheOptions}, resolve=lambda values: required(values, "preprocess", "data"))
+                                      "images": ImageOptions, "cache": CacheOptions},
+                resolve=lambda values: required(values, "preprocess", "data"))
 
 
-def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
-    """Decode a sample, marking supervised spans with [[...]] (or green when printing to a terminal)."""
+def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool, images: list[str] = (),
+              image_token_id: int | None = None) -> str:
+    """Decode a sample, marking supervised spans with [[...]] (or green when printing to a terminal); each image's
+    run of tokens is shown once, as `<|image_pad|> x N (PATH)`."""
     start, end = (START, END) if color else ("[[", "]]")
-    parts, span, supervised = [], [], None
+    parts, span, supervised, pictures = [], [], None, iter(images)
     for tok, label in zip(input_ids + [None], labels + [None]):
         is_sup = label is not None and label != IGNORE
-        if tok is None or (supervised is not None and is_sup != supervised):
-            text = tokenizer.decode(span)
+        if tok is None or (supervised is not None and is_sup != supervised) or (span and (tok == image_token_id) != (span[-1] == image_token_id)):
+            if span and span[0] == image_token_id:
+                text = f"{tokenizer.convert_ids_to_tokens(image_token_id)} x {len(span)} ({next(pictures, '?')})"
+            else:
+                text = tokenizer.decode(span)
             parts.append(f"{start}{text}{end}" if supervised else text)
             span = []
         if tok is not None:
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     a, options = config.preprocess, config.cache
     source = resolve_model_path(a.tokenizer)  # unset: the embedded model's, so `sft --data_path OUT` on it matches
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust.trust_remote_code)
-    fmt = set_chat_format(tokenizer, config.format, source=a.tokenizer or "the embedded model")
+    images = image_inputs_for(source, tokenizer, min_pixels=config.images.min_pixels, max_pixels=config.images.max_pixels)
+    fmt = set_chat_format(tokenizer, config.format, source=a.tokenizer or "the embedded model", images=images)
     print(f"format: {fmt.description}")
     if a.out and not a.out.endswith(".jsonl"):
         build_tokens(a.data, fmt, a.model_max_length, Path(a.out), options.num_workers())
@@ -71,13 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     samples, report = load_tokens(data, fmt, a.model_max_length, options=options)
     if a.out and a.out.endswith(".jsonl"):
         with open(a.out, "w", encoding="utf-8") as f:
-            for s in samples.select_columns(["id", "input_ids", "labels"]):
+            for s in samples.select_columns(["id", "input_ids", "labels", "images"]):
                 f.write(json.dumps(s) + "\n")
     color = sys.stdout.isatty()
     for s in samples.select(range(min(a.show, len(samples)))):
         supervised = sum(label != IGNORE for label in s["labels"])
         print(f"--- {s['id']} ({len(s['input_ids'])} tokens, {supervised} supervised)")
-        print(highlight(tokenizer, s["input_ids"], s["labels"], color))
+        print(highlight(tokenizer, s["input_ids"], s["labels"], color, s["images"], images and images.image_token_id))
     print(report.summary(a.data))
     if a.out:
         print(f"wrote {len(samples)} samples to {a.out}" + ("" if a.out.endswith(".jsonl") else

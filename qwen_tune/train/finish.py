@@ -37,6 +37,10 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data, data_reports: dict, me
         return
     tokenizer.save_pretrained(staged)  # carries the chat template the run trained with
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    if fmt.images is not None:
+        fmt.images.processor.save_pretrained(staged)  # sizes images as the run did
+    elif is_vision_language(model.config):
+        copy_processor_files(model_path, staged)  # trained on text, it still reads images as the checkpoint did
     if not reward_model:
         model.generation_config.save_pretrained(staged)  # stops at <|im_end|>
     publish(out, card, also=("train_metrics.json",))
@@ -50,6 +54,17 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data, data_reports: dict, me
     ownership.mark_finished(out, {"method": kind, "adapter": adapter})
     log(how_to_load(out, adapter, reward_model=reward_model, vision_language=vision_language))
     clean_up_checkpoints(out, trainer.args.keep_checkpoints)
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+def copy_processor_files(model_path: str, staged: str) -> None:
+    import shutil
+
+    for name in PROCESSOR_FILES:
+        if os.path.isfile(os.path.join(model_path, name)):
+            shutil.copy2(os.path.join(model_path, name), os.path.join(staged, name))
 
 
 def publish(out: str, card: str, also: tuple[str, ...] = ()) -> None:

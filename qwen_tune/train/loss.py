@@ -157,11 +157,14 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return upcast(hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
 
 
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")  # a vision-language batch's images (collate.py)
+
+
 def model_inputs(batch: dict, config) -> dict:
     """What the model takes of a batch. Vision-language models use multimodal rotary positions (M-RoPE: temporal,
     height, width) and keep packed samples apart only when given the text positions as a fourth row before them
     ([4, batch, length], transformers' layout for packed input); on text the three M-RoPE rows are the text positions."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS) if k in batch}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", *BOUNDARY_KEYS, *IMAGE_KEYS) if k in batch}
     positions = inputs.get("position_ids")
     if positions is not None and positions.ndim == 2 and is_vision_language(config):
         inputs["position_ids"] = positions[None].expand(4, *positions.shape)
