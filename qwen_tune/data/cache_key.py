@@ -13,8 +13,8 @@ from .files import TOKENS_COMPLETE as MARKER, TOKENS_INFO as INFO
 
 DATA = "data.arrow"
 # qwen-tune's data code: a change to any of these files makes new tokens
-CODE = ("chat_format.py", "messages.py", "read.py", "files.py", "tables.py", "mixture.py", "encode_report.py", "cache.py",
-        "cache_key.py", "images.py", "image_inputs.py")
+CODE = ("chat_format.py", "messages.py", "images.py", "image_inputs.py", "read.py", "files.py", "tables.py", "mixture.py",
+        "encode_report.py", "cache.py", "cache_key.py")
 
 
 def hash_file(path: Path) -> str:

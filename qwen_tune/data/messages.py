@@ -1,11 +1,17 @@
 """One conversation's turns, validated and normalised to OpenAI messages (seed `from`/`value` turns,
-`function_call` / `observation`, tool calls with parsed arguments, `tools`); each problem names where."""
+`function_call` / `observation`, tool calls with parsed arguments, `tools`, images); each problem names where.
+
+A message's content is a string, or, when it carries an image, a list of `{"type": "text", "text": ...}` and
+`{"type": "image", "image": REF}` blocks (the Hugging Face chat-template form; REF an absolute path or a data URI).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .files import show
+from .images import ImageError, resolve_image
 
 SEED_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "human": "user", "gpt": "assistant",
               "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -17,6 +23,13 @@ MESSAGE_FIELDS = {
     "tool": ("role", "content", "name", "tool_call_id"),
 }
 SEED_TURN_FIELDS = ("from", "value", "reasoning_content")
+BLOCK_FIELDS = {"text": ("type", "text"), "image": ("type", "image", "path", "url"), "image_url": ("type", "image_url")}
+BLOCK_EXAMPLE = '{"type": "text", "text": "..."} or {"type": "image", "image": "path"}'
+IMAGE_EXAMPLES = {"image": '{"type": "image", "image": "path"}',
+                  "image_url": '{"type": "image_url", "image_url": {"url": "path"}}'}
+NO_IMAGES = {"assistant": "an assistant turn cannot carry an image: the model only generates text",
+             "system": "the Qwen chat templates refuse images in the system turn; put it in a user turn"}
+PLACEHOLDER = "<image>"
 HINTS = {"thinking": "reasoning_content", "reasoning": "reasoning_content", "function_call": "tool_calls",
          "tool_call": "tool_calls", "value": "content", "from": "role"}
 
@@ -62,7 +75,117 @@ def _tool_calls(value, at: str, errs: list[str]) -> list[dict]:
     return [_tool_call(call, f"{at}[{i}]", errs) for i, call in enumerate(value)]
 
 
-def _message(turn: dict, at: str, errs: list[str]) -> dict:
+class SampleImages:
+    """A sample's images: references resolve from its data file's directory, and its top-level `images` list
+    (ShareGPT / LLaMA-Factory form) is given out in order to the `<image>` placeholders of its turns' text."""
+
+    def __init__(self, obj: dict, base_dir: Path, errs: list[str]):
+        self.base_dir = base_dir
+        self.listed: list[str | None] | None = None  # resolved, None where a reference is bad
+        self.placed = 0
+        if "images" in obj:
+            if isinstance(obj["images"], list):
+                self.listed = [self.resolve(ref, f"images[{i}]", errs) for i, ref in enumerate(obj["images"])]
+            else:
+                errs.append(f"images is {show(obj['images'])}; expected a list of image paths, one per <image> in the text")
+
+    def resolve(self, ref, at: str, errs: list[str]) -> str | None:
+        """The reference as messages keep it, or None after naming the problem at `at`."""
+        try:
+            return resolve_image(ref, self.base_dir)
+        except ImageError as e:
+            errs.append(f"{at} is {show(ref)}: {e}")
+            return None
+
+    def place(self, text: str, at: str, role: str, errs: list[str]) -> str | list[dict]:
+        """Text whose `<image>` placeholders take the listed images, as blocks (empty text left out, the rest byte
+        for byte); without placeholders, or in a sample with no `images` list, the text as it is."""
+        if self.listed is None or PLACEHOLDER not in text:
+            return text
+        if role in NO_IMAGES:
+            errs.append(f"{at} has an {PLACEHOLDER} placeholder in {_a(role)} turn; {NO_IMAGES[role]}")
+        blocks = []
+        for i, piece in enumerate(text.split(PLACEHOLDER)):
+            if i:
+                ref = self.listed[self.placed] if self.placed < len(self.listed) else None
+                self.placed += 1
+                if ref:
+                    blocks.append({"type": "image", "image": ref})
+            if piece:
+                blocks.append({"type": "text", "text": piece})
+        return blocks
+
+    def check_count(self, errs: list[str]) -> None:
+        """One listed image per placeholder: a missing or extra one means the text and the pictures disagree."""
+        if self.listed is None or self.placed == len(self.listed):
+            return
+        listed = f"images lists {_count(len(self.listed), 'image')}"
+        if not self.placed:
+            errs.append(f"{listed} but no turn has an {PLACEHOLDER} placeholder; put {PLACEHOLDER} in the user's text "
+                        "where each image goes")
+        else:
+            errs.append(f"{listed} but the turns have {_count(self.placed, PLACEHOLDER + ' placeholder')}; "
+                        f"each {PLACEHOLDER} takes the next image of the list")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _block(block, at: str, role: str, images: SampleImages, errs: list[str]) -> dict | None:
+    """One content block as `{"type": "text", "text"}` or `{"type": "image", "image": REF}` (from HF's image / path
+    / url keys or OpenAI's image_url); unknown types and fields are errors, never dropped."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        errs.append(f"{at} is {show(block)}; expected a block like {BLOCK_EXAMPLE}")
+        return None
+    kind = block["type"]
+    if kind in ("video", "video_url"):
+        errs.append(f"{at} is a video; video is not supported yet (images are)")
+        return None
+    if kind not in BLOCK_FIELDS:
+        errs.append(f"{at}.type is {show(kind)}; expected one of {', '.join(BLOCK_FIELDS)}")
+        return None
+    for k in block:
+        if k not in BLOCK_FIELDS[kind]:
+            errs.append(f"{at} has an unknown field \"{k}\" for {_a(kind)} block; {_a(kind)} block has "
+                        f"{', '.join(BLOCK_FIELDS[kind])}")
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            errs.append(f"{at}.text is {show(block.get('text'))}; expected a string")
+            return None
+        return {"type": "text", "text": block["text"]}
+    keys = [k for k in BLOCK_FIELDS[kind][1:] if k in block]
+    if len(keys) != 1:
+        errs.append(f"{at} has both {' and '.join(map(json.dumps, keys))}; use one" if keys else
+                    f"{at} has no \"{BLOCK_FIELDS[kind][1]}\"; expected {IMAGE_EXAMPLES[kind]}")
+        return None
+    ref, ref_at = block[keys[0]], f"{at}.{keys[0]}"
+    if kind == "image_url" and isinstance(ref, dict):  # OpenAI: {"url": ...}
+        for k in ref:
+            if k != "url":
+                errs.append(f'{ref_at} has an unknown field "{k}"; expected {{"url": "..."}}')
+        ref, ref_at = ref.get("url"), f"{ref_at}.url"
+    if role in NO_IMAGES:
+        errs.append(f"{at} is an image in {_a(role)} turn; {NO_IMAGES[role]}")
+    ref = images.resolve(ref, ref_at, errs)
+    return {"type": "image", "image": ref} if ref else None
+
+
+def _blocks(value: list, at: str, role: str, images: SampleImages, errs: list[str]) -> str | list[dict]:
+    """A content list as blocks; one without an image as the text it renders (every Qwen template joins text blocks
+    with nothing between), so text keeps one form however it was written and a list always carries an image."""
+    blocks = [_block(block, f"{at}[{i}]", role, images, errs) for i, block in enumerate(value)]
+    blocks = [b for b in blocks if b]
+    if any(b["type"] == "image" for b in blocks):
+        return blocks
+    return "".join(b["text"] for b in blocks)
+
+
+def _message(turn: dict, at: str, images: SampleImages, errs: list[str]) -> dict:
     """An OpenAI / HF message, checked field by field; unknown fields are errors, never dropped."""
     role = turn.get("role")
     if not isinstance(role, str) or role not in MESSAGE_FIELDS:
@@ -79,13 +202,21 @@ def _message(turn: dict, at: str, errs: list[str]) -> dict:
     content = turn.get("content")
     if message.get("tool_calls") and content is None:
         content = ""  # a call-only turn: null, "" and a missing content mean the same
+    may_be_empty = bool(message.get("tool_calls")) or role == "tool"
+    before = len(errs)
     if "content" not in turn and not message.get("tool_calls"):
         errs.append(f'{at} has no "content"; expected an object like {{"role": "user", "content": "..."}}')
+    elif isinstance(content, list):
+        content = _blocks(content, f"{at}.content", role, images, errs)
+        if len(errs) == before and isinstance(content, str) and not content.strip() and not may_be_empty:
+            errs.append(f"{at}.content has no text and no image")
     elif not isinstance(content, str):
-        errs.append(f"{at}.content is {show(content)}; expected a string")
-    elif not content.strip() and not message.get("tool_calls") and role != "tool":
+        errs.append(f"{at}.content is {show(content)}; expected a string or a list of blocks like {BLOCK_EXAMPLE}")
+    elif not content.strip() and not may_be_empty:
         errs.append(f"{at}.content is empty")
-    message["content"] = content if isinstance(content, str) else ""
+    else:
+        content = images.place(content, f"{at}.content", role, errs)
+    message["content"] = content if isinstance(content, (str, list)) else ""
     for key in ("reasoning_content", "name", "tool_call_id"):
         if key in turn and key in MESSAGE_FIELDS[role]:
             if not isinstance(turn[key], str):
@@ -94,7 +225,7 @@ def _message(turn: dict, at: str, errs: list[str]) -> dict:
     return message
 
 
-def _seed_turns(turn: dict, at: str, previous: dict | None, errs: list[str]) -> list[dict]:
+def _seed_turns(turn: dict, at: str, previous: dict | None, images: SampleImages, errs: list[str]) -> list[dict]:
     """A seed / ShareGPT turn as messages; `function_call` joins the assistant text right before it."""
     unknown = [k for k in turn if k not in SEED_TURN_FIELDS]
     for k in unknown:
@@ -128,6 +259,8 @@ def _seed_turns(turn: dict, at: str, previous: dict | None, errs: list[str]) -> 
         errs.append(f"{at}.value is {show(value)}; expected a string")
     elif not value.strip() and role != "tool":
         errs.append(f"{at}.value is empty")
+    else:
+        message["content"] = images.place(value, f"{at}.value", role, errs)
     if "reasoning_content" in turn:
         if role != "assistant" or not isinstance(turn["reasoning_content"], str):
             errs.append(f"{at}.reasoning_content must be a string on an assistant turn")
@@ -135,8 +268,9 @@ def _seed_turns(turn: dict, at: str, previous: dict | None, errs: list[str]) -> 
     return [message]
 
 
-def parse_turns(value, field: str, seed: bool, errs: list[str]) -> list[dict]:
-    """Validate a list of turns; return them as OpenAI / HF messages (roles normalised, content byte for byte)."""
+def parse_turns(value, field: str, seed: bool, images: SampleImages, errs: list[str]) -> list[dict]:
+    """Validate a list of turns; return them as OpenAI / HF messages (roles normalised, text byte for byte, images
+    as content blocks)."""
     role_key, content_key = ("from", "value") if seed else ("role", "content")
     if not isinstance(value, list) or not value:
         errs.append(f"{field} is {show(value)}; expected a non-empty list of turns")
@@ -155,9 +289,9 @@ def parse_turns(value, field: str, seed: bool, errs: list[str]) -> list[dict]:
             errs.append(f"{at} has no {' or '.join(missing)}; expected an object like {example}")
             continue
         if seed:
-            out += _seed_turns(turn, at, out[-1] if out else None, errs)
+            out += _seed_turns(turn, at, out[-1] if out else None, images, errs)
         else:
-            out.append(_message(turn, at, errs))
+            out.append(_message(turn, at, images, errs))
         where += [at] * (len(out) - len(where))
     _check_order(out, where, errs)
     return out

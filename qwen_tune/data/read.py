@@ -2,21 +2,25 @@
 
 Every problem names its file and line (or row), all problems are collected before anything is
 returned (one run shows everything to fix), and samples are never dropped or altered:
-content is kept byte for byte. What is normalised: roles (seed `from` -> OpenAI `role`, seed
+text is kept byte for byte. What is normalised: roles (seed `from` -> OpenAI `role`, seed
 `function_call` / `observation` -> assistant `tool_calls` / `tool` messages), tool-call arguments
-(a JSON string is parsed into the object it means), and bare tool definitions (wrapped as
-`{"type": "function", "function": ...}`). Unknown fields are errors, never dropped. No tokenization here.
+(a JSON string is parsed into the object it means), bare tool definitions (wrapped as
+`{"type": "function", "function": ...}`), and images (content blocks, or a top-level `images` list taken by the
+`<image>` placeholders of the text, become `{"type": "image", "image": ABSOLUTE_PATH_OR_DATA_URI}` blocks; a relative
+path starts at the data file's directory; see messages.py, images.py). Unknown fields are errors, never dropped. No
+tokenization here.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import DataError
 from .files import data_suffix, is_tokens_dir, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
-from .messages import parse_tools, parse_turns
+from .messages import SampleImages, parse_tools, parse_turns
 from .mixture import mix
 
 SFT_FORMAT = (
@@ -37,7 +41,9 @@ PROMPT_FORMAT = (
 @dataclass
 class Conversation:
     id: str  # the sample's "id" if present, else f"{file_stem}-{index}"
-    messages: list[dict]  # OpenAI / HF messages: role, content, and tool_calls / reasoning_content / tool_call_id / name
+    # OpenAI / HF messages: role, content (a string, or text and image blocks if it carries an image), and
+    # tool_calls / reasoning_content / tool_call_id / name
+    messages: list[dict]
     source: str  # "path:LINE" where the sample starts ("path:row N" in Parquet / Arrow, row 1 the first)
     tools: list[dict] | None = None  # the conversation's top-level function definitions
     columns: dict = field(default_factory=dict)  # prompts: the record's other fields (e.g. "answer"), for reward functions
@@ -53,7 +59,7 @@ class PreferencePair:
     tools: list[dict] | None = None
 
 
-def _pick(obj: dict, keys: tuple[str, ...], expected: str, errs: list[str]) -> list[dict]:
+def _pick(obj: dict, keys: tuple[str, ...], expected: str, images: SampleImages, errs: list[str]) -> list[dict]:
     """Find the one key holding the (prompt) turns, in whichever format, and validate it."""
     present = [k for k in keys if k in obj]
     if len(present) != 1:
@@ -66,8 +72,8 @@ def _pick(obj: dict, keys: tuple[str, ...], expected: str, errs: list[str]) -> l
     if key == "prompt" and isinstance(obj[key], str):
         if not obj[key].strip():
             errs.append("prompt is empty")
-        return [{"role": "user", "content": obj[key]}]
-    return parse_turns(obj[key], key, key == "conversations", errs)
+        return [{"role": "user", "content": images.place(obj[key], key, "user", errs)}]
+    return parse_turns(obj[key], key, key == "conversations", images, errs)
 
 
 def _ends_with_user(messages: list[dict], field: str, errs: list[str]) -> None:
@@ -86,11 +92,13 @@ def _wrong_kind(obj: dict, expected: str, errs: list[str]) -> bool:
     return False
 
 
-def _parse_sft(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | None]:
+def _parse_sft(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict], list[dict] | None]:
     if _wrong_kind(obj, SFT_FORMAT, errs):
         return [], None
     before = len(errs)
-    messages = _pick(obj, ("conversations", "messages"), SFT_FORMAT, errs)
+    images = SampleImages(obj, base_dir, errs)
+    messages = _pick(obj, ("conversations", "messages"), SFT_FORMAT, images, errs)
+    images.check_count(errs)
     if len(errs) == before and not any(m["role"] == "assistant" for m in messages):
         errs.append("no assistant turn, so nothing to learn from; SFT data needs at least one")
     return messages, parse_tools(obj, errs)
@@ -99,35 +107,37 @@ def _parse_sft(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | Non
 PROMPT_KEYS = ("conversations", "messages", "prompt")
 
 
-def _parse_prompt(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict] | None, dict]:
+def _parse_prompt(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict], list[dict] | None, dict]:
     if _wrong_kind(obj, PROMPT_FORMAT, errs):
         return [], None, {}
     before = len(errs)
-    messages = _pick(obj, PROMPT_KEYS, PROMPT_FORMAT, errs)
+    images = SampleImages(obj, base_dir, errs)
+    messages = _pick(obj, PROMPT_KEYS, PROMPT_FORMAT, images, errs)
+    images.check_count(errs)
     if len(errs) == before:
         _ends_with_user(messages, next(k for k in PROMPT_KEYS if k in obj), errs)
-    columns = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + ("id", "tools")}
+    columns = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + ("id", "tools", "images")}
     return messages, parse_tools(obj, errs), columns
 
 
-def _reply(obj: dict, key: str, seed: bool, errs: list[str]) -> list[dict]:
+def _reply(obj: dict, key: str, seed: bool, images: SampleImages, errs: list[str]) -> list[dict]:
     """chosen/rejected: a string, or a list of assistant messages."""
     value = obj[key]
     if isinstance(value, str):
         if not value.strip():
             errs.append(f"{key} is empty")
-        return [{"role": "assistant", "content": value}]
+        return [{"role": "assistant", "content": images.place(value, key, "assistant", errs)}]
     if not isinstance(value, list):
         errs.append(f"{key} is {show(value)}; expected a string or a list of assistant messages")
         return []
-    messages = parse_turns(value, key, seed, errs)
+    messages = parse_turns(value, key, seed, images, errs)
     for i, m in enumerate(messages):
         if m["role"] not in (None, "assistant"):
             errs.append(f"{key}[{i}] is a {m['role']} turn; {key} must hold assistant messages only")
     return messages
 
 
-def _parse_pair(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict], list[dict], list[dict] | None]:
+def _parse_pair(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict], list[dict], list[dict], list[dict] | None]:
     missing = [k for k in ("chosen", "rejected") if k not in obj]
     if len(missing) == 2:
         looks = " (this looks like SFT data)" if "conversations" in obj or "messages" in obj else ""
@@ -137,12 +147,14 @@ def _parse_pair(obj: dict, errs: list[str]) -> tuple[list[dict], list[dict], lis
         errs.append(f'missing "{k}"; {PREFERENCE_FORMAT}')
     keys = ("prompt", "conversations", "messages")
     before = len(errs)
-    prompt = _pick(obj, keys, PREFERENCE_FORMAT, errs)
+    images = SampleImages(obj, base_dir, errs)
+    prompt = _pick(obj, keys, PREFERENCE_FORMAT, images, errs)
     if len(errs) == before:
         _ends_with_user(prompt, next(k for k in keys if k in obj), errs)
     seed = "conversations" in obj
-    chosen = _reply(obj, "chosen", seed, errs) if "chosen" in obj else []
-    rejected = _reply(obj, "rejected", seed, errs) if "rejected" in obj else []
+    chosen = _reply(obj, "chosen", seed, images, errs) if "chosen" in obj else []
+    rejected = _reply(obj, "rejected", seed, images, errs) if "rejected" in obj else []
+    images.check_count(errs)
     if chosen and chosen == rejected:  # nothing to prefer: the pair would train on noise
         errs.append('"chosen" and "rejected" are the same reply; a pair needs two different replies')
     return prompt, chosen, rejected, parse_tools(obj, errs)
@@ -170,7 +182,7 @@ def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> It
         else:
             if raw_id is not None and not valid_id:
                 errs.append(f"id is {show(raw_id)}; expected a non-empty string or an integer")
-            parsed = parse(obj, errs)
+            parsed = parse(obj, path.parent, errs)  # relative image paths start at the data file's directory
         if sid in seen:
             errs.append(f'duplicate id "{sid}" (first at {seen[sid]})')
         seen.setdefault(sid, source)
