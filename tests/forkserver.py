@@ -36,7 +36,10 @@ RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR
                       "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_NAME",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_MAX_RESTARTS",
                       "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_SIGNALS_TO_HANDLE",
-                      "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+                      "TORCHELASTIC_USE_AGENT_STORE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                      # what the recipes' launcher reads (recipes/_launch.sh), passed on by torchrun; no library reads them
+                      "DS_CONFIG", "NPROC_PER_NODE", "NNODES", "NODE_RANK",
+                      "HANG_MARKER"}  # read by a test's reward function when it is called (tests/test_grpo.py)
 
 CLIENT = '''#!{python} -S
 """`{name} ARGS` through the test suite's forkserver (tests/forkserver.py); a real interpreter when it declines."""
@@ -146,7 +149,9 @@ def handle(conn: socket.socket, listener: socket.socket, zygote_env: dict, set_b
     while len(message) < 8 + size:
         message += conn.recv(1 << 20)
     request = json.loads(message[8:])
-    differs = {k for k in set(request["env"]) | set(zygote_env) if request["env"].get(k) != zygote_env.get(k)}
+    # what the imports set counts as the zygote's own: a command started by a forkserver child (torchrun's ranks) has it
+    differs = {k for k in set(request["env"]) | set(zygote_env)
+               if request["env"].get(k) not in (zygote_env.get(k), set_by_imports.get(k, zygote_env.get(k)))}
     if parse_python_argv(request["argv"]) is None or differs - RUN_TIME_VARIABLES:
         conn.sendall(b'"real"\n')
         os._exit(0)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python, train_tiny_reward_model
+from helpers import ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
 from helpers import sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
@@ -179,26 +179,6 @@ def ppo_on_two_ranks(config: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_ppo_under_deepspeed_zero2_on_two_ranks(sft_policy, reward_model, prompts, workdir):
-    """torchrun, 2 CPU ranks, ZeRO-2, a few steps (learning is the single-process recipe's test): each rank samples 4 of
-    the 8 prompts of a step, rank 0 logs the 8 rollouts of both ranks and saves a trained policy that reloads."""
-    from safetensors.torch import load_file
-
-    out = str(workdir / "ppo_zero2")
-    proc = ppo_on_two_ranks("ds_config_zero2.json", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts,
-                            "--output_dir", out, "--num_train_epochs", "3", "--per_device_train_batch_size", "4")
-    assert "DeepSpeed ZeRO stage 2 on 2 ranks" in proc.stderr
-    assert "3 steps of 8 rollouts" in proc.stderr and "ppo step 3/3" in proc.stderr
-    assert all(r["rollouts"] == 8 for r in ppo_log(out))  # 4 replies from each rank, scored together
-    for name in ("model.safetensors", "tokenizer.json", "generation_config.json", "value_head.safetensors"):
-        assert os.path.exists(os.path.join(out, name)), name
-    trained, start = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(sft_policy, "model.safetensors"))
-    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in trained)
-    [reply] = generate_in_fresh_process(out, [PROMPT], adapter=False)
-    assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # still a working policy
-
-
-@pytest.mark.slow
 def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(sft_policy, prompts, tmp_path):
     """ZeRO-3 on 2 ranks: each rank holds half the weights, generation runs on sharded weights, the save is gathered
     complete and generates; a run resumed from its step-2 checkpoint (DeepSpeed's weights + optimizer shards, each
@@ -220,15 +200,9 @@ def test_ppo_under_deepspeed_resumes_from_its_checkpoint_to_the_same_weights(sft
     shards = re.findall(r"ZeRO-3: rank (\d) holds ([\d,]+) of ([\d,]+) parameter values", proc.stderr)
     assert sorted(shards) == [("0", "4,908,320", "9,816,640"), ("1", "4,908,320", "9,816,640")], shards
     assert [r["rollouts"] for r in ppo_log(reference)] == [4, 4, 4, 4]  # 2 from each rank, scored together
-    check = ("import sys, torch\n"
-             "from transformers import AutoModelForCausalLM\n"
-             "m, b = (AutoModelForCausalLM.from_pretrained(p) for p in sys.argv[1:])\n"
-             "sb = b.state_dict()\n"
-             "assert all(v.shape == sb[k].shape and v.numel() for k, v in m.state_dict().items())\n"
-             "print(sum(not torch.equal(v, sb[k]) for k, v in m.state_dict().items()), 'tensors changed')\n")
-    res = run_python([reference, sft_policy], code=check, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert int(res.stdout.split()[-3]) > 0, res.stdout  # trained, and saved complete (no empty shards)
+    trained, start = load_file(os.path.join(reference, "model.safetensors")), load_file(os.path.join(sft_policy, "model.safetensors"))
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}  # complete, not shards
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
     [reply] = generate_in_fresh_process(reference, [PROMPT], adapter=False)
     assert reply.strip().rstrip(".") in (PREFERRED.rstrip("."), OTHER.rstrip("."))  # a gathered, working policy
     checkpoint = os.path.join(reference, "checkpoint-2")

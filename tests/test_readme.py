@@ -88,7 +88,16 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
         ppo_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else command.split()[5]
         log = [json.loads(l) for l in open(os.path.join(work, ppo_dir, "ppo_log.jsonl"))]
         assert log and all(math.isfinite(step["reward_mean"]) for step in log)
-        assert os.path.isfile(os.path.join(work, ppo_dir, "model.safetensors"))
+        import torch
+        from safetensors.torch import load_file
+
+        assert os.path.isfile(os.path.join(work, ppo_dir, "value_head.safetensors"))
+        trained, start = (load_file(os.path.join(d, "model.safetensors")) for d in (os.path.join(work, ppo_dir), out("demo")))
+        assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}  # complete, not shards
+        assert all(trained[k].isfinite().all() for k in trained)
+        if command.startswith("torchrun --nproc_per_node 2"):  # each rank samples 4 of the 8 prompts, scored together
+            assert "DeepSpeed ZeRO stage 2 on 2 ranks" in proc.stderr and "8 prompts, 1 step of 8 rollouts" in proc.stderr
+            assert [step["rollouts"] for step in log] == [8]
     elif " grpo " in command or "train_grpo.sh" in command:
         grpo_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else command.split()[4]
         assert os.path.isfile(os.path.join(work, grpo_dir, "model.safetensors"))

@@ -87,7 +87,8 @@ def run(config) -> dict:
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl if args.adaptive_kl else None, args.kl_horizon)
     steps_per_epoch = math.ceil(len(prompt_ids) / (args.per_device_train_batch_size * world))
     total_steps = max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
-    log(f"ppo: {len(prompt_ids)} prompts, {total_steps} steps of {args.per_device_train_batch_size * world} rollouts, "
+    rollouts = min(args.per_device_train_batch_size * world, math.ceil(len(prompt_ids) / world) * world)  # prompt_batches
+    log(f"ppo: {len(prompt_ids)} prompts, {total_steps} step{'s' * (total_steps != 1)} of {rollouts} rollouts, "
         f"lr {models.lr:g}, {models.n_trainable:,} trainable parameters, reward from {rewards.description}")
     history, resumed_step = [], 0
     if prepared.resume_from:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
