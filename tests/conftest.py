@@ -1,6 +1,8 @@
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,23 @@ def tokenizer():
     from qwen_tune.models.tokenizer import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_tokenizer(tokenizer):
+    """Qwen2.5's tokenizer: the same ranks, without Qwen3's four later added tokens (<tool_response>, <think>, ...)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    official = json.loads((Path(__file__).parent / "golden" / "qwen2_5_added_tokens.json").read_text(encoding="utf-8"))
+    official = official["added_tokens"] if isinstance(official, dict) else official
+    keep = {t["content"] for t in official}
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in keep]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+    assert len(tok) == 151665
+    return tok
 
 
 @pytest.fixture(scope="session")

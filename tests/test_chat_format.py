@@ -30,23 +30,6 @@ def fmt_for(tokenizer, chat_template=None, **kw):
     return resolve_format(copy.copy(tokenizer), chat_template, **kw)
 
 
-@pytest.fixture(scope="session")
-def qwen2_5_tokenizer(tokenizer):
-    """Qwen2.5's tokenizer: the same ranks, without Qwen3's four later added tokens (<tool_response>, <think>, ...)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    official = json.loads((GOLDEN / "qwen2_5_added_tokens.json").read_text(encoding="utf-8"))
-    official = official["added_tokens"] if isinstance(official, dict) else official
-    keep = {t["content"] for t in official}
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in keep]
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
-    assert len(tok) == 151665
-    return tok
-
-
 def golden_cases():
     for name in TEMPLATES:
         golden = json.loads((GOLDEN / f"{name}.json").read_text(encoding="utf-8"))

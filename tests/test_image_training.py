@@ -10,16 +10,19 @@ The reload uses transformers alone (the image processor, the tokenizer's templat
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
 import pytest
 
 from helpers import run_cli, run_python
+from qwen_tune.data.chat_format import official_templates
 from test_hybrid_packing import save_tiny_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 QUESTION = "What colour is this picture?"
+TEMPLATES = {"qwen3_vl": "qwen3_vl", "qwen3_5_moe": "qwen3_5_nothink"}
 
 GENERATE_WITH_IMAGES = r"""
 import json, sys
@@ -68,11 +71,13 @@ def colour_data(folder, n: int, seed: int) -> list[tuple[str, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type,mode,flags", [
     pytest.param("qwen3_vl", "full", ["--learning_rate", "1e-3", "--num_train_epochs", "3"], marks=pytest.mark.support("images", ["qwen3_vl"])),
-    pytest.param("qwen3_5", "lora", ["--use_lora", "True", "--learning_rate", "3e-3", "--num_train_epochs", "6"],
-                 marks=pytest.mark.support("images", ["qwen3_5"])),
+    pytest.param("qwen3_5_moe", "lora", ["--use_lora", "True", "--learning_rate", "3e-3", "--num_train_epochs", "6"],
+                 marks=pytest.mark.support("images", ["qwen3_5_moe"])),
 ])
 def test_sft_on_pictures_learns_to_name_their_colour_and_reloads(model_type, mode, flags, tmp_path, tokenizer):
-    base = save_tiny_checkpoint(model_type, tmp_path / "base", tokenizer)
+    served = copy.copy(tokenizer)  # the checkpoint carries its official template, as a released one does
+    served.chat_template = official_templates()[TEMPLATES[model_type]].read_text(encoding="utf-8")
+    base = save_tiny_checkpoint(model_type, tmp_path / "base", served)
     train = colour_data(tmp_path / "train", 48, seed=0)
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": f"train/{path.rsplit('/', 1)[1]}"},
                                                        {"type": "text", "text": QUESTION}]},

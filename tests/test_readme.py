@@ -88,7 +88,6 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
         ppo_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else command.split()[5]
         log = [json.loads(l) for l in open(os.path.join(work, ppo_dir, "ppo_log.jsonl"))]
         assert log and all(math.isfinite(step["reward_mean"]) for step in log)
-        import torch
         from safetensors.torch import load_file
 
         assert os.path.isfile(os.path.join(work, ppo_dir, "value_head.safetensors"))
