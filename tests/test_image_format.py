@@ -97,3 +97,41 @@ def test_a_cut_through_a_picture_keeps_only_whole_pictures(request, golden_sampl
                                                                         "images": e.images}])
     assert batch["image_grid_thw"].tolist() == case["image_grid_thw"][:1]
     assert int(batch["mm_token_type_ids"].sum()) == int(torch.tensor(case["image_grid_thw"][0]).prod()) // 4
+
+
+def test_the_image_example_file_reads_every_form_and_renders(tokenizer):
+    """data/image_example.jsonl (HF blocks, OpenAI image_url, a data URI, ShareGPT images): every picture is read, in
+    order, and rendered as whole runs of picture tokens."""
+    from qwen_tune.data.chat_format import image_refs
+
+    samples = load_conversations(str(Path(__file__).parent.parent / "data" / "image_example.jsonl"))
+    fmt = resolve_format(copy.copy(tokenizer), "qwen3_vl", images=image_inputs("qwen3_vl", tokenizer))
+    counts = {s.id: len(image_refs(s.messages)) for s in samples}
+    assert counts == {"hf-blocks": 1, "openai-image-url": 1, "two-turns": 2, "sharegpt": 2}
+    for s in samples:
+        e = fmt.encode(s.messages)
+        assert e.images == image_refs(s.messages) and not e.truncated
+        runs = sum(1 for a, b in zip([None] + e.input_ids, e.input_ids) if b == fmt.images.image_token_id != a)
+        assert runs == counts[s.id] and e.input_ids.count(fmt.images.vision_start_id) == counts[s.id]
+
+
+def test_the_tokens_cache_tokenizes_again_when_a_picture_changes(tmp_path, tokenizer):
+    """The cache keys on the data file's bytes; a picture is read again at training time, so the cache also records
+    each picture's checksum and is rebuilt (one line says which picture) when one changes."""
+    import shutil
+
+    from PIL import Image
+
+    from qwen_tune.data.cache import load_tokens
+    from qwen_tune.options import CacheOptions
+
+    shutil.copytree(GOLDEN / "images", tmp_path / "images")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATIONS["image_then_text"]["messages"]}) + "\n", encoding="utf-8")
+    fmt = resolve_format(copy.copy(tokenizer), "qwen3_vl", images=image_inputs("qwen3_vl", tokenizer))
+    options = CacheOptions(tokens_cache=str(tmp_path / "cache"))
+    rows, _ = load_tokens(str(data), fmt, 512, options=options)
+    assert rows[0]["images"] == [str(tmp_path / "images" / "red_28x28.png")]
+    Image.new("RGB", (200, 200), (0, 0, 0)).save(tmp_path / "images" / "red_28x28.png")  # now 16 tokens, not 4
+    rows, _ = load_tokens(str(data), fmt, 512, options=options)
+    assert rows[0]["input_ids"].count(fmt.images.image_token_id) == 16

@@ -97,3 +97,51 @@ def test_sft_on_pictures_learns_to_name_their_colour_and_reloads(model_type, mod
     answers = json.loads(got.stdout.strip().splitlines()[-1])
     right = [a.strip().rstrip(".") == colour for a, (_, colour) in zip(answers, held_out)]
     assert sum(right) >= 18, list(zip(answers, [c for _, c in held_out]))
+    if mode == "full":  # the CLI tools read pictures too
+        path, colour = held_out[right.index(True)]
+        chat = run_cli("chat", "--model", str(out), "--image", path, "--prompt", QUESTION)
+        assert chat.stdout.strip().rstrip(".") == colour, chat.stdout
+        loss = {m: json.loads(run_cli("eval", "--model", m, "--data", str(data)).stdout.strip().splitlines()[-1])["loss"]
+                for m in (base, str(out))}
+        assert loss[str(out)] < loss[base] - 1, loss  # what training logged, over the pictures (the base is at 12)
+        shown = run_cli("preprocess", "--data", str(data), "--tokenizer", str(out), "--show", "1").stdout
+        assert f"<|image_pad|> x 4 ({tmp_path / 'train' / '0.png'})" in shown and "[[red.<|im_end|>]]" in shown
+
+
+def test_dpo_on_picture_prompts_prefers_the_right_colour(tmp_path, tokenizer):
+    """Pairs whose prompt shows a picture (the right colour chosen, another rejected): dpo pads them (pixels reach the
+    model) and the chosen-over-rejected margin grows from 0."""
+    served = copy.copy(tokenizer)
+    served.chat_template = official_templates()["qwen3_vl"].read_text(encoding="utf-8")
+    base = save_tiny_checkpoint("qwen3_vl", tmp_path / "base", served)
+    names = list(COLOURS)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": QUESTION}]}],
+             "chosen": [{"role": "assistant", "content": f"{colour}."}],
+             "rejected": [{"role": "assistant", "content": f"{names[(names.index(colour) + 1) % 4]}."}]}
+            for path, colour in colour_data(tmp_path / "train", 16, seed=0)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    proc = run_cli("dpo", "--model_name_or_path", base, "--data_path", str(data), "--output_dir", str(out), "--max_steps", "6",
+                   "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+                   "--report_to", "none", "--save_strategy", "no")
+    assert "packing: off: the data has images" in proc.stderr
+    margins = [v for _, v in json.loads((out / "loss.json").read_text())["rewards/margins"]]
+    assert margins[0] == 0 and margins[-1] > 0.1, margins
+    assert (out / "preprocessor_config.json").is_file()
+
+
+def test_picture_problems_are_named_with_file_and_line(tmp_path, base_model_path):
+    """A missing picture, and pictures for a model that reads text only: one clear line each, exit 2, no traceback."""
+    picture(tmp_path / "ok.png", "red", random.Random(0))
+    bad = tmp_path / "bad.jsonl"
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": QUESTION}]},
+                          {"role": "assistant", "content": "red."}]} for name in ("ok.png", "gone.png")]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("sft", "--data_path", str(bad), "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "bad.jsonl:2" in proc.stderr and f"no such file {tmp_path / 'gone.png'}" in proc.stderr
+    bad.write_text(json.dumps(rows[0]) + "\n")
+    proc = run_cli("sft", "--data_path", str(bad), "--output_dir", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "bad.jsonl:1" in proc.stderr and "has images, which this run cannot use" in proc.stderr
