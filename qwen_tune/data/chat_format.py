@@ -184,11 +184,12 @@ class ChatFormat:
 
     def problems(self, messages: list[dict], tools: list | None) -> list[str]:
         """What in a conversation this template cannot render: an error to show, never a silent drop."""
-        if image_refs(messages) and self.images is None:
+        has_images = bool(image_refs(messages))
+        if has_images and self.images is None:
             return ["has images, which this run cannot use: images train with qwen-tune sft and dpo on a vision-language "
                     "checkpoint (Qwen3.5+, Qwen3-VL, Qwen2.5-VL)"]
         used = {
-            "images": bool(image_refs(messages)),
+            "images": has_images,
             "reasoning": any(m.get("reasoning_content") for m in messages),
             "tools": bool(tools),
             "tool_calls": any(m.get("tool_calls") for m in messages),
