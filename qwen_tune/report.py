@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from .console import say
 from .models.trained import loading_code
 
 PLOT, PLOT_DATA, CARD = "loss.png", "loss.json", "README.md"
@@ -95,12 +96,26 @@ def tensorboard_dir(args) -> str | None:
 
 class ProgressLines(ProgressCallback):
     """The Trainer's progress bar (ETA), with each log written as one line of numbers:
-    `step 3/30  loss 11.17  grad_norm 10.84  learning_rate 0.005  epoch 1  tokens_per_second 218.4`."""
+    `step 3/30  loss 11.17  grad_norm 10.84  learning_rate 0.005  epoch 1  tokens_per_second 218.4`;
+    an evaluation as a line of its own, during training and after it (the bar is closed by then):
+    `eval at step 10/30: loss 2.113  perplexity 8.274`, `eval of the final model (step 30): loss 1.9  perplexity 6.686`."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            values = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos")
-            self.training_bar.write(f"step {state.global_step}/{state.max_steps}  {values}")
+        if not state.is_world_process_zero or not logs:
+            return
+        if any(k.startswith("eval_") for k in logs):
+            when = f"at step {state.global_step}/{state.max_steps}" if self.training_bar is not None else \
+                f"of the final model (step {state.global_step})"
+            say(f"eval {when}: {eval_values(logs)}")
+        elif self.training_bar is not None:
+            values = "  ".join(f"{k} {_fmt(v)}" for k, v in logs.items() if k != "total_flos")
+            say(f"step {state.global_step}/{state.max_steps}  {values}")
+
+
+def eval_values(logs: dict) -> str:
+    """An evaluation's results without the `eval_` prefix and without its timing."""
+    timing = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    return "  ".join(f"{k.removeprefix('eval_')} {_fmt(v)}" for k, v in logs.items() if k.startswith("eval_") and k not in timing)
 
 
 def show_progress_as_lines(trainer) -> None:
@@ -332,7 +347,7 @@ def card_path(output_dir: str) -> str:
     readme = os.path.join(output_dir, CARD)
     if CARD in users_entries(output_dir):
         other = os.path.join(output_dir, "MODEL_CARD.md")
-        print(f"{readme} was not written by qwen-tune, so it was left as it is; the card is {other}", file=sys.stderr)
+        say(f"{readme} was not written by qwen-tune, so it was left as it is; the card is {other}")
         return other
     return readme
 

@@ -12,17 +12,24 @@ from ..errors import UserError
 
 @dataclass
 class HeldOut:
-    """What `--val_size` took out of the training data for evaluation: reproducible from the seed, and named."""
+    """What `--val_size` took out of the training data for evaluation: reproducible from the seed, and named.
+    `of`: the distinct samples it was drawn from; `rows`: the training rows, a weighted mixture's copies included;
+    `copies`: the held-out samples' copies, which left training with them (the evaluation holds each sample once)."""
 
     val_size: float
     seed: int
     of: int
     ids: list = field(default_factory=list)
+    rows: int | None = None
+    copies: int = 0
 
     def summary(self, name: str = "eval") -> str:
         shown = ", ".join(map(str, self.ids[:10])) + (f" ... and {len(self.ids) - 10} more" if len(self.ids) > 10 else "")
-        return (f"{name}: {len(self.ids)} of {self.of} training samples held out for evaluation "
-                f"(--val_size {self.val_size:g}, seed {self.seed}): {shown}")
+        distinct = "distinct " if self.rows not in (None, self.of) else ""
+        copies = (f"; their {self.copies} cop{'y' if self.copies == 1 else 'ies'} in the mixture left training too"
+                  if self.copies else "")
+        return (f"{name}: {len(self.ids)} of {self.of} {distinct}training samples held out for evaluation "
+                f"(--val_size {self.val_size:g}, seed {self.seed}){copies}: {shown}")
 
 
 def held_out_count(val_size: float, n: int) -> int:
@@ -49,20 +56,20 @@ def _by_original(ids: list[str]) -> dict[str, list[int]]:
 
 def hold_out(samples, val_size: float, seed: int):
     """(train, held out, HeldOut) from a list of encoded samples or a `datasets.Dataset` with an id column.
-    `--val_size` counts distinct samples: a repeated sample's copies go with it."""
+    `--val_size` counts distinct samples: a held-out sample is evaluated once, and all its copies leave training."""
     n = len(samples)
     groups = list(_by_original([s.id for s in samples] if isinstance(samples, list) else samples["id"][:]).values())
-    picked = random.Random(seed).sample(range(len(groups)), held_out_count(val_size, len(groups)))
-    held = sorted(i for g in picked for i in groups[g])
-    chosen = set(held)
-    keep = [i for i in range(n) if i not in chosen]
+    picked = sorted(random.Random(seed).sample(range(len(groups)), held_out_count(val_size, len(groups))))
+    held = sorted(groups[g][0] for g in picked)  # the first occurrence: the original, not a copy
+    leaving = {i for g in picked for i in groups[g]}
+    keep = [i for i in range(n) if i not in leaving]
     if isinstance(samples, list):
         train, evaluation = [samples[i] for i in keep], [samples[i] for i in held]
         ids = [s.id for s in evaluation]
     else:
         train, evaluation = samples.select(keep), samples.select(held)
         ids = evaluation["id"][:]
-    return train, evaluation, HeldOut(val_size, seed, n, ids)
+    return train, evaluation, HeldOut(val_size, seed, len(groups), ids, rows=n, copies=len(leaving) - len(held))
 
 
 def load_splits(data_args, seed: int, load: Callable, log: Callable):

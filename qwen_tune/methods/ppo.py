@@ -90,12 +90,13 @@ def run(config) -> dict:
     rollouts = min(args.per_device_train_batch_size * world, math.ceil(len(prompt_ids) / world) * world)  # prompt_batches
     log(f"ppo: {len(prompt_ids)} prompts, {total_steps} step{'s' * (total_steps != 1)} of {rollouts} rollouts, "
         f"lr {models.lr:g}, {models.n_trainable:,} trainable parameters, reward from {rewards.description}")
-    history, resumed_step = [], 0
+    history, resumed_step, runtime_before = [], 0, 0.0
     if prepared.resume_from:  # weights, AdamW, RNG, KL coefficient and log; the prompt order replays from the seed
         state = models.load_checkpoint(prepared.resume_from)
         resumed_step, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
+        runtime_before = state.get("runtime_s", 0.0)  # the earlier segments' time: elapsed_s and runtime_s span the run
         log(f"ppo: resumed from {prepared.resume_from} after step {resumed_step}")
-    stop_ids, start, recent = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT]), time.time(), []
+    stop_ids, start, recent = tokenizer.convert_tokens_to_ids([IM_END, ENDOFTEXT]), time.time() - runtime_before, []
     batches = prompt_batches(len(prompt_ids), args.per_device_train_batch_size, total_steps, args.seed, rank, world)
     with PPOLog(args.output_dir, history, rank) as ppo_log, StopSignal(args.save_steps > 0) as stop:
         for step, batch in enumerate(batches, start=1):
@@ -127,7 +128,8 @@ def run(config) -> dict:
             #    on SIGTERM/SIGINT before exiting
             stopping = stop.agreed(device) and step < total_steps
             if args.save_steps > 0 and (step % args.save_steps == 0 or stopping):
-                models.save_checkpoint(args.output_dir, step, {"history": history, "kl_coef": kl_ctl.value}, args.save_total_limit)
+                models.save_checkpoint(args.output_dir, step, {"history": history, "kl_coef": kl_ctl.value,
+                                                               "runtime_s": time.time() - start}, args.save_total_limit)
             if stopping:
                 exit_after_saving(stop.signum, step, args.output_dir)
     return finish(args, models, tokenizer, fmt, policy_path, history, total_steps, start, rank)

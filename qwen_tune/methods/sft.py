@@ -7,6 +7,8 @@ come from it), save a standard Hugging Face directory and say how to load it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import Trainer
 
@@ -58,7 +60,9 @@ class SFTLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add `aux_loss`, the router's load-balancing loss averaged since the last log line (unweighted; `loss` holds
-        it times router_aux_loss_coef)."""
+        it times router_aux_loss_coef), and to an evaluation its perplexity (in place: `evaluate()` returns this dict)."""
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 700.0))  # as `qwen-tune eval` reports it
         if self.aux_losses and "loss" in logs:
             logs["aux_loss"] = self.accelerator.gather_for_metrics(torch.stack(self.aux_losses).mean()[None]).mean().item()
             self.aux_losses.clear()

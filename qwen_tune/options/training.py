@@ -67,6 +67,9 @@ class TrainingArguments(RunArguments, transformers.TrainingArguments):
         metadata={"help": "auto (group_by_length when sft's packing is off, else random), random, sequential, group_by_length, batch_rebalance.",
                   "choices": ["auto", "random", "sequential", "group_by_length", "batch_rebalance"]},
     )
+    metric_for_best_model: str | None = field(
+        default="loss", metadata={"help": "The evaluation metric that picks the best checkpoint: the run's summary names it and "
+                                          "it is kept when the others are removed (loss: lower is better)."})
     max_bad_steps: int = field(default=0, metadata={"help": "Skip up to N steps with a non-finite loss/gradient instead of stopping."})
     # --save_total_limit, enforced by train/checkpoints.py on complete checkpoints; set by options.prepare_run
     checkpoint_limit: int | None = field(default=None, init=False)

@@ -50,9 +50,10 @@ def checkpoints(output_dir: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
-def remove_checkpoints(output_dir: str) -> int:
-    """After a successful run: its `checkpoint-N` directories (each about 3x the model with AdamW) go; returns how many."""
-    found = checkpoints(output_dir)
+def remove_checkpoints(output_dir: str, keep: str | None = None) -> int:
+    """After a successful run: its `checkpoint-N` directories (each about 3x the model with AdamW) go, all but `keep`
+    (the best one); returns how many went."""
+    found = [c for c in checkpoints(output_dir) if keep is None or not os.path.samefile(c[1], keep)]
     for _, path, _ in found:
         shutil.rmtree(path)
     ownership.forget(output_dir, [os.path.basename(path) for _, path, _ in found])

@@ -11,7 +11,8 @@ use that state, fixes both.
 from __future__ import annotations
 
 import os
-import sys
+
+from ..console import say
 
 
 def is_main_process() -> bool:
@@ -20,9 +21,9 @@ def is_main_process() -> bool:
 
 
 def log(message: str) -> None:
-    """A progress or summary line on stderr, once per run rather than once per rank."""
+    """A progress or summary line on stderr (on a line of its own), once per run rather than once per rank."""
     if is_main_process():
-        print(message, file=sys.stderr, flush=True)
+        say(message)
 
 
 def prepare_cpu_ranks(deepspeed: bool) -> bool:
@@ -50,7 +51,7 @@ def print_zero3_partition(model) -> None:
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
     rank = int(os.environ.get("RANK", "0"))
-    print(f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values", file=sys.stderr, flush=True)
+    say(f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values")
 
 
 def finish() -> None:

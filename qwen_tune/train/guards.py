@@ -1,4 +1,4 @@
-"""Guards every trainer runs with: NaN/Inf stop, SIGTERM/SIGINT save-and-exit, free-disk check.
+"""Guards every trainer runs with: NaN/Inf stop, SIGTERM/SIGINT save-and-exit, free-disk check, whole-run metrics.
 
 They are Trainer callbacks (public hooks). Trainer callbacks never see a batch, so `ObservedSteps`
 (put before the Trainer class in a trainer's bases) shows each micro-batch's sample ids and loss to
@@ -18,6 +18,7 @@ from .checkpoints import CheckpointSafety, NonFiniteError, latest_complete_check
 from .distributed import log
 from .stop_signal import StopSignal, exit_after_saving
 from .reshard import UniversalParamGroups
+from .run_totals import RunTotals
 
 
 class BatchObserver(TrainerCallback):
@@ -28,7 +29,14 @@ class BatchObserver(TrainerCallback):
 
 
 class ObservedSteps:
-    """Mixin for a transformers / TRL Trainer: call `on_micro_batch` of every `BatchObserver` callback."""
+    """Mixin for a transformers / TRL Trainer: call `on_micro_batch` of every `BatchObserver` callback; a resumed
+    run's final metrics are the whole run's (`RunTotals`)."""
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RunTotals):
+                callback.whole_run(logs, self.state)
+        super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.get("sample_ids") if hasattr(inputs, "get") else None
@@ -136,4 +144,4 @@ def safety_callbacks(args, extra: tuple = (), resume_from: str | None = None) ->
     """The callbacks that guard every HF / TRL Trainer. `extra` callbacks (a test's fault or trace) come
     first, so that the NaN guard sees what they did to a batch. `resume_from`: the checkpoint the run continues."""
     return [*extra, UniversalParamGroups(resume_from), FreeDiskCheck(), NonFiniteGuard(args.max_bad_steps), Preemption(),
-            CheckpointSafety(args.checkpoint_limit)]  # last: it claims the checkpoint any of them asked for
+            RunTotals(), CheckpointSafety(args.checkpoint_limit)]  # last: it claims the checkpoint any of them asked for

@@ -34,7 +34,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.signum = signum
         signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-        log(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+        log(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
             f"(send it again to stop at once)")
 
     def __exit__(self, *exc):
@@ -54,6 +54,6 @@ class StopSignal:
 
 def exit_after_saving(signum: int, step: int, output_dir: str):
     """Say where the run was saved and how to continue it, then exit 128 + the signal's number."""
-    log(f"\n{signal.Signals(signum).name}: stopped after step {step} and saved {os.path.join(output_dir, f'checkpoint-{step}')}. "
+    log(f"{signal.Signals(signum).name}: stopped after step {step} and saved {os.path.join(output_dir, f'checkpoint-{step}')}. "
         f"Continue with the same command plus --resume_from_checkpoint auto")
     raise SystemExit(128 + signum)
