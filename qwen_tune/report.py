@@ -95,7 +95,7 @@ def tensorboard_dir(args) -> str | None:
 
 
 class ProgressLines(ProgressCallback):
-    """The Trainer's progress bar (ETA), with each log written as one line of numbers:
+    """The Trainer's progress bar (ETA, on stderr), with each log written as one line of numbers on stdout:
     `step 3/30  loss 11.17  grad_norm 10.84  learning_rate 0.005  epoch 1  tokens_per_second 218.4`;
     an evaluation as a line of its own, during training and after it (the bar is closed by then):
     `eval at step 10/30: loss 2.113  perplexity 8.274`, `eval of the final model (step 30): loss 1.9  perplexity 6.686`."""
@@ -106,10 +106,10 @@ class ProgressLines(ProgressCallback):
         if any(k.startswith("eval_") for k in logs):
             when = f"at step {state.global_step}/{state.max_steps}" if self.training_bar is not None else \
                 f"of the final model (step {state.global_step})"
-            say(f"eval {when}: {eval_values(logs)}")
+            say(f"eval {when}: {eval_values(logs)}", file=sys.stdout)
         elif self.training_bar is not None:
             values = "  ".join(f"{k} {_fmt(v)}" for k, v in logs.items() if k != "total_flos")
-            say(f"step {state.global_step}/{state.max_steps}  {values}")
+            say(f"step {state.global_step}/{state.max_steps}  {values}", file=sys.stdout)
 
 
 def eval_values(logs: dict) -> str:

@@ -224,3 +224,13 @@ def logprob_margins(model, tokenizer, data: str):
         return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None]).sum().item()
 
     return torch.tensor([logp(p["prompt_ids"], p["chosen_ids"]) - logp(p["prompt_ids"], p["rejected_ids"]) for p in pairs])
+
+
+def assert_qwen_tune_card(out) -> str:
+    """OUT/README.md is qwen-tune's model card, not the placeholder PEFT or TRL write there, and no MODEL_CARD.md was
+    needed beside it (that is only for a README.md the user had put in OUT before the run). Returns the card."""
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "tags: [qwen-tune" in card and "## Hyper-parameters" in card, card[:500]
+    assert "[More Information Needed]" not in card and "generated_from_trainer" not in card, card[:500]
+    assert not os.path.exists(os.path.join(out, "MODEL_CARD.md"))
+    return card

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -133,25 +134,43 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
     assert [d for d in os.listdir(out) if d.startswith("checkpoint-")] == [] and "removed the run's 2 checkpoint directories" in log
 
 
+def session_runtime(log: str, step: int) -> float:
+    """The `train_runtime` (this process's training time so far) on the progress line of `step`."""
+    return float(re.findall(rf"step {step}/{MAX_STEPS}  loss .*?train_runtime ([\d.e+-]+)", log)[-1])
+
+
 @pytest.mark.slow
 def test_sigterm_saves_exits_143_and_resume_continues_exactly(reference, tmp_path):
     out, trace1, trace2 = str(tmp_path / "out"), str(tmp_path / "t1.jsonl"), str(tmp_path / "t2.jsonl")
-    proc = start(out, trace1)
+    with_bar = ("--disable_tqdm", "False")  # the progress bar a user sees, which messages must not be glued to
+    proc = start(out, trace1, *with_bar)
     wait_until_step(proc, trace1, SAVE_STEPS + 1, out)
     proc.send_signal(signal.SIGTERM)
     rc, log = finish(proc, out)
     assert rc == 143, log
     stopped = max(traced_steps(trace1))
-    assert "received SIGTERM" in log and f"SIGTERM: stopped after step {stopped} and saved" in log, log
+    # each message starts a line as a terminal shows it (after a newline, or the carriage return that clears the bar)
+    assert re.search(r"(^|[\r\n])received SIGTERM", log) and re.search(rf"[\r\n]SIGTERM: stopped after step {stopped} and saved", log), log
     assert "Traceback" not in log
     assert os.path.isfile(os.path.join(out, f"checkpoint-{stopped}", COMPLETE))
     assert not os.path.exists(os.path.join(out, "model.safetensors"))  # not mistaken for a finished run
+    first_segment = session_runtime(log, stopped)
 
-    rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto"), out)
+    rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto", *with_bar), out)
     assert rc == 0, log
     assert min(traced_steps(trace2)) == stopped + 1
     assert {s: ids for s, ids in traced_steps(trace1).items()} | traced_steps(trace2) == reference["steps"]
     assert_same_weights(weights(out), reference["weights"])
+    # the metrics and the card describe the whole run, not its last segment: the loss averaged over every step
+    # (each one logged in loss.json), the training time of both segments
+    metrics = json.load(open(os.path.join(out, "train_metrics.json")))
+    losses = dict(json.load(open(os.path.join(out, "loss.json")))["loss"])
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert metrics["train_loss"] == pytest.approx(sum(losses.values()) / MAX_STEPS, rel=1e-5)
+    assert metrics["train_runtime"] >= first_segment + session_runtime(log, MAX_STEPS) - 0.01
+    assert metrics["train_steps_per_second"] == pytest.approx(MAX_STEPS / metrics["train_runtime"], rel=0.01)
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"| train_loss | {metrics['train_loss']:.4g} |" in card and f"| train_runtime | {metrics['train_runtime']:.4g} |" in card
 
 
 @pytest.mark.slow

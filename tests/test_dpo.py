@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import DATA, logprob_margins, run_cli
+from helpers import DATA, assert_qwen_tune_card, logprob_margins, run_cli
 from pairs_gen import HELD_OUT_SUBJECTS, TRAIN_SUBJECTS, polite_pairs, write_jsonl
 
 
@@ -25,6 +25,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tmp_path, 
                    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1")
     assert "AutoModelForCausalLM" in proc.stderr
     assert json.loads((out / "train_metrics.json").read_text())["data"]["train"]["kept"] == 24
+    assert_qwen_tune_card(out)
 
     after = logprob_margins(AutoModelForCausalLM.from_pretrained(str(out)).eval(), tokenizer, held_out)
     print(f"held-out log-prob margin: {before.mean():.2f} before DPO, {after.mean():.2f} after")
@@ -83,6 +84,7 @@ def test_dpo_lora_learns_and_reports_held_out_preference_accuracy(tmp_path):
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["eval_rewards/accuracies"] >= 0.9 and metrics["eval_rewards/margins"] > 0, metrics
     assert AutoPeftModelForCausalLM.from_pretrained(str(out)).peft_config["default"].r == 64
+    assert_qwen_tune_card(out)
 
 
 def test_dpo_rejects_sft_data_with_file_and_line(tmp_path):

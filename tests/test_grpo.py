@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, free_port, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
+from helpers import ROOT, assert_qwen_tune_card, free_port, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
 
 PROMPT = [{"role": "user", "content": "Pick a color."}]
 ANSWERS = ["red.", "green.", "blue.", "yellow."]
@@ -133,6 +133,7 @@ def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, promp
     files = set(os.listdir(out))
     assert ("adapter_model.safetensors" in files) == (mode != "full") and "chat_template.jinja" in files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert_qwen_tune_card(out)  # TRL's GRPOTrainer writes its own card into OUT/README.md
 
 
 @pytest.mark.slow
@@ -148,6 +149,7 @@ def test_grpo_qlora_trains_an_adapter_on_a_4bit_base_that_reloads(sft_policy, pr
     run_cli(*args)
     lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero
+    assert_qwen_tune_card(out)
     replies = sample_in_fresh_process(PROMPT, out, 8, adapter=True)
     assert {r.strip() for r in replies} <= set(ANSWERS), replies
 

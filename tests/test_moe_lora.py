@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from helpers import DATA, run_cli
+from helpers import DATA, assert_qwen_tune_card, run_cli
 from test_hybrid_packing import SMALL
 from qwen_tune.models.linear_attention import split_linear_attention
 
@@ -252,6 +252,5 @@ def test_sft_cli_with_default_lora_options_on_a_qwen3_moe_checkpoint(tmp_path, t
     assert sum(".mlp.experts." in k and "lora_B" in k for k in saved) == 2 * SMALL["num_hidden_layers"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"] and config["lora_dropout"] == 0
-    # the card: README.md, or MODEL_CARD.md beside the template README.md PEFT's save_pretrained writes
-    card = next(text for name in ("README.md", "MODEL_CARD.md") if "tags: [qwen-tune" in (text := (out / name).read_text()))
+    card = assert_qwen_tune_card(out)  # README.md, in place of the placeholder PEFT's save_pretrained writes
     assert f"| lora_adapted | {adapted.removeprefix('lora: adapting ')} |" in card

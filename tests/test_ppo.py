@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
+from helpers import ROOT, assert_qwen_tune_card, free_port, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
 from helpers import sample_in_fresh_process as sample_replies
 
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
@@ -84,6 +84,7 @@ def test_sft_policy_is_undecided(sft_policy):
 
 
 def check_trained(out: str, adapter: bool = False) -> list[dict]:
+    assert_qwen_tune_card(out)
     rows = ppo_log(out)
     for key in ("step", "reward_mean", "kl", "entropy", "policy_loss", "value_loss", "response_len_mean"):
         assert all(key in r for r in rows), key
@@ -159,6 +160,7 @@ def test_lora_ppo_saves_an_adapter_that_reloads(sft_policy, reward_model, prompt
     run_cli("ppo", "--policy", sft_policy, "--reward_model", reward_model, "--prompts", prompts, "--output_dir", out,
             "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--max_new_tokens", "8", "--use_lora", "True")
     assert os.path.exists(os.path.join(out, "adapter_config.json"))
+    assert_qwen_tune_card(out)  # PEFT's save writes its placeholder README.md
     with open(os.path.join(out, "adapter_config.json")) as f:
         assert json.load(f)["base_model_name_or_path"] == os.path.abspath(sft_policy)
     assert abs(ppo_log(out)[0]["kl"]) < 1e-4  # first rollout: the actor is still the reference

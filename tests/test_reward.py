@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from helpers import ROOT, fresh_env, run_cli, run_python
+from helpers import ROOT, assert_qwen_tune_card, fresh_env, run_cli, run_python
 from pairs_gen import HELD_OUT_SUBJECTS, TRAIN_SUBJECTS, polite_pairs, write_jsonl
 
 FAST = ["--system_message", "", "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "8",
@@ -64,6 +64,7 @@ def test_full_reward_model_learns_the_rule_and_scores_held_out_pairs(pairs, tmp_
     proc = run_cli("rm", "--data_path", pairs["train"], "--eval_data_path", pairs["held_out"], "--output_dir", str(out),
                    "--num_train_epochs", "2", "--learning_rate", "1e-3", *FAST)
     assert "eval: accuracy" in proc.stderr and "AutoModelForSequenceClassification" in proc.stderr
+    assert_qwen_tune_card(out)  # TRL's RewardTrainer writes its own card into OUT/README.md
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0
 
@@ -101,6 +102,7 @@ def test_lora_reward_model_saves_its_head_with_the_adapter(pairs, tmp_path):
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
     assert os.path.isabs(config["base_model_name_or_path"])
     assert not (out / "model.safetensors").exists()
+    assert_qwen_tune_card(out)
 
     summary = score(out, pairs["held_out"], tmp_path / "scores.jsonl")
     assert summary["accuracy"] >= 0.9

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import DATA, ROOT, generate_in_fresh_process, run_cli, run_python
+from helpers import DATA, ROOT, assert_qwen_tune_card, generate_in_fresh_process, run_cli, run_python
 from qwen_tune.errors import UserError
 
 # Short conversations the tiny model can learn in a few dozen steps.
@@ -54,6 +54,7 @@ def test_learns_and_reloads_in_fresh_process(mode, flags, train_file, tmp_path):
     out = str(tmp_path / mode)
     proc = run_cli("sft", "--data_path", train_file, "--output_dir", out, *COMMON, *flags)
     assert "Saved to" in proc.stderr and "from_pretrained" in proc.stderr
+    assert_qwen_tune_card(out)  # an adapter's too: PEFT's save writes its placeholder README.md
     metrics = json.load(open(os.path.join(out, "train_metrics.json")))
     # the loss fell well below its start (ln 151936 = 11.9 for a uniform guess)
     assert metrics["train_loss_final"] < metrics["train_loss"] < 11.9
