@@ -396,8 +396,9 @@ def test_val_size_that_leaves_nothing_or_is_not_a_size_is_an_error(val_size, mes
         hold_out([SimpleNamespace(id=f"s{i}") for i in range(20)], val_size, seed=42)
 
 
-def test_val_size_keeps_a_mixture_copy_on_the_side_of_its_original():
-    """A weighted mixture repeats samples as ID#2, ID#3: held-out evaluation must not see a copy of a training sample."""
+def test_val_size_counts_distinct_samples_evaluates_each_once_and_takes_all_its_copies_out_of_training():
+    """A weighted mixture repeats samples as ID#2, ID#3: --val_size 3 is 3 distinct samples, evaluated once each, and
+    training sees no copy of them."""
     from types import SimpleNamespace
 
     from qwen_tune.data.splits import hold_out
@@ -408,7 +409,10 @@ def test_val_size_keeps_a_mixture_copy_on_the_side_of_its_original():
         train, held, split = hold_out(samples, 3, seed=seed)
         original = lambda sid: sid.split("#")[0] if sid != "x#2" else sid  # noqa: E731
         assert {original(s.id) for s in train}.isdisjoint({original(s.id) for s in held})
-        assert len({original(s.id) for s in held}) == 3 and len(train) + len(held) == len(samples)
+        assert len(held) == len({original(s.id) for s in held}) == 3 and split.ids == [s.id for s in held]
+        assert split.of == 11 and split.copies == sum(original(s.id) in split.ids for s in samples) - 3
+        assert len(train) + len(held) + split.copies == len(samples)
+        assert "3 of 11 distinct training samples held out" in split.summary()
 
 
 def test_val_size_on_preference_pairs_splits_the_dataset(chatml):

@@ -254,14 +254,48 @@ def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path)
 
 
 @pytest.mark.slow
-def test_val_size_holds_out_training_samples_and_reports_their_loss(tmp_path):
+def test_val_size_holds_out_distinct_samples_and_reports_their_loss_and_the_best_checkpoint(tmp_path):
+    """--val_size 3 on a weighted mixture (tool samples repeated 2-3 times): 3 distinct samples are evaluated, each once,
+    and every copy of them leaves training; the eval loss and perplexity are printed at each evaluation and at the
+    end, and the summary names the best step."""
+    import math
+    import re
+    from fractions import Fraction
+
+    from qwen_tune.data.mixture import draw
+
+    tools, chat = os.path.join(DATA, "sft_tools_example.jsonl"), os.path.join(DATA, "sft_example.jsonl")
     out = tmp_path / "o"
-    proc = run_cli("sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--output_dir", str(out), "--val_size", "0.25",
-                   "--max_steps", "2", "--report_to", "none")
+    proc = run_cli("sft", "--data_path", f"{tools}:0.7,{chat}:0.3", "--chat_template", "qwen3", "--output_dir", str(out),
+                   "--val_size", "3", "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_steps", "1",
+                   "--report_to", "none")
     metrics = json.loads((out / "train_metrics.json").read_text())
     held = metrics["data"]["eval"]["ids"]
-    assert len(held) == 3 and f"eval: 3 of 12 training samples held out for evaluation (--val_size 0.25, seed 42): {', '.join(held)}" in proc.stderr
-    assert metrics["eval_loss"] > 0 and "--val_size 0.25" in (out / "README.md").read_text()  # the card says how it was split
+    assert len(held) == 3 and not any("#" in i for i in held)  # distinct samples, each once
+    # how often the mixture drew each held-out sample: all its copies left training with it
+    ids = [[json.loads(line)["id"] for line in open(path)] for path in (tools, chat)]
+    picks = draw([(tools, Fraction(7, 10), len(ids[0])), (chat, Fraction(3, 10), len(ids[1]))], seed=42)[0]
+    drawn = [ids[source][i] for source, picked in enumerate(picks) for i in picked]
+    copies = sum(drawn.count(i) for i in held) - 3
+    distinct = len(set(drawn))
+    assert copies > 0 and (f"eval: 3 of {distinct} distinct training samples held out for evaluation (--val_size 3, seed 42); "
+                           f"their {copies} copies in the mixture left training too: {', '.join(held)}") in proc.stderr
+    assert metrics["eval_samples_per_second"] * metrics["eval_runtime"] == pytest.approx(3, rel=0.05)  # evaluated once each
+    # the eval loss and its perplexity at each evaluation and at the end, each on a line of its own
+    during = [(int(s), float(loss), float(ppl)) for s, loss, ppl in
+              re.findall(r"(?m)^eval at step (\d)/2: loss (\S+)  perplexity (\S+)$", proc.stdout)]
+    assert [s for s, _, _ in during] == [1, 2] and all(ppl == pytest.approx(math.exp(loss), rel=1e-3) for _, loss, ppl in during)
+    final = f"eval of the final model (step 2): loss {metrics['eval_loss']:.4g}  perplexity {metrics['eval_perplexity']:.4g}"
+    assert final in proc.stdout.splitlines()
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    # the summary names the best step; a checkpoint other than the result is kept
+    step, loss, _ = min(during, key=lambda d: d[1])
+    assert metrics["best_step"] == step and f"{metrics['best_eval_loss']:.4g}" == f"{loss:.4g}"
+    if step == 2:
+        assert f"Best eval_loss: {loss:.4g}, at step 2, the last one: the saved model" in proc.stderr
+    else:
+        assert f"Best eval_loss: {loss:.4g}, at step 1: {out / 'checkpoint-1'} (kept" in proc.stderr and (out / "checkpoint-1").is_dir()
+    assert "--val_size 3" in (out / "README.md").read_text()  # the card says how it was split
     both = run_cli("sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--eval_data_path", os.path.join(DATA, "sft_example.json"),
                    "--val_size", "2", "--output_dir", str(tmp_path / "p"), check=False)
     assert both.returncode == 2 and "give it or --eval_data_path, not both" in both.stderr
