@@ -11,6 +11,7 @@ import sys
 from .train.distributed import finish as finish_distributed
 from . import help, quiet
 from .errors import UserError
+from .options import spec as option_spec
 
 # subcommand -> (module with `main(argv)`, one-line description)
 COMMANDS = {
@@ -101,9 +102,19 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     if name not in COMMANDS:
         print(f"qwen-tune: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    if which := help.wanted(rest):  # the cached text: no torch, transformers or TRL to import
+    spec = option_spec.spec_for(name)  # the command's options as data: no torch, transformers or TRL to import
+    if (which := help.wanted(rest)) == "--help" and spec:
+        print(spec["help"], end="")
+        return
+    if which:  # --help-all (or --help under libraries with no spec yet): made once, then cached
         help.print_help(name, which, lambda: show_help(name, which))
         return
+    if spec:
+        try:
+            option_spec.check(name, spec, rest)
+        except UserError as e:
+            print(f"qwen-tune {name}: error: {e}", file=sys.stderr)
+            sys.exit(2)
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
