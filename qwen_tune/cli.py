@@ -9,7 +9,7 @@ import shutil
 import sys
 
 from .train.distributed import finish as finish_distributed
-from . import help, quiet
+from . import help
 from .errors import UserError
 from .options import spec as option_spec
 
@@ -93,7 +93,6 @@ def show_help(name: str, which: str) -> None:
 
 def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     """`callbacks` go to the training commands' Trainer (tests trace batches and inject faults with them)."""
-    quiet.install()
     argv = (prefix or []) + sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -122,6 +121,18 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
             raise
         print(f"qwen-tune: {name} is not available in this version", file=sys.stderr)
         sys.exit(2)
+    succeeded = False
+    try:
+        run(name, module, rest, callbacks)
+        succeeded = True
+    finally:
+        output_dir = sys.modules.get("qwen_tune.train.output_dir")  # loaded by a run that made its --output_dir
+        if not succeeded and output_dir:  # a run that failed before writing anything leaves no empty one behind
+            output_dir.remove_if_unused()
+
+
+def run(name: str, module, rest: list[str], callbacks: tuple) -> None:
+    """The command's main, its failures as a user sees them."""
     try:
         module.main(rest, callbacks=callbacks) if callbacks else module.main(rest)
         finish_distributed()  # returns at once in a single process
