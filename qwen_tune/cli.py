@@ -9,8 +9,9 @@ import shutil
 import sys
 
 from .train.distributed import finish as finish_distributed
-from . import help, quiet
+from . import help
 from .errors import UserError
+from .options import spec as option_spec
 
 # subcommand -> (module with `main(argv)`, one-line description)
 COMMANDS = {
@@ -92,7 +93,6 @@ def show_help(name: str, which: str) -> None:
 
 def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     """`callbacks` go to the training commands' Trainer (tests trace batches and inject faults with them)."""
-    quiet.install()
     argv = (prefix or []) + sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -101,9 +101,19 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
     if name not in COMMANDS:
         print(f"qwen-tune: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    if which := help.wanted(rest):  # the cached text: no torch, transformers or TRL to import
+    spec = option_spec.spec_for(name)  # the command's options as data: no torch, transformers or TRL to import
+    if (which := help.wanted(rest)) == "--help" and spec:
+        print(spec["help"], end="")
+        return
+    if which:  # --help-all (or --help under libraries with no spec yet): made once, then cached
         help.print_help(name, which, lambda: show_help(name, which))
         return
+    if spec:
+        try:
+            option_spec.check(name, spec, rest)
+        except UserError as e:
+            print(f"qwen-tune {name}: error: {e}", file=sys.stderr)
+            sys.exit(2)
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
@@ -111,6 +121,18 @@ def entry(prefix: list[str] | None = None, callbacks: tuple = ()) -> None:
             raise
         print(f"qwen-tune: {name} is not available in this version", file=sys.stderr)
         sys.exit(2)
+    succeeded = False
+    try:
+        run(name, module, rest, callbacks)
+        succeeded = True
+    finally:
+        output_dir = sys.modules.get("qwen_tune.train.output_dir")  # loaded by a run that made its --output_dir
+        if not succeeded and output_dir:  # a run that failed before writing anything leaves no empty one behind
+            output_dir.remove_if_unused()
+
+
+def run(name: str, module, rest: list[str], callbacks: tuple) -> None:
+    """The command's main, its failures as a user sees them."""
     try:
         module.main(rest, callbacks=callbacks) if callbacks else module.main(rest)
         finish_distributed()  # returns at once in a single process

@@ -1,9 +1,9 @@
-"""`qwen-tune COMMAND --help` in well under a second: qwen-tune's own options, grouped, and `--help-all` for the
-several hundred of transformers' TrainingArguments and TRL's configs.
+"""`qwen-tune COMMAND --help`: qwen-tune's own options, grouped (printed from options/spec.py's data), and
+`--help-all` for the several hundred of transformers' TrainingArguments and TRL's configs.
 
 Building a command's parser means importing torch, transformers and TRL (about 9 s on a 2-core CPU), so the
-text is made once and kept under the cache directory, keyed by the contents of qwen-tune's own files and the
-versions of those libraries: a change to either makes it anew.
+--help-all text is made once and kept under the cache directory, keyed by the contents of qwen-tune's own files
+and the versions of those libraries: a change to either makes it anew.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def wanted(argv: list[str]) -> str | None:
     return "--help" if "-h" in argv or "--help" in argv else None
 
 
-def _key(command: str, which: str) -> str:
+def cache_key(command: str, which: str) -> str:
+    """Changes with qwen-tune's own files and the versions of the libraries whose options it offers."""
     digest = hashlib.sha256(f"{command} {which}".encode())
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
@@ -42,7 +43,7 @@ def _key(command: str, which: str) -> str:
 
 def print_help(command: str, which: str, make) -> None:
     """Print the cached text, or run `make()` (which prints the help and exits) once to make it."""
-    path = cache_dir() / "help" / f"{command}-{_key(command, which)}.txt"
+    path = cache_dir() / "help" / f"{command}-{cache_key(command, which)}.txt"
     if not path.is_file():
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):

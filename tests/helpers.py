@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -67,6 +68,15 @@ class Forkserver:
 # A variable nothing reads: given to fresh_env / run_cli, it makes `python` and `qwen-tune` run a real interpreter,
 # for tests of what happens while libraries are imported (their messages, import time).
 REAL_INTERPRETER = {"QWEN_TUNE_TEST_REAL_INTERPRETER": "1"}
+
+
+# What libraries print that tells a user nothing (qwen_tune/quiet.py silences each): none may reach a command's output.
+LIBRARY_NOISE = re.compile(r"\w+Warning\b|warnings\.warn|LOAD REPORT|\x1b\[|There were missing keys|gemm_4bit_forward|is deprecated")
+
+
+def library_noise(output: str) -> list[str]:
+    """The lines of a command's output that are library noise."""
+    return [line for line in output.splitlines() if LIBRARY_NOISE.search(line)]
 
 
 def fresh_env(**extra) -> dict:

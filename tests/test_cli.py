@@ -285,7 +285,7 @@ def test_every_shipped_yaml_parses_with_the_command_its_recipe_runs():
     import importlib
 
     from qwen_tune.cli import COMMANDS
-    from qwen_tune.options import load
+    from qwen_tune.options import load, spec
 
     configs = sorted(glob.glob(f"{ROOT}/recipes/*.yaml"))
     assert configs
@@ -298,3 +298,4 @@ def test_every_shipped_yaml_parses_with_the_command_its_recipe_runs():
         argv = ["--config", config] + (["--bf16", "False", "--fp16", "False"] if "train" in method.groups else [])
         inputs = ["--data_path", "d"] if "data" in method.groups else ["--policy", "p", "--prompts", "q", "--reward_funcs", "m:f"]
         load(method, argv + inputs)
+        spec.check(command, spec.spec_for(command), argv + inputs)  # and the check made before torch is imported

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env
+from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env, library_noise
 from safetensors.torch import load_file
 
 from qwen_tune.errors import UserError
@@ -124,6 +124,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path)
     rc, log = finish(start(out, trace2, "--resume_from_checkpoint", "auto"), out)
     assert rc == 0, log
     assert f"resuming from {resumed_from}" in log and f"ignoring and removing {half}" in log
+    assert not library_noise(log), library_noise(log)  # tied embeddings: no "missing keys ['lm_head.weight']"
     assert not os.path.exists(half)
     first, second = traced_steps(trace1), traced_steps(trace2)
     assert min(second) == step + 1, f"killed at step {kill_at}, resumed from {step}"

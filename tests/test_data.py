@@ -162,7 +162,22 @@ def test_json_syntax_error_reports_its_line(tmp_path):
 def test_jsonl_content_in_json_file_gets_a_hint(tmp_path):
     path = write(tmp_path / "train.json", GOOD + "\n" + GOOD + "\n")
     (found,) = problems(load_conversations, path)
-    assert found.startswith(f"{path}:2: invalid JSON: Extra data") and "jsonl" in found
+    assert found.startswith(f"{path}:2: invalid JSON: a second object after the first") and "name the file .jsonl" in found
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("trailing.json", '[\n  {"messages": []},\n  {"messages": []},\n]\n',
+     "trailing.json:3: invalid JSON: a trailing comma at column 19, before ']' (JSON allows none: remove it)"),
+    ("object.jsonl", '{"messages": [], "id": "a",}\n',
+     "object.jsonl:1: invalid JSON: a trailing comma at column 27, before '}' (JSON allows none: remove it)"),
+    ("quotes.json", "[\n  {'messages': []}\n]\n",
+     "quotes.json:2: invalid JSON: a single quote at column 4; JSON strings and keys take double quotes (\")"),
+    ("python.jsonl", '{"messages": [], "ok": True}\n', "python.jsonl:1: invalid JSON: True at column 24 is Python; JSON writes true"),
+])
+def test_common_json_mistakes_are_named_where_they_are(name, text, says, tmp_path):
+    path = write(tmp_path / name, text)
+    (found,) = problems(load_conversations, path)
+    assert found == f"{tmp_path}/{says}"
 
 
 def test_top_level_not_a_list(tmp_path):

@@ -168,3 +168,16 @@ def test_a_disk_that_fills_mid_run_or_in_the_final_save_ends_in_one_line_and_kee
         assert "--resume_from_checkpoint auto" in line
         assert os.path.isfile(out / f"checkpoint-{kept}" / "checkpoint_complete.json")
         assert not os.path.exists(out / "run_complete.json")
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_output_dir_behind_and_an_existing_one_as_it_was(tmp_path):
+    bad = tmp_path / "trailing.json"
+    bad.write_text('[\n {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ho"}]},\n]\n')
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for data, out in ((tmp_path / "missing.jsonl", tmp_path / "new1"), (bad, tmp_path / "new2"), (bad, existing)):
+        proc = subprocess.run(["python", "-m", "qwen_tune", "sft", "--data_path", str(data), "--output_dir", str(out)],
+                              cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2 and data.name in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "new1").exists() and not (tmp_path / "new2").exists()
+    assert existing.is_dir()  # the user's own (empty) directory is not ours to remove

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, assert_answers_as_trained, free_port, fresh_env, logprob_margins
+from helpers import ROOT, assert_answers_as_trained, free_port, fresh_env, library_noise, logprob_margins
 
 pytestmark = pytest.mark.slow
 README = os.path.join(ROOT, "README.md")
@@ -139,5 +139,7 @@ def test_readme_command_runs_as_written_and_does_what_it_says(command, work):
     proc = subprocess.run(command, shell=True, executable="/bin/sh", cwd=work, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if not command.startswith("torchrun"):  # a LoRA run, rm, dpo, chat, merge, eval, ... print no library noise
+        assert not library_noise(proc.stdout + proc.stderr), library_noise(proc.stdout + proc.stderr)
     check(command, proc, work)
     print(f"{time.monotonic() - started:5.0f} s  {command}")  # shown with -s: what each README command costs

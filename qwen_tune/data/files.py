@@ -194,6 +194,29 @@ def _text_lines(path: Path, problems: list[str]) -> Iterator[str]:
         problems.append(f"{path}:1: the file is empty (no samples)")
 
 
+PYTHON_WORDS = {"True": "true", "False": "false", "None": "null"}
+
+
+def json_mistake(e: json.JSONDecodeError) -> tuple[int, str]:
+    """(line, what is wrong) of a JSON error, at the mistake itself with a hint for the common ones: a trailing
+    comma (the parser only notices at the `]` or `}` after it), single quotes, Python's True / False / None."""
+    text, pos = e.doc, e.pos
+    before = len(text[:pos].rstrip())
+    trailing_comma = e.msg.startswith(("Expecting value", "Expecting property name", "Illegal trailing comma")) and \
+        before > 0 and text[before - 1] == "," and text[pos:pos + 1] in ("]", "}")
+    if trailing_comma:
+        pos = before - 1
+    line, column = text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos)
+    word = next((w for w in PYTHON_WORDS if text.startswith(w, pos)), None)
+    if trailing_comma:
+        return line, f"invalid JSON: a trailing comma at column {column}, before '{text[e.pos]}' (JSON allows none: remove it)"
+    if text[pos:pos + 1] == "'":
+        return line, f"invalid JSON: a single quote at column {column}; JSON strings and keys take double quotes (\")"
+    if word:
+        return line, f"invalid JSON: {word} at column {column} is Python; JSON writes {PYTHON_WORDS[word]}"
+    return line, f"invalid JSON: {e.msg} (column {column})"
+
+
 def _jsonl_records(path: Path, lines: Iterator[str], problems: list[str]) -> Iterator[tuple[int, object]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -201,7 +224,7 @@ def _jsonl_records(path: Path, lines: Iterator[str], problems: list[str]) -> Ite
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})")
+            problems.append(f"{path}:{number}: {json_mistake(e)[1]}")
         except RecursionError:
             problems.append(f"{path}:{number}: JSON nested too deeply to read (thousands of levels); a sample is a "
                             f"list of messages")
@@ -216,8 +239,12 @@ def _json_list_records(path: Path, problems: list[str]) -> list[tuple[int, objec
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (one object per line? name the file .jsonl)" if e.msg == "Extra data" else ""
-        problems.append(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}")
+        if e.msg == "Extra data" and _is_json_lines(text):
+            problems.append(f"{path}:{e.lineno}: invalid JSON: a second object after the first; a .json file holds one "
+                            f"list [{{...}}, ...], and one object per line is JSON lines: name the file .jsonl")
+        else:
+            line, problem = json_mistake(e)
+            problems.append(f"{path}:{line}: {problem}")
         return []
     except RecursionError:
         problems.append(f"{path}: JSON nested too deeply to read (thousands of levels); a sample is a list of messages")
@@ -229,6 +256,15 @@ def _json_list_records(path: Path, problems: list[str]) -> list[tuple[int, objec
     if not data:
         problems.append(f"{path}:1: the list is empty (no samples)")
     return list(zip(_json_list_lines(text, len(data)), data))
+
+
+def _is_json_lines(text: str) -> bool:
+    """Each of the first lines that hold text is one JSON object."""
+    lines = [line for line in text.splitlines() if line.strip()][:3]
+    try:
+        return all(isinstance(json.loads(line), dict) for line in lines)
+    except json.JSONDecodeError:
+        return False
 
 
 def count_records(path: Path) -> int:

@@ -16,6 +16,7 @@ OLD_SPELLINGS = {"--evaluation_strategy": "--eval_strategy"}
 EMBEDDED_SECTION = "embedded_model"  # YAML options for the embedded tiny model (and models trained from it)
 MODEL_FLAGS = ("model_name_or_path", "policy")  # where each subcommand names the model it starts from
 EMBEDDED_SHAPE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+USAGE = "%(prog)s [--config FILE.yaml] [--option VALUE ...]"
 
 
 def is_embedded_model(model: str | None) -> bool:
@@ -104,26 +105,34 @@ def parser_for(groups, prog: str | None = None):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(groups), prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
-                              usage="%(prog)s [--config FILE.yaml] [--option VALUE ...]")
+                              usage=USAGE)
     parser.add_argument("--config", help="YAML file of options (option: value); command-line flags override it.")
     return parser
 
 
 def parse_values(command: str, groups: dict[str, type], argv: list[str] | None = None) -> dict[str, dict]:
     """{group name: {option: value}}, every option of every group present (defaults filled in)."""
+    from . import spec
+
     argv = expand_argv(sys.argv[1:] if argv is None else argv)
-    namespace, extra = parser_for(groups.values(), prog=f"qwen-tune {command}").parse_known_args(argv)
+    parser = parser_for(groups.values(), prog=f"qwen-tune {command}")
+    spec.remember(command, groups, parser)
+    namespace, extra = parser.parse_known_args(argv)
     if extra:
-        raise UserError(unknown_options(extra, command, groups))
+        raise UserError(unknown_options(extra, command, known_flags(groups)))
     return {name: {f.name: getattr(namespace, f.name) for f in fields(cls) if f.init} for name, cls in groups.items()}
 
 
-def unknown_options(extra: list[str], command: str, groups: dict[str, type]) -> str:
+def known_flags(groups: dict[str, type]) -> list[str]:
+    """--config and every option of these groups."""
+    return ["--config"] + [f"--{f.name}" for cls in groups.values() for f in fields(cls) if f.init]
+
+
+def unknown_options(extra: list[str], command: str, known: list[str]) -> str:
     """Name each flag the command does not take: an option of another command "has no effect on" this one; else the
     closest real ones (no abbreviations are accepted)."""
     import difflib
 
-    known = ["--config"] + [f"--{f.name}" for cls in groups.values() for f in fields(cls) if f.init]
     lines = []
     for flag in (a.split("=")[0] for a in extra if a.startswith("--")):
         elsewhere = group_of(flag[2:])

@@ -48,6 +48,22 @@ def resolve_resume(out: str, value: str | None) -> str | None:
     return path
 
 
+_made_here: list[str] = []  # the output directories this process created
+
+
+def remove_if_unused() -> None:
+    """After a run failed before it wrote anything (a missing data file, bad JSON, a model that does not load): the
+    output directory it created goes again, when it holds nothing but qwen-tune's own bookkeeping."""
+    while _made_here:
+        out = _made_here.pop()
+        try:
+            unused = os.listdir(out) == [ownership.STATE_DIR]
+        except OSError:
+            continue
+        if unused:
+            shutil.rmtree(out, ignore_errors=True)
+
+
 # ---- before any work ----------------------------------------------------------------------------
 
 def prepare_output_dir(out: str, overwrite: bool, resume_from_checkpoint: str | None) -> str | None:
@@ -61,7 +77,10 @@ def prepare_output_dir(out: str, overwrite: bool, resume_from_checkpoint: str | 
     check_users_files(out, overwrite)
     main_process = is_main_process()
     if main_process:
+        new = not os.path.lexists(out)
         check_writable(out)
+        if new:
+            _made_here.append(out)
         ownership.lock(out)
     finished = ownership.is_finished(out)
     if finished and asks_to_resume(resume_from_checkpoint) and not overwrite:
