@@ -40,8 +40,8 @@ step qlora-zero2 "$WORK/qlora-zero2" sh recipes/finetune_qlora_ds.sh -m "$MODEL"
 step rm "$WORK/rm" sh recipes/train_reward.sh -m "$MODEL" -d data/preference_example.jsonl -o "$WORK/rm" $FEW
 step dpo "$WORK/dpo" sh recipes/train_dpo.sh -m "$WORK/full-zero3" -d data/preference_example.jsonl -o "$WORK/dpo" \
   --use_lora True $FEW
-step ppo "$WORK/ppo" sh recipes/train_ppo.sh "$WORK/full-zero3" "$WORK/rm" data/prompts_example.jsonl "$WORK/ppo" \
+step ppo "$WORK/ppo" sh recipes/train_ppo.sh -m "$WORK/full-zero3" -r "$WORK/rm" -d data/prompts_example.jsonl -o "$WORK/ppo" \
   --per_device_train_batch_size 4 --max_new_tokens 16 --ppo_epochs 1 --overwrite_output_dir True
-step grpo "$WORK/grpo" sh recipes/train_grpo.sh "$WORK/full-zero3" data/grpo_example.jsonl "$WORK/grpo" \
+step grpo "$WORK/grpo" sh recipes/train_grpo.sh -m "$WORK/full-zero3" -d data/grpo_example.jsonl -o "$WORK/grpo" \
   --max_steps 2 --max_completion_length 16 --report_to none --overwrite_output_dir True
 exit $FAILED

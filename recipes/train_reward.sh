@@ -6,6 +6,7 @@
 # Without -m it starts from the embedded tiny Qwen2 model (a smoke test). Extra flags go to both stages.
 # Runs on every visible GPU (torchrun, bf16) if there is one, else on the CPU.
 set -e
+TAKES="-f"
 . "$(dirname "$0")/_common.sh"
 [ -z "$OUT" ] && OUT=output_qwen_rm
 if [ "$HAS_GPU" = 1 ]; then

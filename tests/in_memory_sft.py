@@ -21,6 +21,8 @@ def encode_conversations(conversations, fmt: ChatFormat, max_length: int | None)
         report.reasoning_not_trained += e.reasoning_not_trained
         if e.truncated:
             report.truncated.append(e.id)
+        if e.reply_cut:
+            report.replies_cut.append(e.id)
         if e.num_supervised == 0:
             report.dropped.append(e.id)
             continue

@@ -185,6 +185,9 @@ def test_truncation_keeps_head_and_flags(tokenizer):
     e, full = fmt.encode(msgs, max_length=30), fmt.encode(msgs)
     assert e.truncated and len(e.input_ids) == 30
     assert e.input_ids == full.input_ids[:30] and e.labels == full.labels[:30]
+    assert e.reply_cut  # the reply trains on its head only: the report warns
+    last_question = fmt.encode(msgs[:1] + [{"role": "assistant", "content": "ok"}, msgs[1] | {"role": "user"}], max_length=30)
+    assert last_question.truncated and not last_question.reply_cut  # only a user turn lost tokens
 
 
 @pytest.mark.parametrize("long_turn", ["user", "assistant"])
@@ -202,6 +205,9 @@ def test_a_huge_message_is_cut_to_what_max_length_reaches_before_it_is_tokenized
     assert len(huge) > 2 * 64 * fmt.longest_token_chars + 4096  # so it is really cut
     cut, full = fmt.encode(msgs, max_length=64), fmt.encode(msgs)
     assert cut.truncated and cut.input_ids == full.input_ids[:64] and cut.labels == full.labels[:64]
+    assert cut.reply_cut  # the replies after the cut were never even tokenized: still counted
+    ends_with_it = fmt.encode(msgs[2:] + [{"role": "user", "content": huge}], max_length=64)
+    assert ends_with_it.truncated and not ends_with_it.reply_cut  # the text left untokenized holds no reply
     line = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 20_000_000}]}
     e = fmt.encode(line["messages"], max_length=64)
     assert e.truncated and len(e.input_ids) == 64 and e.labels[-1] != IGNORE

@@ -215,6 +215,37 @@ def test_preprocess_shows_supervised_spans_and_writes_tokens(train_file, tmp_pat
     assert [r["id"] for r in rows] == ["c0", "c1"] and all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
 
 
+def agent_conversation(n_tools: int) -> dict:
+    """A Qwen3.5+-style tool conversation: the functions, a call, its result and the answer."""
+    tools = [{"type": "function", "function": {
+        "name": f"lookup_{i}", "description": f"Look up record kind {i} in the company database by its identifier.",
+        "parameters": {"type": "object", "properties": {"id": {"type": "string", "description": "The record's id."},
+                                                        "fields": {"type": "array", "items": {"type": "string"}}},
+                       "required": ["id"]}}} for i in range(n_tools)]
+    call = {"type": "function", "function": {"name": "lookup_0", "arguments": {"id": "A-17", "fields": ["owner"]}}}
+    return {"tools": tools, "messages": [
+        {"role": "user", "content": "Who owns record A-17? I need the name of its current owner for the quarterly audit, "
+                                    "which is due on Friday; the finance team asked for it twice already this week."},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"owner": "Dana Ruiz"}'},
+        {"role": "assistant", "content": "Record A-17 is owned by Dana Ruiz."}]}
+
+
+def test_the_default_length_keeps_a_tool_conversation_whole_and_a_cut_reply_is_a_warning(tmp_path):
+    """The seed's 512 cut a Qwen3.5+ tool conversation with two functions before its answer (the template's tool
+    instructions alone are ~300 tokens); the default keeps it whole. The cut is a warning naming the sample."""
+    data = tmp_path / "agent.jsonl"
+    data.write_text("".join(json.dumps(agent_conversation(n)) + "\n" for n in (1, 2)), encoding="utf-8")
+    args = ["preprocess", "--data", str(data), "--chat_template", "qwen3_8", "--tokens_cache", "none",
+            "--preprocessing_num_workers", "1"]
+    whole = run_cli(*args).stdout
+    assert "2 samples, 2 kept" in whole and "0 truncated" in whole and "warning" not in whole
+    cut = run_cli(*args, "--model_max_length", "512").stdout
+    assert "1 truncated, 0 dropped" in cut and "truncated (longer than model_max_length, head kept): agent-1" in cut
+    assert (f"warning: {data}: 1 of 2 conversations lost assistant tokens to the cut at model_max_length, so it trains on "
+            "part of a reply") in cut and "raise --model_max_length to keep them whole: agent-1" in cut
+
+
 # ---------------------------------------------------------------- sft via --config, eval, chat
 
 

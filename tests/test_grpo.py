@@ -110,11 +110,11 @@ def test_sft_policy_answers_four_ways(sft_policy):
 @pytest.mark.parametrize("mode,flags", [("full", ["--learning_rate", "1e-3"]),
                                         ("lora", ["--learning_rate", "1e-2", "--use_lora", "True", "--lora_r", "16", "--lora_alpha", "32"])])
 def test_grpo_learns_the_right_answer_and_reloads(mode, flags, sft_policy, prompts, rewards, workdir):
-    """Full: through `sh recipes/train_grpo.sh SFT_OUT PROMPTS OUT`, as the README shows it (its YAML, embedded_model section)."""
+    """Full: through `sh recipes/train_grpo.sh -m SFT_OUT -d PROMPTS -o OUT`, as the README shows it (its YAML, embedded_model section)."""
     out = str(workdir / mode)
     args = grpo_args(sft_policy, prompts, rewards, out, "--save_strategy", "no", *flags)
     if mode == "full":
-        proc = subprocess.run(["sh", "recipes/train_grpo.sh", sft_policy, prompts, out, *args[7:]], cwd=ROOT, env=fresh_env(),
+        proc = subprocess.run(["sh", "recipes/train_grpo.sh", "-m", sft_policy, "-d", prompts, "-o", out, *args[7:]], cwd=ROOT, env=fresh_env(),
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0 and "recipes/train_grpo.yaml" in proc.stderr, proc.stderr[-3000:]
     else:
@@ -261,9 +261,9 @@ def test_prompts_are_checked_before_any_model_loads(tmp_path, base_model_path):
 
 @pytest.mark.slow
 def test_recipe_runs_the_yaml_with_the_example_rewards(sft_policy, tmp_path):
-    """sh recipes/train_grpo.sh SFT_OUT data/grpo_example.jsonl OUT: its YAML's reward functions read the `answer` column."""
+    """sh recipes/train_grpo.sh -m SFT_OUT -d data/grpo_example.jsonl -o OUT: its YAML's reward functions read the `answer` column."""
     out = str(tmp_path / "recipe")
-    proc = subprocess.run(["sh", "recipes/train_grpo.sh", sft_policy, "data/grpo_example.jsonl", out, "--max_steps", "1",
+    proc = subprocess.run(["sh", "recipes/train_grpo.sh", "-m", sft_policy, "-d", "data/grpo_example.jsonl", "-o", out, "--max_steps", "1",
                            "--num_generations", "4", "--per_device_train_batch_size", "4", "--max_completion_length", "8",
                            "--report_to", "none"], cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -90,7 +90,7 @@ def test_a_cut_through_a_picture_keeps_only_whole_pictures(request, golden_sampl
     pad, start = fmt.images.image_token_id, fmt.images.vision_start_id
     second_start = [i for i, t in enumerate(ids) if t == start][1]
     e = fmt.encode(golden_samples["two_images_one_turn"].messages, max_length=second_start + 2)
-    assert e.truncated and e.input_ids == ids[:second_start]
+    assert e.truncated and e.input_ids == ids[:second_start] and e.reply_cut  # the reply after the pictures is lost
     assert [Path(ref).name for ref in e.images] == [Path(case["images"][0]).name]
     assert e.input_ids.count(pad) == case["num_image_tokens"][0]
     batch = PaddedCollator(tokenizer.pad_token_id, images=fmt.images)([{"input_ids": e.input_ids, "labels": e.labels,

@@ -99,11 +99,14 @@ def check_trained(out: str, adapter: bool = False) -> list[dict]:
 
 @pytest.mark.slow
 def test_ppo_recipe_against_a_reward_model_learns_and_the_reload_answers_as_rewarded(sft_policy, reward_model, prompts, workdir):
-    """sh recipes/train_ppo.sh SFT_OUT RM_OUT PROMPTS OUT, as the README shows it (its YAML, its embedded_model section)."""
+    """sh recipes/train_ppo.sh -m SFT_OUT -r RM_OUT -d PROMPTS -o OUT, as the README shows it (its YAML, its embedded_model
+    section), printing the command it runs."""
     out = str(workdir / "ppo_rm")
-    proc = subprocess.run(["sh", "recipes/train_ppo.sh", sft_policy, reward_model, prompts, out, "--num_train_epochs", "24"],
+    proc = subprocess.run(["sh", "recipes/train_ppo.sh", "-m", sft_policy, "-r", reward_model, "-d", prompts, "-o", out,
+                           "--num_train_epochs", "24"],
                           cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"+ python -m qwen_tune ppo --config {ROOT}/recipes/train_ppo.yaml --policy {sft_policy} --reward_model" in proc.stderr
     assert "ppo step 24/24" in proc.stderr
     rows = check_trained(out)
     assert rows[-1]["reward_mean"] > rows[0]["reward_mean"]

@@ -85,7 +85,7 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
         after = logprob_margins(loader.from_pretrained(dpo).eval(), tokenizer, pairs)
         assert (after - before).mean() > 3 and (after > before).float().mean() >= 0.9, (before, after)
     elif " ppo " in command or "train_ppo.sh" in command:
-        ppo_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else command.split()[5]
+        ppo_dir = command.split("--output_dir " if "--output_dir" in command else "-o ")[1].split()[0]
         log = [json.loads(l) for l in open(os.path.join(work, ppo_dir, "ppo_log.jsonl"))]
         assert log and all(math.isfinite(step["reward_mean"]) for step in log)
         from safetensors.torch import load_file
@@ -98,7 +98,7 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
             assert "DeepSpeed ZeRO stage 2 on 2 ranks" in proc.stderr and "8 prompts, 1 step of 8 rollouts" in proc.stderr
             assert [step["rollouts"] for step in log] == [8]
     elif " grpo " in command or "train_grpo.sh" in command:
-        grpo_dir = command.split("--output_dir ")[1].split()[0] if "--output_dir" in command else command.split()[4]
+        grpo_dir = command.split("--output_dir " if "--output_dir" in command else "-o ")[1].split()[0]
         assert os.path.isfile(os.path.join(work, grpo_dir, "model.safetensors"))
         assert "reward_final" in json.load(open(os.path.join(work, grpo_dir, "train_metrics.json")))
     elif command.startswith("qwen-tune eval"):

@@ -41,3 +41,20 @@ def test_qlora_recipe_trains_a_4bit_base_and_the_adapter_reloads(recipe, launche
     lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: trained (on every rank) and saved
     generate_in_fresh_process(out, [[{"role": "user", "content": "Hi"}]], adapter=True)
+
+
+def test_rl_recipes_take_the_flags_print_their_command_and_name_what_they_need():
+    """train_ppo.sh / train_grpo.sh take -m/-d/-o like every recipe (ppo also -r REWARD_MODEL), pass the rest on and
+    print what they run; the old positional form, and a flag a recipe does not read, get its usage line, not a run."""
+    def sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=fresh_env())
+
+    proc = sh("recipes/train_ppo.sh", "-m", "SFT", "-r", "RM", "-d", "PROMPTS", "-o", "OUT", "--help")
+    assert proc.returncode == 0 and "usage: qwen-tune ppo" in proc.stdout, proc.stderr
+    assert (f"+ python -m qwen_tune ppo --config {ROOT}/recipes/train_ppo.yaml --policy SFT --reward_model RM "
+            "--prompts PROMPTS --output_dir OUT --help") in proc.stderr
+    for args, said in [(["recipes/train_ppo.sh", "SFT", "RM", "PROMPTS"], "usage: sh recipes/train_ppo.sh -m SFT_OUT -r RM_OUT -d PROMPTS"),
+                       (["recipes/train_grpo.sh", "-d", "PROMPTS"], "usage: sh recipes/train_grpo.sh -m SFT_OUT -d PROMPTS"),
+                       (["recipes/train_dpo.sh", "-r", "RM", "-d", "PAIRS"], "recipes/train_dpo.sh takes no -r")]:
+        proc = sh(*args)
+        assert proc.returncode == 2 and said in proc.stderr and "+ " not in proc.stderr, (args, proc.stderr)

@@ -38,7 +38,7 @@ PROGRESS_EVERY = 5.0  # seconds between progress lines
 SCHEMA = pa.schema([
     ("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32()),
     ("supervised", pa.int32()), ("truncated", pa.bool_()), ("reasoning_not_trained", pa.int32()), ("source", pa.string()),
-    ("images", pa.list_(pa.string())),
+    ("images", pa.list_(pa.string())), ("reply_cut", pa.bool_()),
 ])
 TRAINING_COLUMNS = ["input_ids", "labels", "id", "length", "images"]
 
@@ -101,7 +101,7 @@ def _encode_chunk(chunk: list) -> tuple[pa.RecordBatch | None, list[str]]:
         "id": [e.id for e in encoded], "input_ids": [e.input_ids for e in encoded], "labels": [e.labels for e in encoded],
         "length": [len(e.input_ids) for e in encoded], "supervised": [e.num_supervised for e in encoded],
         "truncated": [e.truncated for e in encoded], "reasoning_not_trained": [e.reasoning_not_trained for e in encoded],
-        "source": [c.source for c in chunk], "images": [e.images for e in encoded],
+        "source": [c.source for c in chunk], "images": [e.images for e in encoded], "reply_cut": [e.reply_cut for e in encoded],
     }
     return pa.RecordBatch.from_pydict(columns, schema=SCHEMA), []
 
@@ -215,7 +215,8 @@ def _report(dataset, rows, ids: list[str] | None) -> EncodeReport:
     import numpy as np
 
     table = dataset.data
-    column = {name: table.column(name).to_numpy() for name in ("length", "supervised", "truncated", "reasoning_not_trained")}
+    names = ("length", "supervised", "truncated", "reasoning_not_trained", "reply_cut")
+    column = {name: table.column(name).to_numpy() for name in names}
     index = np.asarray(rows, dtype=np.int64)
     supervised, truncated = column["supervised"][index], column["truncated"][index]
     kept = supervised > 0
@@ -228,6 +229,7 @@ def _report(dataset, rows, ids: list[str] | None) -> EncodeReport:
 
     return EncodeReport(
         samples=len(index), kept=int(kept.sum()), truncated=ids_of(truncated), dropped=ids_of(~kept),
+        replies_cut=ids_of(column["reply_cut"][index]),
         tokens=int(column["length"][index][kept].sum()), supervised_tokens=int(supervised[kept].sum()),
         reasoning_not_trained=int(column["reasoning_not_trained"][index].sum()))
 

@@ -47,6 +47,7 @@ class Encoded:
     turns: list[tuple[int, int]] = field(default_factory=list)
     reasoning_not_trained: int = 0  # reasoning blocks the template left out (Qwen3: before the last user turn)
     images: list[str] = field(default_factory=list)  # the images whose tokens are in input_ids, in order
+    reply_cut: bool = False  # the cut to max_length took tokens of an assistant turn (it trains on part of a reply)
 
     @property
     def num_supervised(self) -> int:
@@ -217,7 +218,12 @@ class ChatFormat:
         rendered = [self._pieces(messages, tools, add_generation_prompt=False) for messages, tools in items]
         cut = [False] * len(rendered)
         if max_length is not None:
+            whole = rendered
             rendered, cut = zip(*(self._head(pieces, max_length) for pieces in rendered)) if rendered else ((), ())
+            # a reply in text never tokenized (far past max_length) is lost too
+            unread = [c and _reply_end(self._assistant_spans(w)) > sum(map(len, h)) for w, h, c in zip(whole, rendered, cut)]
+        else:
+            unread = cut
         encodings = self._encode_text([p for pieces in rendered for p in pieces[0::2]])
         out, k = [], 0
         for i, pieces in enumerate(rendered):
@@ -226,8 +232,8 @@ class ChatFormat:
             k += n
             refs = image_refs(items[i][0]) if self.images is not None else []
             labelled = self._label(ids[i] if ids else str(i), pieces, encoded_texts, items[i][0],
-                                   None if refs else max_length, cut[i])  # images: cut once expanded
-            out.append(self._with_images(labelled, refs, max_length, cut[i]) if refs else labelled)
+                                   None if refs else max_length, cut[i], unread[i])  # images: cut once expanded
+            out.append(self._with_images(labelled, refs, max_length, cut[i], unread[i]) if refs else labelled)
         return out
 
     @functools.cached_property
@@ -263,8 +269,10 @@ class ChatFormat:
     def encode(self, messages: list[dict], tools: list | None = None, max_length: int | None = None) -> Encoded:
         return self.encode_many([(messages, tools)], max_length=max_length)[0]
 
-    def _label(self, sample_id, pieces, encoded_texts, messages, max_length, cut: bool = False) -> Encoded:
-        """Join the pieces' ids with their character spans in the rendered text; supervise what overlaps an assistant body."""
+    def _label(self, sample_id, pieces, encoded_texts, messages, max_length, cut: bool = False,
+               reply_unread: bool = False) -> Encoded:
+        """Join the pieces' ids with their character spans in the rendered text; supervise what overlaps an assistant body.
+        `reply_unread`: `pieces` are a head that leaves out (part of) an assistant turn."""
         input_ids, starts, ends = [], [], []
         text, pos = [], 0
         for i, piece in enumerate(pieces):
@@ -294,12 +302,14 @@ class ChatFormat:
             turns.append((first, last))
         not_trained = _reasoning_not_trained(messages, [full[a:b] for a, b in spans])
         truncated = max_length is not None and len(input_ids) > max_length
+        reply_cut = truncated and (reply_unread or any(b > max_length for _, b in turns))
         if truncated:
             input_ids, labels = input_ids[:max_length], labels[:max_length]
             turns = [(a, min(b, max_length)) for a, b in turns if a < max_length]
-        return Encoded(sample_id, input_ids, labels, truncated, turns, not_trained)
+        return Encoded(sample_id, input_ids, labels, truncated, turns, not_trained, reply_cut=reply_cut)
 
-    def _with_images(self, e: Encoded, refs: list[str], max_length: int | None, cut: bool) -> Encoded:
+    def _with_images(self, e: Encoded, refs: list[str], max_length: int | None, cut: bool,
+                     reply_unread: bool = False) -> Encoded:
         """Each image's one `<|image_pad|>` expanded to its token count, as the Qwen-VL processors do (never supervised:
         images are only in user and tool turns). A sample longer than max_length keeps only its whole images: a cut
         through an image's tokens moves back to before its `<|vision_start|>`."""
@@ -321,16 +331,17 @@ class ChatFormat:
         labels += e.labels[previous:]
         moved = lambda i: i + sum(n - 1 for position, n in zip(positions, counts) if position < i)  # noqa: E731
         turns = [(moved(a), moved(b)) for a, b in e.turns]
-        kept, end = len(counts), len(ids)
+        kept, end, reply_cut = len(counts), len(ids), False
         if max_length is not None and len(ids) > max_length:
             end = max_length
             for k, (start, n) in enumerate(zip(starts, counts)):
                 if start + n > max_length:  # the first image that does not fit whole
                     kept, end = k, start - (start > 0 and ids[start - 1] == self.images.vision_start_id)
                     break
+            reply_cut = reply_unread or any(b > end for _, b in turns)
             turns = [(a, min(b, end)) for a, b in turns if a < end]
         return Encoded(e.id, ids[:end], labels[:end], cut or end < len(ids), turns, e.reasoning_not_trained,
-                       list(refs[:kept]))
+                       list(refs[:kept]), reply_cut=reply_cut)
 
     def _assistant_spans(self, pieces: list[str], open_end: bool = False) -> list[tuple[int, int]]:
         """Character spans of each assistant body: after `<|im_start|>assistant\\n`, through the template's next `<|im_end|>`
@@ -377,6 +388,10 @@ def _messages_tools(conversation) -> tuple[list[dict], list | None]:
     if isinstance(conversation, list):
         return conversation, None
     return conversation.messages, getattr(conversation, "tools", None)
+
+
+def _reply_end(spans: list[tuple[int, int]]) -> int:
+    return max((end for _, end in spans), default=0)
 
 
 def image_refs(messages: list[dict]) -> list[str]:

@@ -14,6 +14,7 @@ class EncodeReport:
     kept: int = 0
     truncated: list[str] = field(default_factory=list)  # ids cut to model_max_length (head kept)
     dropped: list[str] = field(default_factory=list)  # ids with no supervised token left after the cut
+    replies_cut: list[str] = field(default_factory=list)  # ids whose cut took tokens of an assistant turn
     tokens: int = 0
     supervised_tokens: int = 0
     reasoning_not_trained: int = 0  # reasoning blocks the template leaves out by design (Qwen3: history turns)
@@ -28,6 +29,11 @@ class EncodeReport:
             line += f"\n  truncated (longer than model_max_length, head kept): {_ids(self.truncated)}"
         if self.dropped:
             line += f"\n  dropped (no assistant token left after truncation): {_ids(self.dropped)}"
+        if self.replies_cut:
+            n = len(self.replies_cut)
+            line += (f"\nwarning: {name}: {n} of {self.samples} conversations lost assistant tokens to the cut at "
+                     f"model_max_length, so {'they train' if n > 1 else 'it trains'} on part of a reply (half a tool call, an "
+                     f"answer without its end); raise --model_max_length to keep them whole: {_ids(self.replies_cut)}")
         if self.reasoning_not_trained:
             line += (f"\n  {self.reasoning_not_trained} reasoning block(s) not trained: the template leaves out the reasoning "
                      "of assistant turns before the last user turn; to train them, split each such conversation "

@@ -328,13 +328,16 @@ def parse_tools(obj: dict, errs: list[str]) -> list[dict] | None:
     if not isinstance(value, list):
         errs.append(f"tools is {show(value)}; expected a list of functions")
         return None
-    out = []
-    for i, tool in enumerate(value):
-        if isinstance(tool, dict) and "function" not in tool and "name" in tool:
-            tool = {"type": "function", "function": tool}
-        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) or not tool["function"].get("name"):
-            errs.append(f'tools[{i}] is {show(tool)}; expected {{"type": "function", "function": {{"name": "...", '
-                        '"description": "...", "parameters": {...}}}')
-            continue
-        out.append(tool)
-    return out
+    tools = [parse_tool(tool, f"tools[{i}]", errs) for i, tool in enumerate(value)]
+    return [tool for tool in tools if tool is not None]
+
+
+def parse_tool(tool, at: str, errs: list[str]) -> dict | None:
+    """One function definition in OpenAI's form (a bare function gets the wrapper), or None after naming the problem."""
+    if isinstance(tool, dict) and "function" not in tool and "name" in tool:
+        tool = {"type": "function", "function": tool}
+    if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) or not tool["function"].get("name"):
+        errs.append(f'{at} is {show(tool)}; expected {{"type": "function", "function": {{"name": "...", '
+                    '"description": "...", "parameters": {...}}}')
+        return None
+    return tool

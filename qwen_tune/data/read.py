@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import DataError
+from ..errors import DataError, UserError
 from .files import data_suffix, is_tokens_dir, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
-from .messages import SampleImages, parse_tools, parse_turns
+from .messages import SampleImages, parse_tool, parse_tools, parse_turns
 from .mixture import mix
 
 SFT_FORMAT = (
@@ -272,6 +272,29 @@ def load_preference_pairs(paths, max_problems: int = 20, *, seed: int = 0,
     """Preference pairs, Qwen-style (conversations + chosen/rejected text) or TRL-style (prompt/chosen/rejected)."""
     loaded = _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems, seed, log)
     return [PreferencePair(i, prompt, chosen, rejected, s, tools) for i, (prompt, chosen, rejected, tools), s in loaded]
+
+
+def load_tools(path) -> list[dict]:
+    """A tools file (`chat --tools`): a JSON list, or JSONL, of function definitions, each checked as a data file's
+    `tools` are (OpenAI's {"type": "function", "function": {...}} or the bare function); every problem names its line."""
+    problems: list[str] = []
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected a JSON list of tool definitions)")
+    tools, first_line = [], {}
+    for i, (line, obj) in enumerate(iter_records(path, problems)):
+        errs: list[str] = []
+        tool = parse_tool(obj, f"tools[{i}]", errs)
+        name = tool["function"]["name"] if tool else None
+        if name in first_line:  # the model could not tell the two apart
+            errs.append(f'tools[{i}] is a second function named "{name}" (the first is at line {first_line[name]})')
+        if name is not None:
+            first_line.setdefault(name, line)
+        problems += [f"{path}:{line}: {e}" for e in errs]
+        tools.append(tool)
+    if problems:
+        raise DataError(problems[:20], total=len(problems))
+    return tools
 
 
 def detect_kind(paths) -> str:

@@ -136,6 +136,12 @@ class CacheOptions(Frozen):
         return max(1, self.preprocessing_num_workers or min(4, os.cpu_count() or 1))
 
 
+# The longest sample, in tokens, unless --model_max_length says otherwise: LLaMA-Factory's cutoff_len and axolotl's
+# sequence_len default. 512 (the seed's) cut Qwen3.5+ tool conversations: their template's tool instructions alone are
+# about 400 tokens. A fixed number, not one read from the data, so that sft, eval and preprocess cut alike.
+DEFAULT_MAX_LENGTH = 2048
+
+
 @dataclass
 class DataOptions(Frozen):
     """Training and evaluation data of the methods that learn from conversations or pairs (sft, rm, dpo)."""
@@ -150,7 +156,7 @@ class DataOptions(Frozen):
         default=0.0, metadata={"help": "Instead of --eval_data_path: hold out this fraction (0-1) or number (>= 1) of the training "
                                        "samples for evaluation, chosen with --seed and listed in the log (0: none)."}
     )
-    model_max_length: int = field(default=512, metadata={"help": "Longest sample in tokens. sft: longer samples keep their head and are counted; rm / dpo: longer pairs are dropped and named (a reply cut short has no end to score)."})
+    model_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest sample in tokens. sft: longer samples keep their head and are counted (a warning names those that lose part of a reply); rm / dpo: longer pairs are dropped and named (a reply cut short has no end to score)."})
 
 
 @dataclass

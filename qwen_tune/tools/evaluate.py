@@ -12,11 +12,11 @@ import math
 from dataclasses import dataclass, field
 
 from ..options import CacheOptions, FormatOptions, ImageOptions, Method, load, set_chat_format
-from ..options.groups import Frozen
+from ..options.groups import DEFAULT_MAX_LENGTH, Frozen
 from ..options.tools import TrustOptions, required
 
 
-def evaluate(model, fmt, data: str, *, model_max_length: int = 512, batch_size: int = 4, options=None) -> dict:
+def evaluate(model, fmt, data: str, *, model_max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 4, options=None) -> dict:
     """Loss over the supervised tokens of `data`, rendered in `fmt` (a `ChatFormat`); tokenized through the
     tokens cache (`options`: the --tokens_cache options), batches read from it memory-mapped."""
     import torch
@@ -48,7 +48,7 @@ class EvalOptions(Frozen):
     _argument_group_name = "eval"
     model: str | None = field(default=None, metadata={"help": "An output directory (full, merged or LoRA adapter) or a model (unset: the embedded model)."})
     data: str | None = field(default=None, metadata={"help": "Conversations: a data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list."})
-    model_max_length: int = field(default=512, metadata={"help": "Truncate longer samples as training does (counted in the output)."})
+    model_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncate longer samples as training does (counted in the output)."})
     batch_size: int = field(default=4, metadata={"help": "Samples per forward pass."})
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..options import CacheOptions, FormatOptions, ImageOptions, Method, load, set_chat_format
-from ..options.groups import Frozen
+from ..options.groups import DEFAULT_MAX_LENGTH, Frozen
 from ..options.tools import TrustOptions, required
 from ..data.chat_format import IGNORE
 from ..data.cache import build_tokens, load_tokens
@@ -30,7 +30,7 @@ class PreprocessOptions(Frozen):
     _argument_group_name = "preprocess"
     data: str | None = field(default=None, metadata={"help": "A data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)."})
     tokenizer: str | None = field(default=None, metadata={"help": "A checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)."})
-    model_max_length: int = field(default=512, metadata={"help": "Truncate longer samples (head kept; counted)."})
+    model_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncate longer samples (head kept; counted)."})
     out: str | None = field(default=None, metadata={"help": "A directory: write the tokens there for sft --data_path DIR (--tokens_cache is then not used); a .jsonl file: the kept samples as JSON lines."})
     show: int = field(default=0, metadata={"help": "Print N samples with supervised spans highlighted."})
 
