@@ -3,6 +3,8 @@
 --trace FILE      appends one JSON line per micro-batch: {"step", "rank", "ids"} (which samples each step saw)
 --nan_at_step N   makes step N's loss and gradients NaN, as a diverging batch would
 --oom_at_step N   raises CUDA's out-of-memory error in step N, as a too-large batch would
+--hold_while PATH holds the run before its second step while PATH exists, so that a test can act on a run in
+                  progress (a second run, a kill) at a known point, then let it finish
 --kill_in_final_save half   SIGKILLs the run once half of its staged final files are moved in (the end of the
                   final save, the moment a kill used to leave a broken output that looked finished)
 
@@ -12,6 +14,9 @@ They reach the trainer as ordinary callbacks (`main(argv, callbacks=...)`), so s
 import json
 import os
 import sys
+import time
+
+from transformers import TrainerCallback
 
 from qwen_tune.cli import entry
 from qwen_tune.train.guards import BatchObserver
@@ -49,6 +54,15 @@ class OutOfMemoryAtStep(BatchObserver):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
 
 
+class HoldWhile(TrainerCallback):
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        while state.global_step == 1 and os.path.exists(self.path):
+            time.sleep(0.02)
+
+
 def kill_in_final_save(when: str) -> None:
     """Replace `ownership.publish` by one that moves half the staged files in, then kills this process."""
     import signal
@@ -69,7 +83,8 @@ def kill_in_final_save(when: str) -> None:
 
 
 FAULTS = {"--trace": TraceSampleIds, "--nan_at_step": lambda v: NaNAtStep(int(v)),
-          "--oom_at_step": lambda v: OutOfMemoryAtStep(int(v)), "--kill_in_final_save": kill_in_final_save}
+          "--oom_at_step": lambda v: OutOfMemoryAtStep(int(v)), "--kill_in_final_save": kill_in_final_save,
+          "--hold_while": HoldWhile}
 
 
 def main() -> None:

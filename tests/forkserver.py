@@ -64,8 +64,9 @@ while not reply.endswith(b"\\n"):
 status = json.loads(reply)
 if status == "real":
     real()
-if status < 0:
-    signal.signal(-status, signal.SIG_DFL)
+if status < 0:  # the child died of a signal: so does the client (SIGKILL's action cannot be set, nor needs to be)
+    if -status != signal.SIGKILL:
+        signal.signal(-status, signal.SIG_DFL)
     os.kill(os.getpid(), -status)
 sys.exit(status)
 '''

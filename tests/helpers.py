@@ -70,8 +70,9 @@ class Forkserver:
 REAL_INTERPRETER = {"QWEN_TUNE_TEST_REAL_INTERPRETER": "1"}
 
 
-# What libraries print that tells a user nothing (qwen_tune/quiet.py silences each): none may reach a command's output.
-LIBRARY_NOISE = re.compile(r"\w+Warning\b|warnings\.warn|LOAD REPORT|\x1b\[|There were missing keys|gemm_4bit_forward|is deprecated")
+# What libraries print that tells a user nothing (qwen_tune/quiet.py silences each; colour codes are those of
+# transformers' load report): none may reach a command's output. Progress bars (tqdm's cursor moves) are not noise.
+LIBRARY_NOISE = re.compile(r"\w+Warning\b|warnings\.warn|LOAD REPORT|\x1b\[[0-9;]*m|There were missing keys|gemm_4bit_forward|is deprecated")
 
 
 def library_noise(output: str) -> list[str]:

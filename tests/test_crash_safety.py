@@ -37,8 +37,9 @@ FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN,
           to_be_killed: bool = False) -> subprocess.Popen:
-    """A run in a fresh process. One `to_be_killed` (SIGKILL) is a real interpreter, so that the signal ends the
-    training process itself, at once (a forkserver child would outlive its client by a moment)."""
+    """A run in a fresh process. One `to_be_killed` (SIGKILL, sent by the test) is a real interpreter, so that the signal
+    ends the training process itself, at once (a forkserver child would outlive its client by a moment); a child that
+    kills itself ends its client the same way (tests/forkserver.py)."""
     log = open(out + ".log", "a")
     faults = (["--trace", trace] if trace else []) + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
     if extra[:1] == ("--kill_in_final_save",):
@@ -377,7 +378,7 @@ def test_a_kill_in_the_final_save_is_not_a_finished_run_and_resumes_to_the_unint
     command = FINAL_SAVE_RUNS[method] + (["--policy", base_model_path] if method in ("grpo", "ppo") else [])
     killed = str(tmp_path / "killed")
     trace = None if method == "ppo" else str(tmp_path / "trace.jsonl")  # ppo is not a Trainer: no callbacks
-    proc = start(killed, trace, "--kill_in_final_save", "half", command=command, to_be_killed=True)
+    proc = start(killed, trace, "--kill_in_final_save", "half", command=command)  # kills itself: no real interpreter
     assert proc.wait(timeout=600) == -signal.SIGKILL, finish(proc, killed)[1]
     assert not os.path.exists(os.path.join(killed, "run_complete.json"))
     staged = os.path.join(killed, ".qwen-tune", "final")

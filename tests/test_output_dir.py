@@ -13,6 +13,7 @@ import pytest
 
 from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env
 
+FAULTS = os.path.join(ROOT, "tests", "faults.py")  # qwen-tune with test callbacks (--hold_while)
 RUN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--per_device_train_batch_size", "2",
        "--model_max_length", "64", "--report_to", "none", "--disable_tqdm", "True"]
 
@@ -76,8 +77,9 @@ def test_a_users_checkpoint_folder_is_never_removed_resumed_or_replaced(tmp_path
 
 
 def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharmed(tmp_path):
-    out = tmp_path / "out"
-    first = subprocess.Popen(["python", "-m", "qwen_tune", *RUN, "--max_steps", "80", "--save_steps", "1000",
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()  # the first run waits after its first step until the second one has been refused
+    first = subprocess.Popen(["python", FAULTS, "--hold_while", str(hold), *RUN, "--max_steps", "2", "--save_steps", "1000",
                               "--output_dir", str(out)], cwd=ROOT, env=fresh_env(**REAL_INTERPRETER),  # its own pid
                              stderr=subprocess.PIPE, text=True)
     lock = out / ".qwen-tune" / "lock"
@@ -87,13 +89,15 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharm
     second = run(out, "--overwrite_output_dir", "True")
     line = one_error_line(second)
     assert f"is in use by another qwen-tune run (pid {first.pid}" in line and "nothing was changed" in line, line
+    hold.unlink()
     assert first.wait(timeout=600) == 0, first.stderr.read()
     assert os.path.isfile(out / "run_complete.json") and os.path.isfile(out / "model.safetensors")
 
 
 def test_a_killed_runs_lock_does_not_outlive_it(tmp_path):
-    out = tmp_path / "out"
-    first = subprocess.Popen(["python", "-m", "qwen_tune", *RUN, "--max_steps", "300", "--save_steps", "1",
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    hold.touch()  # the run waits after its first checkpoint, to be killed there
+    first = subprocess.Popen(["python", FAULTS, "--hold_while", str(hold), *RUN, "--max_steps", "2", "--save_steps", "1",
                               "--save_total_limit", "1", "--output_dir", str(out)], cwd=ROOT, env=fresh_env(**REAL_INTERPRETER), stderr=subprocess.DEVNULL)
     while not (out / "checkpoint-1" / "checkpoint_complete.json").exists():
         assert first.poll() is None
