@@ -186,6 +186,10 @@ def serve(path: str) -> None:
     zygote_env = dict(os.environ)  # what a client must have to be served
     for name in PRELOAD:
         __import__(name)
+    import matplotlib  # the loss plot of every save (qwen_tune/report.py), set up as it does: 0.4 s of imports
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
     set_by_imports = {k: v for k, v in os.environ.items() if zygote_env.get(k) != v}  # torch sets two
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX)

@@ -179,11 +179,12 @@ def test_grpo_under_deepspeed_on_two_ranks_trains_and_saves_complete_weights(con
 
 @pytest.mark.slow
 def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prompts, rewards, tmp_path):
+    import torch
     from safetensors.torch import load_file
 
     from qwen_tune.train.checkpoints import latest_complete_checkpoint
 
-    args = ["--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "1", "--max_steps", "6"]
+    args = ["--learning_rate", "1e-3", "--save_steps", "2", "--save_total_limit", "1", "--max_steps", "4"]
     reference, stopped = str(tmp_path / "reference"), str(tmp_path / "stopped")
     run_cli(*grpo_args(sft_policy, prompts, rewards, reference, *args))
     cmd = ["python", "-m", "qwen_tune", *grpo_args(sft_policy, prompts, rewards, stopped, *args)]
@@ -194,12 +195,12 @@ def test_grpo_sigterm_then_resume_continues_to_the_same_weights(sft_policy, prom
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143
     step = int(re.search(r"SIGTERM: stopped after step (\d+) and saved", proc.stderr.read()).group(1))
-    assert step < 6
+    assert step < 4
     resumed = run_cli(*grpo_args(sft_policy, prompts, rewards, stopped, *args, "--resume_from_checkpoint", "auto"))
     assert f"resuming from {os.path.join(stopped, f'checkpoint-{step}')}" in resumed.stderr
     want, got = load_file(os.path.join(reference, "model.safetensors")), load_file(os.path.join(stopped, "model.safetensors"))
-    for name in want:
-        assert (want[name] - got[name]).abs().max() < 1e-5, name
+    # bit for bit: the same --seed gives the same run, across processes and a resume
+    assert all(torch.equal(want[name], got[name]) for name in want), [n for n in want if not torch.equal(want[n], got[n])]
 
 
 PROMPTS_OF_A_BATCH = r"\(prompts p\d+(, p\d+)*\)"  # which prompts a batch holds is the sampler's choice
