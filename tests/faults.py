@@ -16,10 +16,9 @@ import os
 import sys
 import time
 
-from transformers import TrainerCallback
-
-from qwen_tune.cli import entry
+from qwen_tune.cli import entry  # first: importing qwen_tune attaches its filters of library noise (quiet.py)
 from qwen_tune.train.guards import BatchObserver
+from transformers import TrainerCallback
 
 
 class TraceSampleIds(BatchObserver):
