@@ -25,6 +25,7 @@ COMMANDS = {
     "merge": ("qwen_tune.tools.merge", "merge a LoRA adapter into its base and save a full model"),
     "chat": ("qwen_tune.tools.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
     "eval": ("qwen_tune.tools.evaluate", "loss and perplexity over supervised tokens, as JSON"),
+    "estimate-memory": ("qwen_tune.tools.estimate_memory", "memory per GPU of a training run, from the model's config.json alone"),
 }
 
 
