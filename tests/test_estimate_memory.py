@@ -13,7 +13,7 @@ import torch
 
 from qwen_tune.errors import UserError
 from qwen_tune.options.groups import LoraOptions
-from qwen_tune.tools.estimate_memory import EstimateOptions, estimate, main, read_model_config
+from qwen_tune.tools.estimate_memory import EstimateOptions, activation_values_per_token, estimate, main, read_model_config
 from qwen_tune.train.loss import causal_lm_loss_sum
 
 
@@ -77,20 +77,24 @@ def test_weights_gradients_and_optimizer_state_are_exactly_what_a_step_holds(kin
 @pytest.mark.parametrize("model_type, checkpointing", [("qwen3", False), ("qwen3", True), ("qwen3_moe", False)])
 def test_activations_are_within_a_stated_factor_of_what_autograd_saves(model_type, checkpointing):
     """The per-layer estimate against the bytes autograd keeps for backward in a real step (256 tokens, 4 layers of
-    width 128): within 0.67-1.5x. Not exact because a layer saves some tensors the estimate folds together (RoPE's
+    width 128): within 0.8-1.25x. Not exact because a layer saves some tensors the estimate folds together (RoPE's
     inputs, the attention kernel's statistics) and shares others (views of one storage); under checkpointing the
     recomputed layer's tensors are transient and only the layer inputs are kept between the forward and backward."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    moe = dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2) if model_type.endswith("moe") else {}
     config = AutoConfig.for_model(model_type, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=32, vocab_size=1000, moe_intermediate_size=64,
-                                  num_experts=8, num_experts_per_tok=2, tie_word_embeddings=True)
+                                  num_key_value_heads=2, head_dim=32, vocab_size=1000, tie_word_embeddings=True, **moe)
+
     options = EstimateOptions(per_device_train_batch_size=1, model_max_length=256, gradient_checkpointing=checkpointing)
     expected = estimate(options, LoraOptions(), config).gpu["activations"]
+    if checkpointing:  # the layer inputs are kept from forward to backward; the layer recomputed is transient, unseen here
+        one_layer = (activation_values_per_token(config, False) - 3 * 128) / 4
+        expected -= one_layer * 256 * 4
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
     measured = one_step(model, 256, checkpointing)
-    assert 0.67 <= expected / measured <= 1.5, (expected, measured)
+    assert 0.8 <= expected / measured <= 1.25, (expected, measured)
 
 
 # The published config.json values (nothing is downloaded)
@@ -110,11 +114,16 @@ def real_config(spec: dict):
 
 def test_real_sizes_match_the_published_parameter_counts():
     """Qwen2.5-7B is 7.61B parameters, Qwen3-30B-A3B 30.5B (their model cards); LoRA r 64 on every projection of
-    Qwen2.5-7B trains r x (in + out) of each: 64 x 28 x 90,112. On the meta device: no memory, about 1 s."""
+    Qwen2.5-7B trains r x (in + out) of each: 64 x 28 x 90,112; on Qwen3-30B-A3B it adapts the routed experts too
+    (models/lora.py), not the routers. On the meta device: no memory, about 1 s."""
     seven = estimate(EstimateOptions(bf16=True), LoraOptions(use_lora=True), real_config(QWEN2_5_7B))
-    assert round(seven.parameters / 1e7) == 761 and seven.trainable == 64 * 28 * 90_112
+    assert (seven.parameters - seven.trainable) // 10**7 == 761  # the base under the adapter: 7.61B as the card says
+    assert seven.trainable == 64 * 28 * 90_112
     moe = estimate(EstimateOptions(bf16=True), LoraOptions(), real_config(QWEN3_30B_A3B))
     assert round(moe.parameters / 1e8) == 305 and moe.trainable == moe.parameters
+    # per layer: attention r x (2048+4096 + 2048+512 + 2048+512 + 4096+2048), each of 128 experts r x (2048+1536 + 768+2048)
+    moe_lora = estimate(EstimateOptions(bf16=True), LoraOptions(use_lora=True, lora_r=8), real_config(QWEN3_30B_A3B))
+    assert moe_lora.trainable == 8 * 48 * (17_408 + 128 * 6_400)
 
 
 def test_zero_partitions_and_offloads_as_configured(tmp_path):

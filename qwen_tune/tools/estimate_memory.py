@@ -29,10 +29,12 @@ ASSUMPTIONS = (
     "moments plus an fp32 master copy",
     "ZeRO-1 partitions optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights, over nproc_per_node x nnodes GPUs; "
     "offloaded parts are counted in CPU memory instead",
-    "activations: the tensors a decoder layer saves for backward, per token: 4 x hidden (layer input, "
-    "normed input, attention input to the MLP and its norm) + query + 2 x key/value width + attention output + 4 x "
-    "the MLP width a token passes (gate, up, activation, product; MoE: top-k experts + shared expert); with "
-    "--gradient_checkpointing only each layer's input plus one layer's worth",
+    "activations: what a decoder layer saves for backward, per token: 6 x hidden (the two norms' inputs and "
+    "outputs, the projections' inputs) + 4 x query width (q, q normed, q rotated, attention output) + 4 x key/value "
+    "width + 4 x the MLP width a token passes (gate, up, activation, product; MoE: top-k experts + shared expert, and per "
+    "expert reached its gathered input and weighted output, 2 x hidden), "
+    "plus 3 x hidden outside the layers; with --gradient_checkpointing each layer's input plus one layer's worth "
+    "(recomputed in backward); linear-attention layers are counted like attention ones",
     "loss: one chunk of fp32 logits (train/loss.py, LOGITS_CHUNK_BYTES), plus the output weight's fp32 gradient "
     "where it is trained; rm scores with a 1-wide head instead",
     "not counted: the CUDA context and allocator fragmentation (often 1-3 GiB), DeepSpeed's communication buckets, "
@@ -204,12 +206,15 @@ def activation_values_per_token(config, checkpointing: bool) -> float:
     key_value = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     key_value *= head_dim
     if getattr(text, "num_experts", None) and getattr(text, "moe_intermediate_size", None):
-        mlp = text.num_experts_per_tok * text.moe_intermediate_size + (getattr(text, "shared_expert_intermediate_size", 0) or 0)
+        top_k = text.num_experts_per_tok
+        mlp = top_k * text.moe_intermediate_size + (getattr(text, "shared_expert_intermediate_size", 0) or 0)
+        routing = 2 * top_k * hidden + 2 * text.num_experts  # each expert's gathered input and weighted output; router
     else:
-        mlp = text.intermediate_size
-    layer = 4 * hidden + query + 2 * key_value + query + 4 * mlp
+        mlp, routing = text.intermediate_size, 0
+    layer = 6 * hidden + 4 * query + 4 * key_value + 4 * mlp + routing
     layers = text.num_hidden_layers
-    return layers * hidden + layer if checkpointing else layers * layer
+    outside = 3 * hidden  # the final norm's input and output, the loss's hidden states
+    return outside + (layers * hidden + layer if checkpointing else layers * layer)
 
 
 def estimate(options: EstimateOptions, lora: LoraOptions, config=None) -> Estimate:
