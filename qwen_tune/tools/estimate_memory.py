@@ -8,6 +8,7 @@ dtypes; activations are an estimate per layer (activation_values_per_token), the
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 
@@ -36,7 +37,8 @@ ASSUMPTIONS = (
     "plus 3 x hidden outside the layers; with --gradient_checkpointing each layer's input plus one layer's worth "
     "(recomputed in backward); linear-attention layers are counted like attention ones",
     "loss: one chunk of fp32 logits (train/loss.py, LOGITS_CHUNK_BYTES), plus the output weight's fp32 gradient "
-    "where it is trained; rm scores with a 1-wide head instead",
+    "where it is trained; under ZeRO-3 the logits of every token (all supervised: the worst case), in the training "
+    "dtype, in fp32 and their softmax; rm scores with a 1-wide head instead",
     "not counted: the CUDA context and allocator fragmentation (often 1-3 GiB), DeepSpeed's communication buckets, "
     "a vision tower's activations (text training), the frozen reference's forward in dpo (freed layer by layer)",
 )
@@ -129,8 +131,14 @@ def meta_model(config, method: str, dtype, lora: LoraOptions | None):
         pass
 
     with torch.device("meta"):
-        if method == "rm":
-            model = AutoModelForSequenceClassification.from_config(config, num_labels=1, dtype=dtype)
+        if method == "rm":  # a 1-wide score head, as rm loads it (num_labels=1)
+            config = copy.deepcopy(config)
+            config.num_labels = 1
+            try:
+                model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+            except ValueError as e:
+                raise UserError(f"transformers has no SequenceClassification model for {config.model_type}, so rm cannot "
+                                "train it") from e
         elif is_vision_language(config):
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         else:
@@ -242,8 +250,15 @@ def estimate(options: EstimateOptions, lora: LoraOptions, config=None) -> Estima
         vocab = config.get_text_config().vocab_size
         head = model.get_output_embeddings()
         trained_head = head is not None and head.weight.requires_grad
-        gpu["loss"] = min(tokens, chunk_rows(vocab)) * vocab * 4 + (head.weight.numel() * 4 if trained_head else 0)
+        if plan.stage == 3:  # the output weight is partitioned: the model computes the supervised positions' logits at once
+            gpu["loss"] = tokens * vocab * (act_bytes + 4 + 4)  # logits, their fp32 copy, the softmax kept for backward
+        else:
+            gpu["loss"] = min(tokens, chunk_rows(vocab)) * vocab * 4 + (head.weight.numel() * 4 if trained_head else 0)
     return Estimate(parameters, trainable, gpu, cpu, tokens)
+
+
+def readable(size: float) -> str:
+    return f"{size / GiB:.2f} GiB" if size >= GiB else f"{size / 2**20:.1f} MiB"
 
 
 def describe(result: Estimate, options: EstimateOptions, lora: LoraOptions, config) -> str:
@@ -259,11 +274,11 @@ def describe(result: Estimate, options: EstimateOptions, lora: LoraOptions, conf
              f"parameters            {result.parameters:>18,}",
              f"trainable parameters  {result.trainable:>18,}",
              "per GPU:"]
-    lines += [f"  {name:<20}{value / GiB:>12.2f} GiB" for name, value in result.gpu.items()]
-    lines.append(f"  {'total':<20}{sum(result.gpu.values()) / GiB:>12.2f} GiB")
+    lines += [f"  {name:<20}{readable(value):>14}" for name, value in result.gpu.items()]
+    lines.append(f"  {'total':<20}{readable(sum(result.gpu.values())):>14}")
     if result.cpu:
         lines.append("CPU memory per GPU (offloaded):")
-        lines += [f"  {name:<20}{value / GiB:>12.2f} GiB" for name, value in result.cpu.items()]
+        lines += [f"  {name:<20}{readable(value):>14}" for name, value in result.cpu.items()]
     lines.append("assumptions:")
     lines += [f"  - {a}" for a in ASSUMPTIONS]
     return "\n".join(lines)
