@@ -74,11 +74,13 @@ def test_weights_gradients_and_optimizer_state_are_exactly_what_a_step_holds(kin
     assert expected.gpu["optimizer state"] == tensor_bytes(state)
 
 
-@pytest.mark.parametrize("model_type, checkpointing", [("qwen3", False), ("qwen3", True), ("qwen3_moe", False)])
-def test_activations_are_within_a_stated_factor_of_what_autograd_saves(model_type, checkpointing):
+@pytest.mark.parametrize("model_type, checkpointing, bf16", [("qwen3", False, False), ("qwen3", True, False),
+                                                             ("qwen3_moe", False, False), ("qwen2", False, True)])
+def test_activations_are_within_a_stated_factor_of_what_autograd_saves(model_type, checkpointing, bf16):
     """The per-layer estimate against the bytes autograd keeps for backward in a real step (256 tokens, 4 layers of
-    width 128): within 0.8-1.25x. Not exact because a layer saves some tensors the estimate folds together (RoPE's
-    inputs, the attention kernel's statistics) and shares others (views of one storage); under checkpointing the
+    width 128): within 0.8-1.25x (0.85-1.13 measured). Not exact because a layer saves some tensors the estimate folds
+    together (RoPE's inputs, the attention kernel's statistics, a 16-bit model's norms in fp32) and shares others (views
+    of one storage); under checkpointing the
     recomputed layer's tensors are transient and only the layer inputs are kept between the forward and backward."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,13 +88,14 @@ def test_activations_are_within_a_stated_factor_of_what_autograd_saves(model_typ
     config = AutoConfig.for_model(model_type, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=32, vocab_size=1000, tie_word_embeddings=True, **moe)
 
-    options = EstimateOptions(per_device_train_batch_size=1, model_max_length=256, gradient_checkpointing=checkpointing)
+    options = EstimateOptions(per_device_train_batch_size=1, model_max_length=256, gradient_checkpointing=checkpointing,
+                              bf16=bf16)
     expected = estimate(options, LoraOptions(), config).gpu["activations"]
     if checkpointing:  # the layer inputs are kept from forward to backward; the layer recomputed is transient, unseen here
         one_layer = (activation_values_per_token(config, False) - 3 * 128) / 4
         expected -= one_layer * 256 * 4
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, experts_implementation="eager", dtype=torch.bfloat16 if bf16 else torch.float32)
     measured = one_step(model, 256, checkpointing)
     assert 0.8 <= expected / measured <= 1.25, (expected, measured)
 
