@@ -37,10 +37,11 @@ ASSUMPTIONS = (
     "plus 3 x hidden outside the layers; with --gradient_checkpointing each layer's input plus one layer's worth "
     "(recomputed in backward); linear-attention layers are counted like attention ones",
     "loss: one chunk of fp32 logits (train/loss.py, LOGITS_CHUNK_BYTES), plus the output weight's fp32 gradient "
-    "where it is trained; under ZeRO-3 the logits of every token (all supervised: the worst case), in the training "
-    "dtype, in fp32 and their softmax; rm scores with a 1-wide head instead",
-    "not counted: the CUDA context and allocator fragmentation (often 1-3 GiB), DeepSpeed's communication buckets, "
-    "a vision tower's activations (text training), the frozen reference's forward in dpo (freed layer by layer)",
+    "where it is trained (dpo: a chunk's logits and log-softmax); under ZeRO-3 the logits of every token (all "
+    "supervised: the worst case), in the training dtype, in fp32 and their softmax; rm scores with a 1-wide head",
+    "not counted: the CUDA context and allocator fragmentation (often 1-3 GiB), DeepSpeed's communication buckets "
+    "and the layer ZeRO-3 gathers whole at a time, a vision tower's activations (text training), the frozen "
+    "reference's forward in dpo (freed layer by layer)",
 )
 
 
@@ -90,13 +91,15 @@ class DeepSpeedPlan:
             raise UserError(f"--deepspeed {path}: {e.strerror or e}") from e
         except json.JSONDecodeError as e:
             raise UserError(f"--deepspeed {path}:{e.lineno}:{e.colno}: {e.msg}") from e
-        zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else {}
+        zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+        zero = zero if isinstance(zero, dict) else {}
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
             raise UserError(f"--deepspeed {path}: zero_optimization.stage is {stage!r}; expected 0, 1, 2 or 3")
 
         def offloaded(key: str) -> bool:
-            return (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")
+            offload = zero.get(key)
+            return isinstance(offload, dict) and offload.get("device", "none") in ("cpu", "nvme")
 
         return cls(stage, offloaded("offload_optimizer"), stage == 3 and offloaded("offload_param"), True)
 
@@ -252,6 +255,8 @@ def estimate(options: EstimateOptions, lora: LoraOptions, config=None) -> Estima
         trained_head = head is not None and head.weight.requires_grad
         if plan.stage == 3:  # the output weight is partitioned: the model computes the supervised positions' logits at once
             gpu["loss"] = tokens * vocab * (act_bytes + 4 + 4)  # logits, their fp32 copy, the softmax kept for backward
+        elif options.method == "dpo":  # checkpointed chunks (sequence_logprobs): logits and their log-softmax
+            gpu["loss"] = 2 * min(tokens, chunk_rows(vocab)) * vocab * 4
         else:
             gpu["loss"] = min(tokens, chunk_rows(vocab)) * vocab * 4 + (head.weight.numel() * 4 if trained_head else 0)
     return Estimate(parameters, trainable, gpu, cpu, tokens)
