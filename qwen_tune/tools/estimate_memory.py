@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..options import LoraOptions, Method, load
+from ..options import LoraOptions, Method, TrainingArguments, load
 from ..options.groups import DEFAULT_MAX_LENGTH, Frozen
 
 GiB = 2**30
@@ -48,14 +48,15 @@ ASSUMPTIONS = (
 @dataclass
 class EstimateOptions(Frozen):
     _argument_group_name = "estimate-memory (the training command's options)"
-    method: str = field(default="sft", metadata={"help": "The training command estimated.", "choices": list(METHODS)})
+    method: str = field(default="sft", metadata={"help": "The training command estimated: sft, dpo or rm.", "choices": list(METHODS)})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A checkpoint directory or hub id; only its config.json is read (unset: the embedded model)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own configuration code."})
-    deepspeed: str | None = field(default=None, metadata={"help": "The run's DeepSpeed config (ZeRO stage, offload, bf16/fp16)."})
+    deepspeed: str | None = field(default=None, metadata={"help": "The run's DeepSpeed config (its ZeRO stage and offload)."})
     nproc_per_node: int = field(default=1, metadata={"help": "GPUs per machine (torchrun's --nproc_per_node)."})
     nnodes: int = field(default=1, metadata={"help": "Machines (torchrun's --nnodes)."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Samples per GPU per step (transformers' default 8)."})
+    per_device_train_batch_size: int = field(default=TrainingArguments.per_device_train_batch_size,
+                                             metadata={"help": "Samples per GPU per micro-batch (the training commands' default)."})
     model_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Longest sample in tokens."})
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16."})
     fp16: bool = field(default=False, metadata={"help": "Train in float16."})
