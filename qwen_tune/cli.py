@@ -34,7 +34,8 @@ OOM_ADVICE = """out of memory. Options that reduce memory, roughly cheapest firs
   --gradient_checkpointing True (recompute activations in backward)
   --model_max_length 256 (shorter samples; longer ones are truncated and counted)
   --use_lora True, or --use_lora True --q_lora True (4-bit base)
-  DeepSpeed ZeRO-3 with CPU offload across GPUs (--deepspeed recipes/ds_config_zero3_offload.json, or a ds_config with offload_optimizer/offload_param: cpu)"""
+  DeepSpeed ZeRO-3 with CPU offload across GPUs (--deepspeed recipes/ds_config_zero3_offload.json, or a ds_config with offload_optimizer/offload_param: cpu)
+  `qwen-tune estimate-memory` with the run's options says what each part takes per GPU before you try"""
 
 
 def is_out_of_memory(e: BaseException) -> bool:
