@@ -25,6 +25,7 @@ COMMANDS = {
     "merge": ("qwen_tune.tools.merge", "merge a LoRA adapter into its base and save a full model"),
     "chat": ("qwen_tune.tools.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
     "eval": ("qwen_tune.tools.evaluate", "loss and perplexity over supervised tokens, as JSON"),
+    "estimate-memory": ("qwen_tune.tools.estimate_memory", "memory per GPU of a training run, from the model's config.json alone"),
 }
 
 
@@ -33,7 +34,8 @@ OOM_ADVICE = """out of memory. Options that reduce memory, roughly cheapest firs
   --gradient_checkpointing True (recompute activations in backward)
   --model_max_length 256 (shorter samples; longer ones are truncated and counted)
   --use_lora True, or --use_lora True --q_lora True (4-bit base)
-  DeepSpeed ZeRO-3 with CPU offload across GPUs (--deepspeed recipes/ds_config_zero3_offload.json, or a ds_config with offload_optimizer/offload_param: cpu)"""
+  DeepSpeed ZeRO-3 with CPU offload across GPUs (--deepspeed recipes/ds_config_zero3_offload.json, or a ds_config with offload_optimizer/offload_param: cpu)
+  `qwen-tune estimate-memory` with the run's options says what each part takes per GPU before you try"""
 
 
 def is_out_of_memory(e: BaseException) -> bool:
