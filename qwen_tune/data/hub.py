@@ -36,7 +36,7 @@ class HubDataset:
     """One split of a cached dataset; `str()` is how it is written in --data_path and in problems' locations."""
 
     repo_id: str
-    config: str | None  # as `datasets` names it (None: the only or default one)
+    config: str  # as `datasets` names it (named, or the default or only one)
     split: str
     source: str  # what `datasets.load_dataset` reads: the snapshot directory, or the repo id (its prepared tables)
     label: str = field(compare=False)
@@ -139,7 +139,7 @@ def _find(text: str, hub_cache: str, datasets_cache: str) -> HubDataset:
     try:
         with offline():
             configs = datasets.get_dataset_config_names(source)
-            config = parts[0] if len(parts) == 2 else _only(text, repo_id, "config", configs, "default", parts)
+            config = parts[0] if len(parts) == 2 else _only(text, repo_id, "config", configs, "default")
             if config not in configs:
                 how = f"{repo_id}:CONFIG:SPLIT" if len(configs) > 1 else f"{repo_id}:SPLIT (it has one config)"
                 raise UserError(f"{text}: {repo_id} has no config {config!r} in the cache; its configs: "
@@ -149,7 +149,7 @@ def _find(text: str, hub_cache: str, datasets_cache: str) -> HubDataset:
         raise
     except Exception as e:  # datasets raises many kinds for a damaged or partial cache
         raise UserError(f"{text}: the cached dataset {repo_id} ({where}) is not readable: {type(e).__name__}: {_one_line(e)}")
-    split = parts[-1] if parts else _only(text, repo_id, "split", splits, "train", parts)
+    split = parts[-1] if parts else _only(text, repo_id, "split", splits, "train")
     if split not in splits:
         named = f"{repo_id}:{config}" if len(configs) > 1 else repo_id
         raise UserError(f"{text}: {named} has no split {split!r} in the cache; its splits: {', '.join(splits)}; "
@@ -158,7 +158,7 @@ def _find(text: str, hub_cache: str, datasets_cache: str) -> HubDataset:
     return HubDataset(repo_id, config, split, source, label, where)
 
 
-def _only(text: str, repo_id: str, kind: str, names: list[str], usual: str, parts: list[str]) -> str:
+def _only(text: str, repo_id: str, kind: str, names: list[str], usual: str) -> str:
     """The config or split meant when none is named: the usual one (`default`, `train`) or the only one."""
     if usual in names or len(names) == 1:
         return usual if usual in names else names[0]
