@@ -1,7 +1,8 @@
 """Data sources as records with their locations: which files a `--data_path` names, and reading each one.
 
 JSON lists (each sample's line found by scanning), JSONL, and both gzipped (`.json.gz`, `.jsonl.gz`: lines as in
-the uncompressed text) are read here; CSV, Parquet, Arrow and `datasets.save_to_disk` directories in tables.py.
+the uncompressed text) are read here; CSV, Parquet, Arrow and `datasets.save_to_disk` directories in tables.py; an
+item that is no local path but reads like `org/name[:config][:split]` is a dataset in the Hugging Face cache (hub.py).
 Every problem is collected with `file:line` (tables: `file:row N`), nothing is raised half-way, so one run shows all of them.
 """
 
