@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import datasets
 import huggingface_hub.constants
@@ -134,17 +135,35 @@ def test_tables_prepared_by_load_dataset_are_read_without_the_repository_files(c
         load_conversations("org/prepared")
 
 
-def test_preprocess_and_sft_read_a_cached_dataset(tmp_path):
-    """As a user would, with HF_HUB_CACHE set: preprocess shows the tokens, a bad row stops sft with its location,
-    and sft trains a step on a good split."""
-    write_snapshot(tmp_path / "hub", "org/chat", {"data/train-00000-of-00001.parquet": bad_train_rows(),
-                                                  "data/test-00000-of-00001.parquet": [chat(10), chat(11)]})
+def run_in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`qwen-tune ARGV` in this process (the caches fixture's locations hold): (exit code, stdout, stderr)."""
+    from qwen_tune.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["qwen-tune", *argv])
+    try:
+        entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_preprocess_shows_a_cached_dataset_and_sft_names_its_bad_row(caches, monkeypatch, capsys):
+    write_snapshot(caches[0], "org/chat", {"data/train-00000-of-00001.parquet": bad_train_rows(),
+                                           "data/test-00000-of-00001.parquet": [chat(10), chat(11)]})
+    code, out, err = run_in_process(["preprocess", "--data", "org/chat:test", "--show", "1", "--tokens_cache", "none"],
+                                    monkeypatch, capsys)
+    assert code == 0 and "[[answer 10<|im_end|>]]" in out and "2 samples, 2 kept" in out, err
+    code, out, err = run_in_process(["sft", "--data_path", "org/chat", "--output_dir", str(caches[0].parent / "o")],
+                                    monkeypatch, capsys)
+    assert code == 2 and "org/chat:train:row 3: no assistant turn" in err and "Traceback" not in err
+
+
+def test_sft_trains_a_step_on_a_cached_dataset(tmp_path):
+    """As a user would, with HF_HUB_CACHE set: the run says where its data came from, and the card names it."""
+    write_snapshot(tmp_path / "hub", "org/chat", {"data/test-00000-of-00001.parquet": [chat(10), chat(11)]})
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    shown = run_cli("preprocess", "--data", "org/chat:test", "--show", "1", "--tokens_cache", "none", **env)
-    assert "[[answer 10<|im_end|>]]" in shown.stdout and "2 samples, 2 kept" in shown.stdout
-    bad = run_cli("sft", "--data_path", "org/chat", "--output_dir", str(tmp_path / "bad"), check=False, **env)
-    assert bad.returncode == 2 and "org/chat:train:row 3: no assistant turn" in bad.stderr
-    assert "Traceback" not in bad.stderr
     run = run_cli("sft", "--data_path", "org/chat:test", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
                   "--report_to", "none", "--save_strategy", "no", "--tokens_cache", "none", **env)
     assert "data: org/chat:test from the Hugging Face cache (2 rows" in run.stderr
