@@ -9,6 +9,7 @@ cache as the Arrow tables `load_dataset` prepares (`org___name/CONFIG/VERSION/HA
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 
@@ -122,7 +123,18 @@ def test_a_dataset_with_several_configs_needs_one_named(caches):
         load_conversations("org/multi:medium:train")
 
 
-def test_tables_prepared_by_load_dataset_are_read_without_the_repository_files(caches, tmp_path):
+class Lines(logging.Handler):
+    """What a logger passes on to its handlers (the console), after the loggers' own filters."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_tables_prepared_by_load_dataset_are_read_without_the_repository_files(caches, tmp_path, capfd):
     """What a connected `load_dataset("org/prepared")` leaves in the datasets cache (its Arrow tables), alone."""
     source = tmp_path / "prepared"
     (source / "data").mkdir(parents=True)
@@ -131,8 +143,17 @@ def test_tables_prepared_by_load_dataset_are_read_without_the_repository_files(c
     [prepared] = [p for p in caches[1].glob("prepared/default/0.0.0/*") if p.is_dir()]
     shutil.copytree(prepared, caches[1] / "org___prepared" / "default" / "0.0.0" / prepared.name)
     shutil.rmtree(source)
-    with pytest.raises(DataError, match=r"org/prepared:train:row 3: no assistant turn"):
-        load_conversations("org/prepared")
+    capfd.readouterr()
+    library = Lines()
+    logging.getLogger("datasets").addHandler(library)
+    try:
+        with pytest.raises(DataError, match=r"org/prepared:train:row 3: no assistant turn"):
+            load_conversations("org/prepared")
+    finally:
+        logging.getLogger("datasets").removeHandler(library)
+    # said once, where the data came from; not datasets' "couldn't reach the hub, found a cached version" lines
+    assert capfd.readouterr().err.count("data: org/prepared:train from the Hugging Face cache (4 rows") == 1
+    assert not [line for line in library.lines if "cached" in line], library.lines
 
 
 def run_in_process(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
