@@ -64,8 +64,11 @@ def bad_train_rows() -> list[dict]:
 
 @pytest.fixture
 def caches(tmp_path, monkeypatch):
-    """Empty hub and datasets caches under tmp_path, in this process (the libraries read the variables at import)."""
+    """Empty hub and datasets caches under tmp_path, in this process (the libraries read the variables at import),
+    and offline mode off, as in a shell without HF_HUB_OFFLINE: qwen-tune forces it while it loads."""
     hub_cache, datasets_cache = tmp_path / "hub", tmp_path / "datasets"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(datasets_cache))
     monkeypatch.chdir(tmp_path)
