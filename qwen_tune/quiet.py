@@ -8,6 +8,8 @@
   deprecated (a FutureWarning on every LoRA run, chat, merge and eval); no setting avoids PEFT's call.
 - transformers' load report (a table with terminal colour codes) when a reward model's new `score` head is made on
   a language model: that head is new by design. A report of anything else is kept.
+- datasets, loading a dataset from its cache offline (`--data_path org/name`, data/hub.py), says it could not reach
+  the hub and which cached version it found, several times per load; qwen-tune says once where the data came from.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ NOISE = {
     "DeepSpeed": ("Setting accelerator to CPU",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
     "transformers.trainer": ("There were missing keys in the checkpoint model loaded: ['lm_head.weight'].",),
+    "datasets.load": ("Using the latest cached version of the dataset since",),
+    "datasets.packaged_modules.cache.cache": ("Found the latest cached dataset configuration",),
 }
 DEPRECATIONS = ("`is_gradient_checkpointing` is deprecated", "`gradient_checkpointing_enable` is deprecated")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")

@@ -207,11 +207,15 @@ def file_facts(path: Path) -> tuple[int, str]:
     """(number of samples, sha256) of a data file in any format (a table's rows; a JSON list's items, ...).
     The hash is of the file's bytes; for a `save_to_disk` directory, of each file's relative name and bytes, in sorted order."""
     from .data.files import count_records
+    from .data.hub import HubDataset
 
     digest = hashlib.sha256()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    if isinstance(path, HubDataset):  # a cached dataset: its Arrow files
+        files = path.data_files()
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     for f in files:
-        if path.is_dir():
+        if isinstance(path, Path) and path.is_dir():
             digest.update(f.relative_to(path).as_posix().encode() + b"\0")
         with open(f, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
@@ -235,7 +239,8 @@ def _data_section(data_files: dict, data_reports: dict) -> list[str]:
             weight = f" (weight {float(source.weight):g})" if source.weight is not None else ""
             for f in source.files:
                 count, digest = file_facts(f)
-                lines.append(f"| {split} | `{f.resolve()}`{weight} | {count} | `{digest}` |")
+                shown = f.resolve() if isinstance(f, Path) else f"{f} (Hugging Face cache)"
+                lines.append(f"| {split} | `{shown}`{weight} | {count} | `{digest}` |")
     for split, rep in (data_reports or {}).items():
         summary = rep.summary(split) if hasattr(rep, "summary") else f"{split}: {rep}"
         lines.append("")

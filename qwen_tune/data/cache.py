@@ -53,13 +53,12 @@ def say(message: str) -> None:
 def _expected_samples(sources) -> int | None:
     """About how many samples the sources hold, for the ETA of a build (lines of JSONL / CSV, rows of tables);
     None when a file cannot tell (a JSON list)."""
-    from . import tables
     from .files import data_suffix, located_by_row
 
     total = 0
     for f in (f for s in sources for f in s.files):
-        if f.is_dir() or located_by_row(f):
-            n = _safe_rows(tables, f)
+        if located_by_row(f):
+            n = _safe_rows(f)
         elif data_suffix(f) in (".jsonl", ".csv"):
             with open(f, "rb") as stream:
                 n = sum(block.count(b"\n") for block in iter(lambda: stream.read(1 << 24), b""))
@@ -71,9 +70,11 @@ def _expected_samples(sources) -> int | None:
     return total
 
 
-def _safe_rows(tables, path: Path) -> int | None:
+def _safe_rows(path) -> int | None:
+    from .files import count_records
+
     try:
-        return tables.count_rows(path)
+        return count_records(path)
     except Exception:  # unreadable: validation reports it with its location
         return None
 

@@ -14,7 +14,7 @@ from .files import TOKENS_COMPLETE as MARKER, TOKENS_INFO as INFO
 DATA = "data.arrow"
 # qwen-tune's data code: a change to any of these files makes new tokens
 CODE = ("chat_format.py", "messages.py", "images.py", "image_inputs.py", "read.py", "files.py", "tables.py", "mixture.py",
-        "encode_report.py", "cache.py", "cache_key.py")
+        "hub.py", "encode_report.py", "cache.py", "cache_key.py")
 
 
 def hash_file(path: Path) -> str:
@@ -28,8 +28,15 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: Path) -> str:
-    """The content hash of a data file or a save_to_disk directory."""
+def fingerprint(path) -> str:
+    """The content hash of a data file, a save_to_disk directory or a cached dataset (its Arrow files)."""
+    from .hub import HubDataset
+
+    if isinstance(path, HubDataset):
+        digest = xxhash.xxh3_128()
+        for f in path.data_files():
+            digest.update(f"{hash_file(f)}\0".encode())
+        return digest.hexdigest()
     if path.is_dir():
         digest = xxhash.xxh3_128()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):

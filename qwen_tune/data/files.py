@@ -1,7 +1,8 @@
 """Data sources as records with their locations: which files a `--data_path` names, and reading each one.
 
 JSON lists (each sample's line found by scanning), JSONL, and both gzipped (`.json.gz`, `.jsonl.gz`: lines as in
-the uncompressed text) are read here; CSV, Parquet, Arrow and `datasets.save_to_disk` directories in tables.py.
+the uncompressed text) are read here; CSV, Parquet, Arrow and `datasets.save_to_disk` directories in tables.py; an
+item that is no local path but reads like `org/name[:config][:split]` is a dataset in the Hugging Face cache (hub.py).
 Every problem is collected with `file:line` (tables: `file:row N`), nothing is raised half-way, so one run shows all of them.
 """
 
@@ -19,7 +20,7 @@ from typing import Iterator
 
 from ..errors import UserError
 from ..train.distributed import log
-from . import tables
+from . import hub, tables
 from .mixture import check_weights, split_weight
 
 # A tokens directory (`preprocess --out DIR`, data/cache.py) holds these; `--data_path DIR` trains from it.
@@ -34,7 +35,7 @@ MAX_LINE_BYTES = 64 << 20  # one JSONL / CSV line: a million-token context is ab
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".csv", ".parquet", ".arrow")
 SUPPORTED = (".json (a list of samples), .jsonl (one sample a line), .json.gz / .jsonl.gz (the same, gzipped), "
              ".csv (a header, then one sample a row; JSON cells such as messages are parsed), .parquet, .arrow, "
-             "or a directory written by datasets' save_to_disk")
+             "a directory written by datasets' save_to_disk, or a dataset in the local Hugging Face cache (org/name)")
 
 
 def show(value) -> str:
@@ -43,30 +44,36 @@ def show(value) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def data_suffix(path: Path) -> str | None:
-    """The data format a file's name ends with (".jsonl.gz", ".parquet", ...), or None."""
+def data_suffix(path: Path | hub.HubDataset) -> str | None:
+    """The data format a file's name ends with (".jsonl.gz", ".parquet", ...), or None (a cached dataset too)."""
+    if isinstance(path, hub.HubDataset):
+        return None
     name = path.name.lower()
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def record_stem(path: Path) -> str:
-    """The name default ids start with: the file's name without its data suffix (`a.jsonl.gz` -> `a`, as `a.jsonl`)."""
+def record_stem(path: Path | hub.HubDataset) -> str:
+    """The name default ids start with: the file's name without its data suffix (`a.jsonl.gz` -> `a`, as `a.jsonl`);
+    a cached dataset's name and split (`ultrachat_200k-train_sft`: two splits of one dataset get different ids)."""
+    if isinstance(path, hub.HubDataset):
+        return f"{path.name}-{path.split}"
     suffix = data_suffix(path) if path.is_file() else None
     return path.name[: -len(suffix)] if suffix else path.name
 
 
-def located_by_row(path: Path) -> bool:
+def located_by_row(path: Path | hub.HubDataset) -> bool:
     """Sources whose samples are located by row (`file:row N`, row 1 the first) rather than by line."""
-    return path.is_dir() or data_suffix(path) in (".parquet", ".arrow")
+    return isinstance(path, hub.HubDataset) or path.is_dir() or data_suffix(path) in (".parquet", ".arrow")
 
 
 @dataclass
 class Source:
-    """One item of `--data_path`: a file or a directory, with its mixture weight if one was given (`PATH:WEIGHT`)."""
+    """One item of `--data_path`: a file, a directory or a cached dataset, with its mixture weight if one was given
+    (`PATH:WEIGHT`)."""
 
-    path: Path
+    path: Path | hub.HubDataset
     weight: Fraction | None
-    files: list[Path]
+    files: list[Path | hub.HubDataset]
 
 
 _named: set[Path] = set()  # directories whose unread entries were already named (sources are resolved more than once)
@@ -108,7 +115,11 @@ def resolve_sources(paths: str | os.PathLike | list) -> list[Source]:
             continue
         text, weight = split_weight(piece.strip()) if isinstance(piece, str) else (piece, None)
         path = Path(text)
-        sources.append(Source(path, weight, _files_of(path)))
+        if not path.exists() and hub.looks_like_name(str(text)):  # a local path always wins over a dataset name
+            dataset = hub.find(str(text))
+            sources.append(Source(dataset, weight, [dataset]))
+        else:
+            sources.append(Source(path, weight, _files_of(path)))
     if not sources:
         raise UserError(f"no data files given ({paths!r})")
     check_weights([(str(s.path), s.weight) for s in sources])
@@ -140,7 +151,9 @@ def iter_records(path: Path, problems: list[str]) -> Iterator[tuple[int | str, o
     """(line, or "row N" for tables, record) for each sample of a data file, one at a time, so a large file is never
     held whole (a .json list is: JSON has no way to read one element at a time); file-level problems go to `problems`."""
     suffix = data_suffix(path)
-    if path.is_dir():
+    if isinstance(path, hub.HubDataset):
+        yield from tables.read_dataset(path, path.dataset(), problems)
+    elif path.is_dir():
         yield from tables.read_saved_dataset(path, problems)
     elif suffix == ".parquet":
         yield from tables.read_parquet(path, problems)
@@ -269,4 +282,6 @@ def _is_json_lines(text: str) -> bool:
 
 def count_records(path: Path) -> int:
     """How many samples a data file holds (for the model card): a table's rows, else its records as read."""
+    if isinstance(path, hub.HubDataset):
+        return len(path.dataset())
     return tables.count_rows(path) if located_by_row(path) else sum(1 for _ in iter_records(path, []))

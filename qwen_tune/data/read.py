@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 from ..errors import DataError, UserError
 from .files import data_suffix, is_tokens_dir, iter_records, located_by_row, record_stem, resolve_files, resolve_sources, show
+from .hub import HubDataset
 from .messages import SampleImages, parse_tool, parse_tools, parse_turns
 from .mixture import mix
 
@@ -168,6 +169,8 @@ def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> It
     to `seen`. `sample N` and default ids count records from 0 within their file (blank JSONL lines are not records).
     """
     in_list = data_suffix(path) in (".json", ".json.gz")
+    # relative image paths start at the data file's directory (a cached dataset's: its snapshot)
+    base_dir = path.base_dir if isinstance(path, HubDataset) else path.parent
     invalid: list[str] = []  # listed after what reading the file found, as when files were read whole
     for index, (line, obj) in enumerate(iter_records(path, problems)):
         source = f"{path}:{line}"
@@ -182,7 +185,7 @@ def _validate(path, parse, expected: str, seen: dict, problems: list[str]) -> It
         else:
             if raw_id is not None and not valid_id:
                 errs.append(f"id is {show(raw_id)}; expected a non-empty string or an integer")
-            parsed = parse(obj, path.parent, errs)  # relative image paths start at the data file's directory
+            parsed = parse(obj, base_dir, errs)
         if sid in seen:
             errs.append(f'duplicate id "{sid}" (first at {seen[sid]})')
         seen.setdefault(sid, source)

@@ -91,10 +91,15 @@ def _load_saved(path: Path, problems: list[str]):
     return ds
 
 
+def read_dataset(where, ds, problems: list[str]) -> Iterator[tuple[str, dict]]:
+    """("row N", record) for the rows of a `datasets.Dataset`; `where` names it in problems."""
+    yield from _rows(where, ds.with_format("arrow").iter(batch_size=BATCH), problems)
+
+
 def read_saved_dataset(path: Path, problems: list[str]) -> Iterator[tuple[str, dict]]:
     ds = _load_saved(path, problems)
     if ds is not None:
-        yield from _rows(path, ds.with_format("arrow").iter(batch_size=BATCH), problems)
+        yield from read_dataset(path, ds, problems)
 
 
 def count_rows(path: Path) -> int:

@@ -149,7 +149,8 @@ class DataOptions(Frozen):
     _argument_group_name = "data"
     data_path: str | None = field(
         default=None, metadata={"help": "Training data: a .json/.jsonl(.gz), .csv, .parquet or .arrow file, a datasets save_to_disk "
-                                 "directory, a directory of data files, or a comma-separated list; weighted: a.jsonl:0.7,b.parquet:0.3."}
+                                 "directory, a directory of data files, a dataset in the local Hugging Face cache (org/name[:config][:split], "
+                                 "offline), or a comma-separated list; weighted: a.jsonl:0.7,b.parquet:0.3."}
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same formats."})
     val_size: float = field(

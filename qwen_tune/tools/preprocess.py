@@ -28,7 +28,7 @@ START, END = "\033[1;32m", "\033[0m"
 @dataclass
 class PreprocessOptions(Frozen):
     _argument_group_name = "preprocess"
-    data: str | None = field(default=None, metadata={"help": "A data file (.json, .jsonl, .parquet, ...; see the README), a directory, or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)."})
+    data: str | None = field(default=None, metadata={"help": "A data file (.json, .jsonl, .parquet, ...; see the README), a directory, a dataset in the local Hugging Face cache (org/name[:config][:split]), or a comma-separated list (weighted: a.jsonl:0.7,b.parquet:0.3)."})
     tokenizer: str | None = field(default=None, metadata={"help": "A checkpoint or tokenizer directory; its tokenizer and chat template are used (unset: the embedded Qwen tokenizer, ChatML)."})
     model_max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncate longer samples (head kept; counted)."})
     out: str | None = field(default=None, metadata={"help": "A directory: write the tokens there for sft --data_path DIR (--tokens_cache is then not used); a .jsonl file: the kept samples as JSON lines."})
