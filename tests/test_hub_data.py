@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import run_cli
 from qwen_tune.data.read import load_conversations
 from qwen_tune.errors import DataError, UserError
 
@@ -184,11 +183,13 @@ def test_preprocess_shows_a_cached_dataset_and_sft_names_its_bad_row(caches, mon
     assert code == 2 and "org/chat:train:row 3: no assistant turn" in err and "Traceback" not in err
 
 
-def test_sft_trains_a_step_on_a_cached_dataset(tmp_path):
-    """As a user would, with HF_HUB_CACHE set: the run says where its data came from, and the card names it."""
-    write_snapshot(tmp_path / "hub", "org/chat", {"data/test-00000-of-00001.parquet": [chat(10), chat(11)]})
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    run = run_cli("sft", "--data_path", "org/chat:test", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
-                  "--report_to", "none", "--save_strategy", "no", "--tokens_cache", "none", **env)
-    assert "data: org/chat:test from the Hugging Face cache (2 rows" in run.stderr
-    assert "`org/chat:test (Hugging Face cache)` | 2 |" in (tmp_path / "o" / "README.md").read_text()
+def test_sft_trains_a_step_on_a_cached_dataset(caches, monkeypatch, capsys):
+    """The run says where its data came from, and the card names it (in this process: the caches fixture points the
+    libraries' cache locations where HF_HUB_CACHE / HF_DATASETS_CACHE would)."""
+    write_snapshot(caches[0], "org/chat", {"data/test-00000-of-00001.parquet": [chat(10), chat(11)]})
+    out = caches[0].parent / "o"
+    code, _, err = run_in_process(["sft", "--data_path", "org/chat:test", "--output_dir", str(out), "--max_steps", "1",
+                                   "--report_to", "none", "--save_strategy", "no", "--tokens_cache", "none"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "data: org/chat:test from the Hugging Face cache (2 rows" in err
+    assert "`org/chat:test (Hugging Face cache)` | 2 |" in (out / "README.md").read_text()
