@@ -77,7 +77,7 @@ def build_shape(shape: str, directory: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwen_tune.data.chat_format import official_templates
+    from qwen_tune.data.templates import official_templates
     from qwen_tune.models.model import resolve_model_path
 
     directory = Path(directory)

@@ -65,7 +65,7 @@ def test_golden_ids_labels_and_prompts(request, template, tokenizer_name, case):
 
 
 def test_every_official_template_is_covered():
-    from qwen_tune.data.chat_format import official_templates
+    from qwen_tune.data.templates import official_templates
 
     names = set(official_templates())
     assert set(TEMPLATES) <= names

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from helpers import run_cli
-from qwen_tune.data.chat_format import official_templates, resolve_format
+from qwen_tune.data.chat_format import resolve_format
+from qwen_tune.data.templates import official_templates
 from qwen_tune.data.read import load_tools
 from qwen_tune.data.replies import ReplyParser
 from qwen_tune.tools.chat import Chat, tool_call_lines

@@ -102,7 +102,7 @@ def test_a_cut_through_a_picture_keeps_only_whole_pictures(request, golden_sampl
 def test_the_image_example_file_reads_every_form_and_renders(tokenizer):
     """data/image_example.jsonl (HF blocks, OpenAI image_url, a data URI, ShareGPT images): every picture is read, in
     order, and rendered as whole runs of picture tokens."""
-    from qwen_tune.data.chat_format import image_refs
+    from qwen_tune.data.images import image_refs
 
     samples = load_conversations(str(Path(__file__).parent.parent / "data" / "image_example.jsonl"))
     fmt = resolve_format(copy.copy(tokenizer), "qwen3_vl", images=image_inputs("qwen3_vl", tokenizer))

@@ -17,7 +17,7 @@ import random
 import pytest
 
 from helpers import run_cli, run_python
-from qwen_tune.data.chat_format import official_templates
+from qwen_tune.data.templates import official_templates
 from test_hybrid_packing import save_tiny_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

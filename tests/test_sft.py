@@ -224,7 +224,7 @@ print(json.dumps(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tok
 def test_lora_learns_a_tool_call_and_serves_it_with_the_saved_template(tmp_path):
     """Tool-call data with the official Qwen3 template: the reloaded adapter, prompted by the saved tokenizer's
     own apply_chat_template(tools=...), generates the trained call on a held-out question."""
-    from qwen_tune.data.chat_format import official_templates
+    from qwen_tune.data.templates import official_templates
 
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]

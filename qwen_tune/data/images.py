@@ -98,3 +98,9 @@ def image_size(ref: str) -> tuple[int, int]:
     with _open(ref) as f, Image.open(f) as img:
         width, height = img.size
         return (height, width) if img.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (width, height)
+
+
+def image_refs(messages: list[dict]) -> list[str]:
+    """The images of a conversation in the order the template writes them (message by message, block by block)."""
+    return [block["image"] for m in messages if isinstance(m.get("content"), list)
+            for block in m["content"] if block.get("type") == "image"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat_format import check_renderable, image_refs
+from .chat_format import check_renderable
+from .images import image_refs
 from .read import load_preference_pairs
 
 

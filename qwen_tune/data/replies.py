@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 
 from ..errors import UserError
-from .chat_format import ChatFormat, official_templates
+from .chat_format import ChatFormat
+from .templates import official_templates
 
 # how a template writes a tool call -> an official template that writes it so (the first mark found wins)
 CALL_STYLES = (("<function=", "qwen3_8"), ("<tool_call>", "qwen3"))

@@ -70,7 +70,7 @@ class Chat:
         import torch
         from transformers import TextStreamer
 
-        from ..data.chat_format import image_refs
+        from ..data.images import image_refs
 
         content = [{"type": "image", "image": ref} for ref in images] + [{"type": "text", "text": text}] if images else text
         self.messages.append({"role": role, "content": content})
