@@ -1,6 +1,7 @@
 """`python tests/faults.py [--trace FILE] [--nan_at_step N] COMMAND ARGS...`: qwen-tune COMMAND with test callbacks.
 
---trace FILE      appends one JSON line per micro-batch: {"step", "rank", "ids"} (which samples each step saw)
+--trace FILE      appends one JSON line per micro-batch: {"step", "rank", "pid", "ids"} (which samples each step saw,
+                  and which process trained it: the one a test SIGKILLs)
 --nan_at_step N   makes step N's loss and gradients NaN, as a diverging batch would
 --oom_at_step N   raises CUDA's out-of-memory error in step N, as a too-large batch would
 --hold_while PATH holds the run before its second step while PATH exists, so that a test can act on a run in
@@ -27,7 +28,8 @@ class TraceSampleIds(BatchObserver):
 
     def on_micro_batch(self, step, sample_ids, loss, model):
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "rank": int(os.environ.get("RANK", "0")), "ids": sample_ids}) + "\n")
+            f.write(json.dumps({"step": step, "rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(),
+                                "ids": sample_ids}) + "\n")
 
 
 class NaNAtStep(BatchObserver):

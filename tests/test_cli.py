@@ -140,7 +140,7 @@ def test_recipes_carry_the_seed_hyper_parameters(recipe, lora, q_lora, lr, batch
     embedded = resolved().train
     assert embedded["learning_rate"] == (7e-3 if lora else EMBEDDED_LR)
     assert (embedded["num_train_epochs"], embedded["per_device_train_batch_size"], embedded["gradient_accumulation_steps"]) == (
-        (50, 2, 1) if lora else (60, 2, 1))
+        (40, 2, 1) if lora else (60, 2, 1))
     assert resolved("--num_train_epochs", "3").train["num_train_epochs"] == 3
     assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (batch, accumulation)
     assert (t["num_train_epochs"], t["weight_decay"], t["adam_beta2"], real.data.model_max_length) == (5, 0.1, 0.95, 512)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env, library_noise
+from helpers import DATA, ROOT, fresh_env, library_noise
 from safetensors.torch import load_file
 
 from qwen_tune.errors import UserError
@@ -35,17 +35,23 @@ TRAIN = ["sft", "--data_path", os.path.join(DATA, "sft_example.json"), "--max_st
 FAULTS = os.path.join(ROOT, "tests", "faults.py")
 
 
-def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN,
-          to_be_killed: bool = False) -> subprocess.Popen:
-    """A run in a fresh process. One `to_be_killed` (SIGKILL, sent by the test) is a real interpreter, so that the signal
-    ends the training process itself, at once (a forkserver child would outlive its client by a moment); a child that
-    kills itself ends its client the same way (tests/forkserver.py)."""
+def start(out: str, trace: str, *extra: str, nan_at_step: int | None = None, command: list[str] = TRAIN) -> subprocess.Popen:
+    """A run in a fresh process (the forkserver's: a test that kills a run kills the training process itself, whose
+    pid the trace names, and the client then dies of the same signal)."""
     log = open(out + ".log", "a")
     faults = (["--trace", trace] if trace else []) + (["--nan_at_step", str(nan_at_step)] if nan_at_step else [])
     if extra[:1] == ("--kill_in_final_save",):
         faults, extra = faults + list(extra[:2]), extra[2:]
     return subprocess.Popen(["python", FAULTS, *faults, *command, "--output_dir", out, *extra], cwd=ROOT,
-                            env=fresh_env(**(REAL_INTERPRETER if to_be_killed else {})), stdout=log, stderr=subprocess.STDOUT)
+                            env=fresh_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def sigkill(proc: subprocess.Popen, trace: str) -> None:
+    """SIGKILL the training process (the last traced step's), as the OOM killer or a preempted node would."""
+    with open(trace) as f:
+        pid = json.loads(f.readlines()[-1])["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
 
 
 def finish(proc: subprocess.Popen, out: str) -> tuple[int, str]:
@@ -107,10 +113,9 @@ def test_uninterrupted_run_keeps_only_complete_checkpoints_and_no_pickles(refere
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(reference, tmp_path):
     out, trace1, trace2 = str(tmp_path / "out"), str(tmp_path / "t1.jsonl"), str(tmp_path / "t2.jsonl")
     kill_at = random.randint(SAVE_STEPS + 1, MAX_STEPS - 1)
-    proc = start(out, trace1, to_be_killed=True)
+    proc = start(out, trace1)
     wait_until_step(proc, trace1, kill_at, out)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    sigkill(proc, trace1)
     resumed_from = latest_complete_checkpoint(out)
     step = int(resumed_from.rsplit("-", 1)[1])
     # What a kill while writing a checkpoint leaves: a newer checkpoint without the completion marker.
@@ -213,10 +218,9 @@ def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tm
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
     assert rc == 0, log
-    proc = start(killed, str(tmp_path / "k1.jsonl"), command=command, to_be_killed=True)
+    proc = start(killed, str(tmp_path / "k1.jsonl"), command=command)
     wait_until_step(proc, str(tmp_path / "k1.jsonl"), 4, killed)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    sigkill(proc, str(tmp_path / "k1.jsonl"))
     resumed_from = latest_complete_checkpoint(killed)
     rc, log = finish(start(killed, str(tmp_path / "k2.jsonl"), "--resume_from_checkpoint", "auto", "--keep_checkpoints", "True",
                            command=command), killed)
@@ -378,7 +382,7 @@ def test_a_kill_in_the_final_save_is_not_a_finished_run_and_resumes_to_the_unint
     command = FINAL_SAVE_RUNS[method] + (["--policy", base_model_path] if method in ("grpo", "ppo") else [])
     killed = str(tmp_path / "killed")
     trace = None if method == "ppo" else str(tmp_path / "trace.jsonl")  # ppo is not a Trainer: no callbacks
-    proc = start(killed, trace, "--kill_in_final_save", "half", command=command)  # kills itself: no real interpreter
+    proc = start(killed, trace, "--kill_in_final_save", "half", command=command)
     assert proc.wait(timeout=600) == -signal.SIGKILL, finish(proc, killed)[1]
     assert not os.path.exists(os.path.join(killed, "run_complete.json"))
     staged = os.path.join(killed, ".qwen-tune", "final")

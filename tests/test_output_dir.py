@@ -3,6 +3,7 @@
 Real runs on the embedded model, in fresh processes; the user's files are plain files the test writes.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -95,15 +96,16 @@ def test_a_second_run_into_the_same_directory_is_refused_and_the_first_is_unharm
 
 
 def test_a_killed_runs_lock_does_not_outlive_it(tmp_path):
-    out, hold = tmp_path / "out", tmp_path / "hold"
+    out, hold, trace = tmp_path / "out", tmp_path / "hold", tmp_path / "trace.jsonl"
     hold.touch()  # the run waits after its first checkpoint, to be killed there
-    first = subprocess.Popen(["python", FAULTS, "--hold_while", str(hold), *RUN, "--max_steps", "2", "--save_steps", "1",
-                              "--save_total_limit", "1", "--output_dir", str(out)], cwd=ROOT, env=fresh_env(**REAL_INTERPRETER), stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(["python", FAULTS, "--hold_while", str(hold), "--trace", str(trace), *RUN, "--max_steps", "2",
+                              "--save_steps", "1", "--save_total_limit", "1", "--output_dir", str(out)], cwd=ROOT,
+                             env=fresh_env(), stderr=subprocess.DEVNULL)
     while not (out / "checkpoint-1" / "checkpoint_complete.json").exists():
         assert first.poll() is None
         time.sleep(0.05)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    os.kill(json.loads(trace.read_text().splitlines()[0])["pid"], signal.SIGKILL)  # the training process itself
+    assert first.wait() == -signal.SIGKILL
     proc = run(out, "--resume_from_checkpoint", "auto")
     assert proc.returncode == 0 and "resuming from" in proc.stderr, proc.stderr
 

@@ -36,7 +36,7 @@ def test_qlora_recipe_trains_a_4bit_base_and_the_adapter_reloads(recipe, launche
                 "--per_device_train_batch_size", "2"])
     assert launcher in proc.stderr and "recipes/finetune_qlora.yaml" in proc.stderr
     saved = json.load(open(os.path.join(out, "training_args.json")))
-    assert saved["num_train_epochs"] == 50  # the YAML's embedded_model section applied (no -m)
+    assert saved["num_train_epochs"] == 40  # the YAML's embedded_model section applied (no -m)
     assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == 64  # the YAML's rank
     lora_b = [t for name, t in load_file(os.path.join(out, "adapter_model.safetensors")).items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: trained (on every rank) and saved
