@@ -56,8 +56,8 @@ def remove_if_unused() -> None:
     output directory it created goes again, when it holds nothing but qwen-tune's own bookkeeping."""
     while _made_here:
         out = _made_here.pop()
-        try:
-            unused = os.listdir(out) == [ownership.STATE_DIR]
+        try:  # nothing but the lock and owner files: a staged final save (a run that trained) is kept
+            unused = os.listdir(out) == [ownership.STATE_DIR] and not os.path.exists(ownership.state_path(out, ownership.STAGING))
         except OSError:
             continue
         if unused:
