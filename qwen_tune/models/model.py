@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from ..train.distributed import log
-from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
+from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer, save_tokenizer
 from ..trust import check_checkpoint
 
 EMBEDDED_CONFIG = Path(__file__).parent.parent / "assets" / "embedded_model_config.json"
@@ -54,7 +54,7 @@ def embedded_model_path() -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-model-"))
         model.save_pretrained(tmp)
-        load_tokenizer().save_pretrained(tmp)
+        save_tokenizer(load_tokenizer(), tmp)
         try:
             os.replace(tmp, target)  # atomic: parallel processes never load half a model
         except OSError:

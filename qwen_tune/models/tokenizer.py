@@ -50,6 +50,22 @@ def _finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
+def save_tokenizer(tok: PreTrainedTokenizerBase, directory) -> None:
+    """`save_pretrained`, plus the added tokens in `tokenizer_config.json` as every Qwen release ships them.
+
+    transformers 5 leaves `added_tokens_decoder` out of the config of a tokenizers-backed tokenizer, and then, on
+    every load, parses the whole `tokenizer.json` once more in Python just to find the added tokens (half a second
+    for Qwen's 151k-token vocabulary). With them in the config a load reads `tokenizer.json` once, in Rust; the
+    tokenizer loaded is the same (tests/test_tokenizer.py)."""
+    import json
+
+    tok.save_pretrained(directory)
+    config_file = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in sorted(tok.added_tokens_decoder.items())}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _backend(rank_file: Path, qwen_v1: bool):
     """The BPE of a tiktoken rank file as a `tokenizers.Tokenizer` (Qwen v1's own specials, or Qwen's current ones)."""
     import json
@@ -83,7 +99,7 @@ def _convert_rank_file(rank_file: Path, qwen_v1: bool = False) -> PreTrainedToke
         )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tokenizer-"))
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         try:
             os.replace(tmp, target)  # atomic: concurrent processes never see half a tokenizer
         except OSError:  # another process won the race
