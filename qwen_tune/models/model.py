@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from ..train.distributed import log
-from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer, save_tokenizer
+from .tokenizer import QWEN_SPEC, SAVED_FORMAT, cache_dir, load_tokenizer, save_tokenizer
 from ..trust import check_checkpoint
 
 EMBEDDED_CONFIG = Path(__file__).parent.parent / "assets" / "embedded_model_config.json"
@@ -37,7 +37,7 @@ FINAL_NORM_SCALE = 10.0
 def embedded_model_path() -> str:
     """Build (once) and return the absolute path of the embedded default model directory."""
     build = f"final_norm={FINAL_NORM_SCALE}".encode()
-    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes() + QWEN_SPEC.read_bytes() + build).hexdigest()[:12]
+    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes() + QWEN_SPEC.read_bytes() + SAVED_FORMAT + build).hexdigest()[:12]
     target = cache_dir() / f"{EMBEDDED_NAME}-{digest}"
     if not (target / "config.json").exists():
         from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -32,6 +32,8 @@ QWEN_V1_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i
 QWEN_SPEC = Path(__file__).parent.parent / "assets" / "qwen_tokenizer_spec.json"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+# How cached tokenizers are written (`save_tokenizer`): part of their cache keys, so a cache written before is rebuilt.
+SAVED_FORMAT = b"added_tokens_decoder in tokenizer_config.json"
 
 
 def embedded_rank_file() -> Path:
@@ -85,7 +87,7 @@ def _backend(rank_file: Path, qwen_v1: bool):
 
 def _convert_rank_file(rank_file: Path, qwen_v1: bool = False) -> PreTrainedTokenizerFast:
     """tiktoken rank file -> fast tokenizer, cached by the file's and the spec's hash (converting takes seconds)."""
-    digest = hashlib.sha256(rank_file.read_bytes() + (b"v1" if qwen_v1 else QWEN_SPEC.read_bytes())).hexdigest()[:16]
+    digest = hashlib.sha256(rank_file.read_bytes() + (b"v1" if qwen_v1 else QWEN_SPEC.read_bytes()) + SAVED_FORMAT).hexdigest()[:16]
     target = cache_dir() / f"tokenizer-{digest}"
     if not (target / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast(
