@@ -19,6 +19,8 @@ COMMANDS = {
     "preprocess": ("qwen_tune.tools.preprocess", "validate and tokenize data; show what the model will learn"),
     "rm": ("qwen_tune.methods.rm", "train a reward model on preference pairs (Bradley-Terry)"),
     "dpo": ("qwen_tune.methods.dpo", "Direct Preference Optimization on preference pairs"),
+    "orpo": ("qwen_tune.methods.orpo", "ORPO: SFT and preference in one stage on pairs, no reference model"),
+    "simpo": ("qwen_tune.methods.simpo", "SimPO: length-normalised preference optimization on pairs, no reference model"),
     "ppo": ("qwen_tune.methods.ppo", "PPO on an SFT policy against a reward model or a reward function"),
     "grpo": ("qwen_tune.methods.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
     "score": ("qwen_tune.tools.score", "score pairs or conversations with a reward model"),

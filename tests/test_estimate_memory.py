@@ -157,6 +157,8 @@ def test_the_command_prints_the_estimate_and_its_assumptions(tmp_path, capsys):
         assert f"\n{line}" in out or f"\n  {line}" in out, line
     dpo = main(["--method", "dpo", "--bf16", "True"])  # a frozen copy of the policy as the reference, pairs of samples
     assert dpo.gpu["reference model"] == dpo.gpu["weights"] and dpo.tokens == 2 * 8 * 2048
+    orpo = main(["--method", "orpo", "--bf16", "True"])  # pairs too, but no reference model
+    assert "reference model" not in orpo.gpu and orpo.tokens == dpo.tokens and orpo.gpu["loss"] == dpo.gpu["loss"]
     assert "loss" not in main(["--method", "rm"]).gpu  # a 1-wide score head: no vocabulary logits
     broken = tmp_path / "ds.json"
     broken.write_text('{"zero_optimization": {"stage": 3,}}')

@@ -24,7 +24,7 @@ from qwen_tune.models.linear_attention import BOUNDARY_KEYS, linear_attention_la
 from qwen_tune.models.model import packing_for, packing_is_exact
 from qwen_tune.models.tokenizer import save_tokenizer
 from qwen_tune.rl.reward_models import score_token_ids
-from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
+from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprob_terms, sequence_logprobs
 
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 HYBRID = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -198,16 +198,20 @@ def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
 def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
-    """dpo's batch of pairs (packed but on Qwen4-Exp, and the padded layout on every type): each sequence's
-    log-probability equals the sequence alone (float64, as above)."""
+    """dpo's batch of pairs (packed but on Qwen4-Exp, and the padded layout on every type; orpo's and simpo's too):
+    each sequence's log-probability equals the sequence alone (float64, as above), and its token count (the length
+    normalisation of orpo and simpo) is its reply's length."""
     model = tiny_model(model_type)
     pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
     features = [pairs[i] for i in range(3)]
     packing = packing_for(model, True, print)  # as dpo.run decides
     assert packing == (model_type not in NOT_PACKED)
     with torch.no_grad():
-        packed = sequence_logprobs(model, (PackedPairCollator() if packing else PaddedPairCollator(0))(features), 6)
-        padded = sequence_logprobs(model, PaddedPairCollator(0)(features), 6)
+        packed = sequence_logprob_terms(model, (PackedPairCollator() if packing else PaddedPairCollator(0))(features), 6)
+        padded = sequence_logprob_terms(model, PaddedPairCollator(0)(features), 6)
+        reply_lengths = torch.tensor([len(f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
+        assert packed.counts.tolist() == padded.counts.tolist() == reply_lengths.tolist()
+        packed, padded = packed.sums, padded.sums
         alone = torch.stack([alone_logprob(model, f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
         torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
         torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-9)

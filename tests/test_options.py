@@ -94,16 +94,22 @@ def test_every_option_a_command_declares_is_read_by_its_code():
     assert not unread
 
 
-def test_methods_have_their_own_learning_rates(tmp_path):
-    """Unset --learning_rate: TRL's defaults for rm, dpo and grpo on a real checkpoint, the seed's for sft; a tenfold
-    one for an adapter where TRL gives one rate; the embedded model's large one."""
+def test_methods_have_their_own_learning_rates(tmp_path, monkeypatch):
+    """Unset --learning_rate: TRL's defaults for rm, dpo, orpo, simpo and grpo on a real checkpoint, the seed's for
+    sft; a tenfold one for an adapter where TRL gives one rate; the embedded model's large one."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.cpo import CPOConfig
+    from trl.experimental.orpo import ORPOConfig
+
     real = ["--model_name_or_path", "Qwen/Qwen3-8B"]
     rates = {command: resolved(METHODS[command], *real, "--output_dir", str(tmp_path)).train["learning_rate"]
-             for command in ("sft", "rm", "dpo")}
+             for command in ("sft", "rm", "dpo", "orpo", "simpo")}
     rates["grpo"] = load(METHODS["grpo"], ["--policy", "Qwen/Qwen3-8B", "--prompts", "q", "--output_dir", str(tmp_path)]).train["learning_rate"]
-    assert rates == {"sft": 1e-5, "rm": trl.RewardConfig.learning_rate, "dpo": 1e-6, "grpo": trl.GRPOConfig.learning_rate}
-    lora = resolved(METHODS["dpo"], *real, "--use_lora", "True", "--output_dir", str(tmp_path))
-    assert lora.train["learning_rate"] == 1e-5
+    assert rates == {"sft": 1e-5, "rm": trl.RewardConfig.learning_rate, "dpo": 1e-6, "orpo": ORPOConfig.learning_rate,
+                     "simpo": CPOConfig.learning_rate, "grpo": trl.GRPOConfig.learning_rate}
+    for command in ("dpo", "orpo", "simpo"):
+        lora = resolved(METHODS[command], *real, "--use_lora", "True", "--output_dir", str(tmp_path))
+        assert lora.train["learning_rate"] == 1e-5
     assert resolved(METHODS["rm"], "--output_dir", str(tmp_path)).train["learning_rate"] == 1e-2  # embedded
 
 

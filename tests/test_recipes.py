@@ -55,6 +55,8 @@ def test_rl_recipes_take_the_flags_print_their_command_and_name_what_they_need()
             "--prompts PROMPTS --output_dir OUT --help") in proc.stderr
     for args, said in [(["recipes/train_ppo.sh", "SFT", "RM", "PROMPTS"], "usage: sh recipes/train_ppo.sh -m SFT_OUT -r RM_OUT -d PROMPTS"),
                        (["recipes/train_grpo.sh", "-d", "PROMPTS"], "usage: sh recipes/train_grpo.sh -m SFT_OUT -d PROMPTS"),
-                       (["recipes/train_dpo.sh", "-r", "RM", "-d", "PAIRS"], "recipes/train_dpo.sh takes no -r")]:
+                       (["recipes/train_dpo.sh", "-r", "RM", "-d", "PAIRS"], "recipes/train_dpo.sh takes no -r"),
+                       (["recipes/train_orpo.sh", "-f", "DATA", "-d", "PAIRS"], "recipes/train_orpo.sh takes no -f"),
+                       (["recipes/train_simpo.sh", "-r", "RM", "-d", "PAIRS"], "recipes/train_simpo.sh takes no -r")]:
         proc = sh(*args)
         assert proc.returncode == 2 and said in proc.stderr and "+ " not in proc.stderr, (args, proc.stderr)

@@ -4,7 +4,7 @@ Reads top to bottom like the job: validate and tokenize the pairs in the run's c
 the rendered conversation up to the reply's body, reply = its body through `<|im_end|>`, exactly the
 tokens SFT supervises), load the policy (full, LoRA or Q-LoRA) and the reference (a frozen copy of the
 start model; with an adapter, the same model with the adapter disabled, so no second copy), train with
-the HF Trainer on the DPO loss, save a plain Hugging Face directory.
+the HF Trainer on the DPO loss, save a plain Hugging Face directory (train/pair_trainer.py: all but the loss).
 
 The loss is ours, not TRL's DPOTrainer: TRL re-tokenizes every pair with its own chat-template call
 (which would train the `\\n` after `<|im_end|>` and turn control tokens typed into text into real ones)
@@ -15,29 +15,16 @@ and has no public way to take token ids (huggingface/trl#2368). The formulas are
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
 
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
-from ..data.collate import PackedPairCollator, PaddedPairCollator, images_unpacked
-from ..data.image_inputs import image_inputs_for
-from ..data.pairs import encode_pairs
-from ..data.splits import load_splits
-from ..errors import UserError
-from ..models.lora import add_lora
-from ..models.model import load_model, packing_for, resolve_model_path
-from ..report import report_callbacks, show_progress_as_lines
-from ..models.tokenizer import load_tokenizer
-from ..train.distributed import log, print_zero3_partition
-from ..train.guards import ObservedSteps, safety_callbacks
-from ..train.loss import LossOnlyEvaluation, router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
-from ..train.finish import finish_run, last_logged
-from ..train.zero3_pictures import run_vision_tower_on_every_rank
+                      TrainingArguments, load)
+from ..train.loss import SequenceLogprobs, sequence_logprobs
+from ..train.pair_trainer import (PairLossTrainer, load_frozen_start_model, load_pairs, load_policy, reward_metrics,
+                                  train_and_finish, trainer_inputs)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -73,10 +60,8 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
     return loss, rewards[:n], rewards[n:]
 
 
-class DPOLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
-    """HF Trainer with the DPO loss on our packed pairs; logs rewards/{chosen,rejected,accuracies,margins} like TRL.
-    Where the checkpoint's config asks for it (`output_router_logits`), training adds the policy's MoE router
-    load-balancing loss, `router_aux_loss_coef * aux_loss`, and logs `aux_loss`."""
+class DPOLossTrainer(PairLossTrainer):
+    """The DPO loss against a frozen reference; logs rewards/{chosen,rejected,accuracies,margins} and logps/* like TRL."""
 
     def __init__(self, *args, reference=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,90 +73,27 @@ class DPOLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
                 self.reference = prepare_deepspeed(reference, self.accelerator)
             else:
                 self.reference = reference.to(self.args.device)
-        self.pair_metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self.aux_loss_coef = router_aux_loss_coef(self.model)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        n_sequences = 2 * len(inputs["sample_ids"])
-        policy, aux_loss = sequence_logprobs_and_aux(model, inputs, n_sequences)
+    def pair_loss(self, model, inputs, policy: SequenceLogprobs):
+        n_sequences = len(policy.sums)
         with torch.no_grad():
             if self.reference is None:  # an adapter: the reference is the base with it switched off
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     reference = sequence_logprobs(model, inputs, n_sequences)
             else:
                 reference = sequence_logprobs(self.reference, inputs, n_sequences)
-        loss, chosen, rejected = dpo_loss(policy, reference, self.args.beta, self.args.loss_type)
-        metrics = self.pair_metrics["train" if model.training else "eval"]
-        gather = self.accelerator.gather_for_metrics
-        for name, value in (("rewards/chosen", chosen), ("rewards/rejected", rejected),
-                            ("rewards/accuracies", (chosen > rejected).float()), ("rewards/margins", chosen - rejected),
-                            ("logps/chosen", policy[: n_sequences // 2].detach()), ("logps/rejected", policy[n_sequences // 2 :].detach())):
-            metrics[name].append(gather(value).mean().item())
-        loss = loss.mean()
-        if model.training and self.aux_loss_coef is not None and aux_loss is not None:  # the MoE router's, as the config asks
-            loss = loss + self.aux_loss_coef * aux_loss.to(loss.dtype)
-            metrics["aux_loss"].append(gather(aux_loss.detach()[None]).mean().item())
-        return (loss, None) if return_outputs else loss
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        """Add the pair metrics averaged since the last log (in place: `evaluate()` returns this dict)."""
-        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
-        logs.update({prefix + k: sum(v) / len(v) for k, v in self.pair_metrics[mode].items() if v})
-        self.pair_metrics[mode].clear()
-        super().log(logs, start_time)
+        loss, chosen, rejected = dpo_loss(policy.sums, reference, self.args.beta, self.args.loss_type)
+        logps_chosen, logps_rejected = policy.sums.detach().chunk(2)
+        return loss.mean(), {**reward_metrics(chosen, rejected), "logps/chosen": logps_chosen, "logps/rejected": logps_rejected}
 
 
 def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
-    prepared = prepare_run(config)
-    args, model_options, data, lora = prepared.args, config.model, config.data, config.lora
-    model_path = resolve_model_path(model_options.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
-    images = image_inputs_for(model_path, tokenizer, min_pixels=config.images.min_pixels, max_pixels=config.images.max_pixels)
-    fmt = set_chat_format(tokenizer, config.format, source=model_path, images=images)
-    log(f"format: {fmt.description}")
-    train, train_report, evaluation, eval_report = load_splits(
-        data, args.seed, lambda paths: encode_pairs(paths, fmt, data.model_max_length, split_prompt=True, seed=args.seed), log)
-    if not len(train):
-        raise UserError(f"{data.data_path}: no pair fits within model_max_length={data.model_max_length}")
-
-    load = dict(dtype=train_dtype(args), trust_remote_code=model_options.trust_remote_code,
-                attn_implementation=model_options.attn_implementation, allow_pickle_weights=model_options.allow_pickle_weights)
-    model = load_model(model_path, q_lora=lora.q_lora, **load)
-    model.config.use_cache = False  # packed rows need it off
-    print_zero3_partition(model)
-    reference = None
-    if lora.use_lora:
-        if args.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
-        model.print_trainable_parameters()
-    else:
-        reference = load_model(model_path, **load).eval().requires_grad_(False)
-    run_vision_tower_on_every_rank([model, reference], images, train, evaluation)  # ZeRO-3: ranks gather alike
-    trainer = DPOLossTrainer(
-        model=model,
-        reference=reference,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=PackedPairCollator() if images_unpacked(packing_for(model, True, log), log, train, evaluation)
-        else PaddedPairCollator(tokenizer.pad_token_id, images),
-        processing_class=tokenizer,
-        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args),
-    )
-    show_progress_as_lines(trainer)
-    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
-    metrics = dict(result.metrics)
-    metrics["train_loss_final"] = last_logged(trainer, "loss")
-    if evaluation is not None:
-        metrics.update(trainer.evaluate())  # eval_rewards/margins, eval_rewards/accuracies, ...
-        log(f"eval: preference accuracy {metrics.get('eval_rewards/accuracies', float('nan')):.3f}, "
-            f"reward margin {metrics.get('eval_rewards/margins', float('nan')):.3f}")
-
-    finish_run(trainer, tokenizer=tokenizer, fmt=fmt, data=data, data_reports={"train": train_report, "eval": eval_report},
-               metrics=metrics, kind="dpo", model_path=model_path, adapter=lora.use_lora)
-    return metrics
+    pairs = load_pairs(config)
+    policy = load_policy(pairs, config.lora)
+    reference = None if config.lora.use_lora else load_frozen_start_model(pairs)  # an adapter: the base, adapter off
+    trainer = DPOLossTrainer(reference=reference, **trainer_inputs(pairs, policy, callbacks))
+    return train_and_finish(trainer, pairs, config, kind="dpo")
 
 
 def main(argv: list[str] | None = None, callbacks: tuple = ()) -> dict:

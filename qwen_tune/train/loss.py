@@ -134,12 +134,27 @@ def sequence_logprobs(model, batch: dict, n_sequences: int, chunk_size: int | No
     `causal_lm_loss_sum`, logits exist only at supervised positions; here one chunk at a time under
     activation checkpointing, since each sequence's sum gets its own gradient weight (DPO).
     """
-    return sequence_logprobs_and_aux(model, batch, n_sequences, chunk_size)[0]
+    return sequence_logprob_terms(model, batch, n_sequences, chunk_size).sums
 
 
-def sequence_logprobs_and_aux(model, batch: dict, n_sequences: int, chunk_size: int | None = None):
-    """`sequence_logprobs` and the router's load-balancing loss of the same forward (None unless the model's config
-    asks for it: `output_router_logits`)."""
+class SequenceLogprobs(NamedTuple):
+    sums: torch.Tensor  # (n_sequences,) sum of log p(token) over each sequence's supervised tokens
+    counts: torch.Tensor  # (n_sequences,) how many supervised tokens each sequence has
+    aux_loss: torch.Tensor | None  # the router's load-balancing loss of the same forward (see SupervisedForward)
+
+    def means(self) -> torch.Tensor:
+        """Average log-prob per supervised token (ORPO's and SimPO's length-normalised log-likelihood)."""
+        return self.sums / self.counts.clamp(min=1)
+
+    def chosen_and_rejected(self) -> tuple[SequenceLogprobs, SequenceLogprobs]:
+        """The two halves of a batch of preference pairs, laid out [chosen..., rejected...] (data/collate.py)."""
+        (c_sums, r_sums), (c_counts, r_counts) = self.sums.chunk(2), self.counts.chunk(2)
+        return SequenceLogprobs(c_sums, c_counts, None), SequenceLogprobs(r_sums, r_counts, None)
+
+
+def sequence_logprob_terms(model, batch: dict, n_sequences: int, chunk_size: int | None = None) -> SequenceLogprobs:
+    """`sequence_logprobs`, each sequence's count of supervised tokens, and the router's load-balancing loss of the
+    same forward (None unless the model's config asks for it: `output_router_logits`)."""
     (rows, cols), targets = supervised_positions(batch["labels"])
     owner = batch["sequence"][:, 1:][rows, cols]
     hidden, logits, aux_loss = supervised_forward(model, batch, rows, cols)
@@ -153,8 +168,8 @@ def sequence_logprobs_and_aux(model, batch: dict, n_sequences: int, chunk_size: 
                                               targets[s : s + chunk_size], use_reentrant=False)
             for s in range(0, len(targets), chunk_size)
         ]) if len(targets) else hidden.sum((0, 2))[:0]
-    logps = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
-    return logps, aux_loss
+    sums = torch.zeros(n_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owner, token_logps)
+    return SequenceLogprobs(sums, torch.bincount(owner, minlength=n_sequences), aux_loss)
 
 
 def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
