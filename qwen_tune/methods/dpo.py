@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
+                      TrainingArguments, VisionTrainingOptions, load, prepare_run, set_chat_format, train_dtype)
 from ..data.collate import PackedPairCollator, PaddedPairCollator, images_unpacked
 from ..data.image_inputs import image_inputs_for
 from ..data.pairs import encode_pairs
@@ -52,8 +52,8 @@ class DPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "dpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "lora": LoraOptions,
-            "train": DPOTrainingArguments},
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+            "vision": VisionTrainingOptions, "lora": LoraOptions, "train": DPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
 )
 
@@ -136,17 +136,19 @@ def run(config, callbacks: tuple = ()) -> dict:
 
     load = dict(dtype=train_dtype(args), trust_remote_code=model_options.trust_remote_code,
                 attn_implementation=model_options.attn_implementation, allow_pickle_weights=model_options.allow_pickle_weights)
-    model = load_model(model_path, q_lora=lora.q_lora, **load)
+    model = load_model(model_path, q_lora=lora.q_lora, adapter=lora.use_lora, **load, **config.vision.switches())
     model.config.use_cache = False  # packed rows need it off
     print_zero3_partition(model)
     reference = None
     if lora.use_lora:
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
+        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options(),
+                         **config.vision.switches())
         model.print_trainable_parameters()
     else:
-        reference = load_model(model_path, **load).eval().requires_grad_(False)
+        # all frozen; its load would repeat the policy's lines, and say its vision tower trains nothing
+        reference = load_model(model_path, **load, log=lambda _: None).eval().requires_grad_(False)
     trainer = DPOLossTrainer(
         model=model,
         reference=reference,
