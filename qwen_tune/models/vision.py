@@ -96,5 +96,5 @@ def set_vision_training(model, *, train_vision: bool = False, train_merger: bool
         return
     said = {on: "; ".join(f"the {kind} ({short(modules)}: {count(parameters_under(model, modules))})"
                           for kind, (modules, trained) in chosen.items() if trained == on and modules) for on in (True, False)}
-    log(f"model: {model.config.model_type} is vision-language, loaded as {type(model).__name__}; vision tower: "
+    log(f"model: {model.config.model_type} is vision-language; loaded as {type(model).__name__}; vision tower: "
         f"trained: {said[True] or 'nothing'}; frozen: {said[False] or 'nothing'}")
