@@ -196,7 +196,7 @@ def describe_vision_lora(model, asked: bool) -> str:
     frozen = [p for name, p in visual if not p.requires_grad and ".original_module." not in name]  # not the saved copies' originals
     trained = ([f"LoRA adapters on the ViT's linear layers ({count(adapters)})"] * bool(adapters)
                + [f"the merger in full as modules_to_save ({count(whole)})"] * bool(whole))
-    what = ["the ViT's base weights and patch and position embeddings" if adapters else "the ViT"] + ["the merger"] * (not whole)
+    what = ["the ViT's base weights and embeddings" if adapters else "the ViT"] + ["the merger"] * (not whole)
     line = (f"vision tower of {model.config.model_type}: trained: {'; '.join(trained) or 'nothing'}; frozen: "
             f"{', '.join(what)} ({count(frozen)})")
     if asked:
