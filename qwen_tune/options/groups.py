@@ -99,7 +99,7 @@ class ImageOptions(Frozen):
 @dataclass
 class VisionTrainingOptions(Frozen):
     """What of a vision-language checkpoint's vision tower trains (the training commands; the rest of it stays frozen).
-    Not in ImageOptions: eval, preprocess and chat size images too, and would ignore these."""
+    Not in ImageOptions: eval and preprocess size images too, and would ignore these."""
 
     _argument_group_name = "vision training"
     train_vision: bool = field(
