@@ -174,6 +174,7 @@ def train_tiny_reward_model(base_model_path: str, tokenizer, prompt: list[dict],
     from transformers import AutoModelForSequenceClassification
 
     from qwen_tune.data.chat_format import resolve_format
+    from qwen_tune.models.tokenizer import save_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(base_model_path, num_labels=1)
@@ -188,7 +189,7 @@ def train_tiny_reward_model(base_model_path: str, tokenizer, prompt: list[dict],
         loss.backward()
         opt.step()
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return out
 
 

@@ -165,28 +165,44 @@ def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     assert margins[0] == 0 and margins[-1] > 0.1 and accuracies[-1] == 1, curves
 
 
+def pictures_and_text(folder, tokenizer, model_type: str):
+    """A tiny vision-language checkpoint and a data file whose samples alternate picture, text, picture, ...: with a
+    batch of 1 on each of 2 ranks and sequential sampling, one rank's batch has a picture while the other's has none."""
+    from test_image_training import colour_questions, tiny_vision_checkpoint
+
+    base = tiny_vision_checkpoint(model_type, folder / "base", tokenizer)
+    pictures = [json.loads(line) for line in colour_questions(folder, 4).read_text().splitlines()]
+    data = folder / "pictures_and_text.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for pair in zip(pictures, json.load(open(TRAIN))) for row in pair))
+    return base, str(data)
+
+
 @pytest.mark.support("ZeRO-3", ["qwen3_5_moe"])
-def test_zero3_on_a_hybrid_moe_vision_language_checkpoint_trains_every_tensor_and_saves_it_whole(tmp_path, tokenizer):
+@pytest.mark.support("images", ["qwen3_5_moe"])
+def test_zero3_on_a_hybrid_moe_vision_language_checkpoint_with_pictures_trains_every_tensor_and_saves_it_whole(tmp_path, tokenizer):
     """A tiny Qwen3.5-MoE checkpoint (Gated DeltaNet + full attention, routed experts, a vision tower) under ZeRO-3 on
-    2 ranks: every language-model tensor changed (Adam moves every tensor with a gradient), the vision tower did not,
-    the output has the input's tensor names and shapes (transformers' ZeRO-3 loading once made the save prefix them
-    twice), and it reloads as its own class with the greedy replies of the same run in one process."""
+    2 ranks, on pictures and text: a step where one rank's batch has a picture and the other's none runs (the ranks'
+    parameter gathers pair up: zero3_pictures.py) and logs the loss of the same batch in one process; every
+    language-model tensor changed (Adam moves every tensor with a gradient), the vision tower did not, the output has
+    the input's tensor names and shapes (transformers' ZeRO-3 loading once made the save prefix them twice), and it
+    reloads as its own class (AutoModelForImageTextToText) with the greedy replies of the same run in one process."""
     import torch
 
-    from test_hybrid_packing import save_tiny_checkpoint
     from test_vision_language import is_vision, saved_tensors
 
-    base = save_tiny_checkpoint("qwen3_5_moe", tmp_path / "base", tokenizer)
+    base, data = pictures_and_text(tmp_path, tokenizer, "qwen3_5_moe")
     few = [*FEW_STEPS[:1], "2", *FEW_STEPS[2:]]
     ranks, single = str(tmp_path / "ranks"), str(tmp_path / "single")
-    proc = recipe("finetune_ds.sh", "-m", base, "-d", TRAIN, "-o", ranks, "--per_device_train_batch_size", "1",
+    proc = recipe("finetune_ds.sh", "-m", base, "-d", data, "-o", ranks, "--per_device_train_batch_size", "1",
                   "--gradient_checkpointing", "False", *few)
     assert "ZeRO-3: rank 1 holds" in proc.stderr and "loaded as Qwen3_5MoeForConditionalGeneration" in proc.stderr
+    assert "packing: off: the data has images" in proc.stderr
     before, after = saved_tensors(base), saved_tensors(ranks)
     assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
     assert [k for k in before if torch.equal(before[k], after[k]) != is_vision(k)] == []
-    run_cli("sft", "--model_name_or_path", base, "--data_path", TRAIN, "--output_dir", single, "--per_device_train_batch_size",
+    run_cli("sft", "--model_name_or_path", base, "--data_path", data, "--output_dir", single, "--per_device_train_batch_size",
             "2", "--gradient_checkpointing", "False", *few)
+    assert losses(ranks) == pytest.approx(losses(single), rel=1e-4)  # as the qwen2 test: fp32 sums over 2 ranks vs one
     prompts = [[{"role": "user", "content": q}] for q in ("Hi", "What is 2+2?")]
     assert (generate_in_fresh_process(ranks, prompts, adapter=False, vision_language=True)
             == generate_in_fresh_process(single, prompts, adapter=False, vision_language=True))

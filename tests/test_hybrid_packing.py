@@ -22,6 +22,7 @@ from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCol
 from qwen_tune.data.pairs import encode_pairs
 from qwen_tune.models.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
 from qwen_tune.models.model import packing_for, packing_is_exact
+from qwen_tune.models.tokenizer import save_tokenizer
 from qwen_tune.rl.reward_models import score_token_ids
 from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprobs
 
@@ -60,14 +61,19 @@ def save_tiny_checkpoint(model_type: str, path, tokenizer) -> str:
     model_class = AutoModelForImageTextToText if model_type in COMPOSITE else AutoModelForCausalLM
     config = tiny_config(model_type)
     model_class.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    if model_type in COMPOSITE:  # the image processor, as a released checkpoint has it, with a small pixel budget
-        from transformers import Qwen2VLImageProcessor
-
-        Qwen2VLImageProcessor(patch_size=config.vision_config.patch_size, merge_size=config.vision_config.spatial_merge_size,
-                              temporal_patch_size=config.vision_config.temporal_patch_size, min_pixels=32 * 32,
-                              max_pixels=128 * 128).save_pretrained(path)
+    save_tokenizer(tokenizer, path)  # with added_tokens_decoder, as Qwen releases ship it
+    if model_type in COMPOSITE:  # the image processor, as a released checkpoint has it
+        tiny_image_processor(config).save_pretrained(path)
     return str(path)
+
+
+def tiny_image_processor(config):
+    """The image processor of a composite config (its vision tower's patch and merge sizes), with a small pixel budget."""
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(patch_size=config.vision_config.patch_size, merge_size=config.vision_config.spatial_merge_size,
+                                 temporal_patch_size=config.vision_config.temporal_patch_size, min_pixels=32 * 32,
+                                 max_pixels=128 * 128)
 
 
 def tiny_model(model_type: str, model_class=None):

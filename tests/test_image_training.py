@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -22,7 +23,7 @@ from test_hybrid_packing import save_tiny_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 QUESTION = "What colour is this picture?"
-TEMPLATES = {"qwen3_vl": "qwen3_vl", "qwen3_5_moe": "qwen3_5_nothink"}
+TEMPLATES = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "qwen3_5": "qwen3_5_nothink", "qwen3_5_moe": "qwen3_5_nothink"}
 
 GENERATE_WITH_IMAGES = r"""
 import json, sys
@@ -31,9 +32,12 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 out, kind, base, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 if kind == "adapter":
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), out).eval()
+    saved, loaded = load_file(f"{out}/adapter_model.safetensors"), get_peft_model_state_dict(model)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved), "not loaded as saved"
 else:
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -68,6 +72,23 @@ def colour_data(folder, n: int, seed: int) -> list[tuple[str, str]]:
     return [(picture(folder / f"{i}.png", colour, rng), colour) for i, colour in enumerate(list(COLOURS) * (n // len(COLOURS)))]
 
 
+def colour_questions(folder, n: int):
+    """A data file of n questions about the colour of pictures in folder/train, answered."""
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": f"train/{path.rsplit('/', 1)[1]}"},
+                                                       {"type": "text", "text": QUESTION}]},
+                          {"role": "assistant", "content": f"{colour}."}]} for path, colour in colour_data(folder / "train", n, seed=0)]
+    data = folder / "pictures.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def tiny_vision_checkpoint(model_type: str, path, tokenizer) -> str:
+    """A tiny random checkpoint of model_type carrying its official template, as a released one does."""
+    served = copy.copy(tokenizer)
+    served.chat_template = official_templates()[TEMPLATES[model_type]].read_text(encoding="utf-8")
+    return save_tiny_checkpoint(model_type, path, served)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type,mode,flags", [
     pytest.param("qwen3_vl", "full", ["--learning_rate", "1e-3", "--num_train_epochs", "3"], marks=pytest.mark.support("images", ["qwen3_vl"])),
@@ -75,15 +96,8 @@ def colour_data(folder, n: int, seed: int) -> list[tuple[str, str]]:
                  marks=pytest.mark.support("images", ["qwen3_5_moe"])),
 ])
 def test_sft_on_pictures_learns_to_name_their_colour_and_reloads(model_type, mode, flags, tmp_path, tokenizer):
-    served = copy.copy(tokenizer)  # the checkpoint carries its official template, as a released one does
-    served.chat_template = official_templates()[TEMPLATES[model_type]].read_text(encoding="utf-8")
-    base = save_tiny_checkpoint(model_type, tmp_path / "base", served)
-    train = colour_data(tmp_path / "train", 48, seed=0)
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": f"train/{path.rsplit('/', 1)[1]}"},
-                                                       {"type": "text", "text": QUESTION}]},
-                         {"role": "assistant", "content": f"{colour}."}]} for path, colour in train]
-    data = tmp_path / "pictures.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = tiny_vision_checkpoint(model_type, tmp_path / "base", tokenizer)
+    data = colour_questions(tmp_path, 48)
     out = tmp_path / mode
     proc = run_cli("sft", "--model_name_or_path", base, "--data_path", str(data), "--output_dir", str(out), *flags,
                    "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no")
@@ -106,6 +120,31 @@ def test_sft_on_pictures_learns_to_name_their_colour_and_reloads(model_type, mod
         assert loss[str(out)] < loss[base] - 1, loss  # what training logged, over the pictures (the base is at 12)
         shown = run_cli("preprocess", "--data", str(data), "--tokenizer", str(out), "--show", "1").stdout
         assert f"<|image_pad|> x 4 ({tmp_path / 'train' / '0.png'})" in shown and "[[red.<|im_end|>]]" in shown
+
+
+@pytest.mark.slow
+@pytest.mark.support("images", ["qwen3_5"])
+def test_q_lora_on_pictures_trains_and_its_adapter_reloads_and_answers_a_picture(tmp_path, tokenizer):
+    """Q-LoRA (bitsandbytes NF4, which quantizes on CPU too) on picture conversations of a tiny Qwen3.5: a finite loss
+    at every step, every adapter matrix trained (B starts at zero), and the saved adapter reloads in a fresh process
+    with PEFT on AutoModelForImageTextToText (every tensor as saved) and answers a picture prompt."""
+    base = tiny_vision_checkpoint("qwen3_5", tmp_path / "base", tokenizer)
+    data, out = colour_questions(tmp_path, 4), tmp_path / "qlora"
+    proc = run_cli("sft", "--model_name_or_path", base, "--data_path", str(data), "--output_dir", str(out), "--use_lora", "True",
+                   "--q_lora", "True", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+                   "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no")
+    assert "packing: off: the data has images" in proc.stderr
+    losses = [v for _, v in json.loads((out / "loss.json").read_text())["loss"]]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+    from safetensors.torch import load_file
+
+    lora_b = [t for name, t in load_file(out / "adapter_model.safetensors").items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)
+    got = run_python([str(out), "adapter", base, json.dumps([str(tmp_path / "train" / "0.png")])], code=GENERATE_WITH_IMAGES,
+                     timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    [answer] = json.loads(got.stdout.strip().splitlines()[-1])
+    assert isinstance(answer, str)
 
 
 def test_dpo_on_picture_prompts_prefers_the_right_colour(tmp_path, tokenizer):

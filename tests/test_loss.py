@@ -96,6 +96,17 @@ def test_frozen_output_weight_gives_hidden_gradient_only(model, batch):
     assert_same_gradient(grads_of(chunked, hidden)[0], grads_of(plain, hidden)[0])
 
 
+def test_without_autograd_the_sum_is_the_same_and_builds_no_gradients(model, batch):
+    """Evaluation and scoring (no_grad) skip the gradient buffers and matmuls the training step precomputes: the same
+    sum, bit for bit, and nothing for backward."""
+    hidden, weight = hidden_and_weight(model, batch)
+    trained, n = chunked_cross_entropy_sum(hidden, weight, batch["labels"], chunk_size=7)
+    with torch.no_grad():
+        evaluated, n_evaluated = chunked_cross_entropy_sum(hidden, weight, batch["labels"], chunk_size=7)
+    assert torch.equal(evaluated, trained.detach()) and n_evaluated == n
+    assert evaluated.grad_fn is None and trained.grad_fn is not None
+
+
 def model_grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -15,6 +15,7 @@ import torch
 
 from helpers import DATA, assert_qwen_tune_card, run_cli
 from test_hybrid_packing import SMALL
+from qwen_tune.models.tokenizer import save_tokenizer
 from qwen_tune.models.linear_attention import split_linear_attention
 
 MOE = ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text")
@@ -239,7 +240,7 @@ def test_sft_cli_with_default_lora_options_on_a_qwen3_moe_checkpoint(tmp_path, t
 
     checkpoint = str(tmp_path / "qwen3_moe")
     tiny("qwen3_moe", output_router_logits=True).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    save_tokenizer(tokenizer, checkpoint)
     out = tmp_path / "out"
     proc = run_cli("sft", "--model_name_or_path", checkpoint, "--data_path", f"{DATA}/sft_example.json", "--output_dir", str(out),
                    "--use_lora", "True", "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none",

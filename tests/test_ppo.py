@@ -116,38 +116,24 @@ def test_ppo_recipe_against_a_reward_model_learns_and_the_reload_answers_as_rewa
 
 BATCH_REWARD = '''
 def names_the_answer(prompts, completions, answer, **kwargs):
-    """TRL's convention (as grpo): a batch, with the prompts file's `answer` column."""
+    """TRL's convention (as grpo): a batch, with the prompts file's `answer` column; exactly the answer earns 1."""
     return [1.0 if c[0]["content"].strip() == f"I prefer {a}." else 0.0 for c, a in zip(completions, answer)]
 '''
 
 
 @pytest.mark.slow
-def test_ppo_with_reward_functions_in_trls_convention_reading_a_column(sft_policy, workdir, tmp_path):
+def test_ppo_with_default_settings_rises_and_stays_without_collapse(sft_policy, tmp_path):
+    """Issue 16's run: with the defaults, the reward rose to 1 by step 5 and then collapsed (the policy said "I cats"
+    when every reward was equal and the critic's errors were whitened into advantages). The reward is a function in
+    TRL's convention (a batch, reading the prompts file's `answer` column), as grpo takes it; `--reward_fn`, one reply
+    at a time, drives the DeepSpeed and kill-resume runs below."""
     reward_py = tmp_path / "batch_reward.py"
     reward_py.write_text(BATCH_REWARD)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "messages": PROMPT, "answer": "cats"} for i in range(8)])
-    out = str(workdir / "ppo_funcs")
-    proc = run_cli("ppo", "--policy", sft_policy, "--reward_funcs", f"{reward_py}:names_the_answer", "--prompts", prompts,
-                   "--output_dir", out, "--num_train_epochs", "24", "--save_steps", "0")
-    assert f"reward from {reward_py}:names_the_answer" in proc.stderr
-    check_trained(out)
-
-
-EXACT_REWARD = '''
-def exactly_cats(prompt_messages, response_text):
-    return 1.0 if response_text.strip() == "I prefer cats." else 0.0
-'''
-
-
-@pytest.mark.slow
-def test_ppo_with_default_settings_rises_and_stays_without_collapse(sft_policy, prompts, tmp_path):
-    """A `--reward_fn` (one reply at a time) drives the learning. Issue 16's run: with the defaults, the reward rose to 1 by step 5 and then collapsed (the policy said
-    "I cats" when every reward was equal and the critic's errors were whitened into advantages)."""
-    reward_py = tmp_path / "reward.py"
-    reward_py.write_text(EXACT_REWARD)
     out = str(tmp_path / "out")
-    run_cli("ppo", "--policy", sft_policy, "--reward_fn", f"{reward_py}:exactly_cats", "--prompts", prompts,
-            "--output_dir", out, "--num_train_epochs", "40", "--save_steps", "0")
+    proc = run_cli("ppo", "--policy", sft_policy, "--reward_funcs", f"{reward_py}:names_the_answer", "--prompts", prompts,
+                   "--output_dir", out, "--num_train_epochs", "40", "--save_steps", "0")
+    assert f"reward from {reward_py}:names_the_answer" in proc.stderr
     rows = ppo_log(out)
     rewards, kls = [r["reward_mean"] for r in rows], [r["kl"] for r in rows]
     first = next(i for i, r in enumerate(rewards) if r == 1.0)

@@ -124,11 +124,8 @@ def test_a_gpu_yaml_on_a_cpu_reports_the_data_mistake_first_and_falls_back_to_fp
 
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_a_hub_id_without_network_fails_at_once_with_what_to_do(offline, tmp_path):
-    """Not cached and no way to the hub (HF_HUB_OFFLINE, or an endpoint nobody answers): the message comes from one
-    connection attempt, not after the hub client's minute of retries."""
-    import time
-
-    start = time.monotonic()
+    """Not cached and no way to the hub (HF_HUB_OFFLINE, or an endpoint nobody answers): the message comes from our
+    one connection attempt before any hub call (the hub client's retries took a minute, then a traceback)."""
     proc = run_cli("sft", "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--data_path", os.path.join(DATA, "sft_example.json"),
                    "--output_dir", str(tmp_path / "o"), check=False, HF_HUB_OFFLINE=offline, HF_ENDPOINT="http://127.0.0.1:9",
                    HF_HOME=str(tmp_path / "hf"))
@@ -136,7 +133,6 @@ def test_a_hub_id_without_network_fails_at_once_with_what_to_do(offline, tmp_pat
     assert "Qwen/Qwen2.5-0.5B-Instruct: not a local directory and not in the Hugging Face cache" in proc.stderr
     assert ("HF_HUB_OFFLINE is set" if offline == "1" else "127.0.0.1 cannot be reached") in proc.stderr
     assert "hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in proc.stderr
-    assert time.monotonic() - start < 40  # imports included; the hub client's retries took about 65 s
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 import shutil
 
-from qwen_tune.models.tokenizer import embedded_rank_file, load_tokenizer
+from qwen_tune.models.tokenizer import embedded_rank_file, load_tokenizer, save_tokenizer
 
 
 def encode_plain(tok, texts):
@@ -25,6 +25,30 @@ def test_checkpoint_tokenizer_json_is_used_as_is(tmp_path, tokenizer):
     again = load_tokenizer(str(tmp_path))
     assert again.chat_template == tokenizer.chat_template
     assert encode_plain(again, ["assistant\n"]) == [[77091, 198]]
+
+
+def test_a_saved_tokenizer_loads_the_same_and_reads_tokenizer_json_once(tmp_path, tokenizer, monkeypatch):
+    """What every output carries: the same tokenizer as a plain `save_pretrained` gives (added tokens with all their
+    flags, specials, template, ids of text with typed and real control tokens), but its load never opens
+    tokenizer.json in Python: only the Rust backend reads it, once (transformers 5 re-parses it otherwise)."""
+    import builtins
+
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tokenizer, tmp_path / "ours")
+    tokenizer.save_pretrained(tmp_path / "plain")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
+    ours = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert not [f for f in opened if f.endswith("tokenizer.json")], opened
+    monkeypatch.setattr(builtins, "open", real_open)
+    plain = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert {i: t.__getstate__() for i, t in ours.added_tokens_decoder.items()} == \
+        {i: t.__getstate__() for i, t in plain.added_tokens_decoder.items()}
+    assert ours.special_tokens_map == plain.special_tokens_map and ours.chat_template == plain.chat_template
+    texts = ["<|im_start|>user\nHi <|im_end|> typed<|im_end|>\n", "你好 <think>x</think> <tool_call>"]
+    assert ours(texts)["input_ids"] == plain(texts)["input_ids"] and encode_plain(ours, texts) == encode_plain(plain, texts)
 
 
 def test_embedded_tokenizer_equals_official_qwen3():

@@ -37,6 +37,7 @@ from ..train.distributed import log, print_zero3_partition
 from ..train.guards import ObservedSteps, safety_callbacks
 from ..train.loss import LossOnlyEvaluation, router_aux_loss_coef, sequence_logprobs, sequence_logprobs_and_aux
 from ..train.finish import finish_run, last_logged
+from ..train.zero3_pictures import run_vision_tower_on_every_rank
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -149,6 +150,7 @@ def run(config, callbacks: tuple = ()) -> dict:
     else:
         # all frozen; its load would repeat the policy's lines, and say its vision tower trains nothing
         reference = load_model(model_path, **load, log=lambda _: None).eval().requires_grad_(False)
+    run_vision_tower_on_every_rank([model, reference], images, train, evaluation)  # ZeRO-3: ranks gather alike
     trainer = DPOLossTrainer(
         model=model,
         reference=reference,

@@ -28,6 +28,7 @@ from ..models.tokenizer import load_tokenizer
 from ..train.distributed import log, print_zero3_partition
 from ..train.guards import ObservedSteps, safety_callbacks
 from ..train.loss import LossOnlyEvaluation, causal_lm_loss_terms, router_aux_loss_coef
+from ..train.zero3_pictures import run_vision_tower_on_every_rank
 from ..train.finish import finish_run, last_logged
 
 
@@ -141,6 +142,7 @@ def run(config, callbacks: tuple = ()) -> dict:
         model.print_trainable_parameters()
 
     packing = images_unpacked(packing_for(model, config.layout.packing, log), log, train_samples, eval_samples)
+    run_vision_tower_on_every_rank([model], images, train_samples, eval_samples)  # ZeRO-3: ranks gather alike
     trainer = SFTLossTrainer(
         model=model,
         args=args,

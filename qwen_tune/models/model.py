@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from ..train.distributed import log
-from .tokenizer import QWEN_SPEC, cache_dir, load_tokenizer
+from .tokenizer import QWEN_SPEC, SAVED_FORMAT, cache_dir, load_tokenizer, save_tokenizer
 from .vision import MERGER_PATTERN, set_vision_training
 from ..trust import check_checkpoint
 
@@ -38,7 +38,7 @@ FINAL_NORM_SCALE = 10.0
 def embedded_model_path() -> str:
     """Build (once) and return the absolute path of the embedded default model directory."""
     build = f"final_norm={FINAL_NORM_SCALE}".encode()
-    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes() + QWEN_SPEC.read_bytes() + build).hexdigest()[:12]
+    digest = __import__("hashlib").sha256(EMBEDDED_CONFIG.read_bytes() + QWEN_SPEC.read_bytes() + SAVED_FORMAT + build).hexdigest()[:12]
     target = cache_dir() / f"{EMBEDDED_NAME}-{digest}"
     if not (target / "config.json").exists():
         from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -55,7 +55,7 @@ def embedded_model_path() -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-model-"))
         model.save_pretrained(tmp)
-        load_tokenizer().save_pretrained(tmp)
+        save_tokenizer(load_tokenizer(), tmp)
         try:
             os.replace(tmp, target)  # atomic: parallel processes never load half a model
         except OSError:

@@ -32,6 +32,8 @@ QWEN_V1_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END] + [f"<|extra_{i}|>" for i
 QWEN_SPEC = Path(__file__).parent.parent / "assets" / "qwen_tokenizer_spec.json"
 
 DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+# How cached tokenizers are written (`save_tokenizer`): part of their cache keys, so a cache written before is rebuilt.
+SAVED_FORMAT = b"added_tokens_decoder in tokenizer_config.json"
 
 
 def embedded_rank_file() -> Path:
@@ -48,6 +50,22 @@ def _finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
         # Padding never decides a label (labels come from chat_format), so any real token will do.
         tok.pad_token = ENDOFTEXT
     return tok
+
+
+def save_tokenizer(tok: PreTrainedTokenizerBase, directory) -> None:
+    """`save_pretrained`, plus the added tokens in `tokenizer_config.json` as every Qwen release ships them.
+
+    transformers 5 leaves `added_tokens_decoder` out of the config of a tokenizers-backed tokenizer, and then, on
+    every load, parses the whole `tokenizer.json` once more in Python just to find the added tokens (half a second
+    for Qwen's 151k-token vocabulary). With them in the config a load reads `tokenizer.json` once, in Rust; the
+    tokenizer loaded is the same (tests/test_tokenizer.py)."""
+    import json
+
+    tok.save_pretrained(directory)
+    config_file = Path(directory) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {str(i): t.__getstate__() for i, t in sorted(tok.added_tokens_decoder.items())}
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _backend(rank_file: Path, qwen_v1: bool):
@@ -69,7 +87,7 @@ def _backend(rank_file: Path, qwen_v1: bool):
 
 def _convert_rank_file(rank_file: Path, qwen_v1: bool = False) -> PreTrainedTokenizerFast:
     """tiktoken rank file -> fast tokenizer, cached by the file's and the spec's hash (converting takes seconds)."""
-    digest = hashlib.sha256(rank_file.read_bytes() + (b"v1" if qwen_v1 else QWEN_SPEC.read_bytes())).hexdigest()[:16]
+    digest = hashlib.sha256(rank_file.read_bytes() + (b"v1" if qwen_v1 else QWEN_SPEC.read_bytes()) + SAVED_FORMAT).hexdigest()[:16]
     target = cache_dir() / f"tokenizer-{digest}"
     if not (target / "tokenizer.json").exists():
         tok = PreTrainedTokenizerFast(
@@ -83,7 +101,7 @@ def _convert_rank_file(rank_file: Path, qwen_v1: bool = False) -> PreTrainedToke
         )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-tokenizer-"))
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         try:
             os.replace(tmp, target)  # atomic: concurrent processes never see half a tokenizer
         except OSError:  # another process won the race

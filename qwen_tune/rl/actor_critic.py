@@ -18,6 +18,7 @@ from ..options import LoraOptions
 from ..models.trained import load_trained
 from ..models.lora import add_lora
 from ..models.model import is_adapter, load_model
+from ..models.tokenizer import save_tokenizer
 from .ppo_math import entropy_from_logits
 from .rollouts import Rollout
 from ..train.loss import backbone_and_head
@@ -138,7 +139,7 @@ def save_actor_critic(actor, critic, tokenizer, out: str, adapter: bool) -> None
     else:
         actor.save_pretrained(out)
         actor.generation_config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     if isinstance(critic, ValueHead):
         from safetensors.torch import save_file
 

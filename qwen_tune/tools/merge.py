@@ -15,13 +15,13 @@ from ..models.model import is_adapter
 def merge(adapter: str, out: str, trust_remote_code: bool = False) -> str:
     """Merge and save as safetensors with the tokenizer and generation config, as the base's own class."""
     from ..models.trained import load_trained
-    from ..models.tokenizer import load_tokenizer
+    from ..models.tokenizer import load_tokenizer, save_tokenizer
 
     if not is_adapter(adapter):
         raise UserError(f"{adapter}: no adapter_config.json; is this a LoRA output directory?")
     merged = load_trained(adapter, trust_remote_code=trust_remote_code).merge_and_unload()  # checks the checkpoint first
     merged.save_pretrained(out)
-    load_tokenizer(adapter, trust_remote_code=trust_remote_code).save_pretrained(out)
+    save_tokenizer(load_tokenizer(adapter, trust_remote_code=trust_remote_code), out)
     return out
 
 

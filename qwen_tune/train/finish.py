@@ -14,6 +14,7 @@ from transformers import Trainer
 
 from ..models.trained import loading_code
 from ..models.model import is_vision_language
+from ..models.tokenizer import save_tokenizer
 from ..report import card_path, write_run_report
 from . import ownership
 from .checkpoints import remove_checkpoints, save_final_model
@@ -36,7 +37,7 @@ def finish_run(trainer: Trainer, *, tokenizer, fmt, data, data_reports: dict, me
     save_final_model(trainer, staged)
     if not trainer.is_world_process_zero():
         return
-    tokenizer.save_pretrained(staged)  # carries the chat template the run trained with
+    save_tokenizer(tokenizer, staged)  # carries the chat template the run trained with
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     if fmt.images is not None:
         fmt.images.processor.save_pretrained(staged)  # sizes images as the run did

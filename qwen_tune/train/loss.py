@@ -25,13 +25,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), gradients precomputed chunk by chunk (one backward per forward,
-    as in a training step)."""
+    as in a training step). `with_grads` False (no_grad: evaluation, scoring): the sum alone, with no (vocab, dim)
+    gradient buffer and no second matmul per chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        needs_w = weight.requires_grad
+    def forward(ctx, hidden, weight, targets, chunk_size, with_grads=True):
+        needs_w = with_grads and weight.requires_grad
         ctx.weight_dtype = weight.dtype
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=acc) if needs_w else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -45,6 +46,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(top).exp_()
             norm = probs.sum(dim=-1, keepdim=True)
             total += ((top + norm.log()).squeeze(1) - picked).sum()
+            if not with_grads:
+                continue
             grad = probs.div_(norm)  # softmax - onehot:
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             grad_hidden[start : start + chunk_size] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -60,7 +63,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         gw = grad_weight.mul_(grad_out).to(ctx.weight_dtype) if grad_weight is not None else None
-        return grad_hidden.mul_(grad_out.to(grad_hidden.dtype)), gw, None, None
+        return grad_hidden.mul_(grad_out.to(grad_hidden.dtype)), gw, None, None, None
 
 
 LOGITS_CHUNK_BYTES = 256 * 2**20
@@ -92,7 +95,8 @@ def chunked_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels
     if n == 0:
         return hidden.sum() * 0.0 + weight.sum() * 0.0, 0
     selected = hidden[rows, cols]
-    return ChunkedLinearCrossEntropy.apply(selected, weight, targets, chunk_size or chunk_rows(weight.shape[0])), n
+    with_grads = torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(selected, weight, targets, chunk_size or chunk_rows(weight.shape[0]), with_grads), n
 
 
 def plain_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
