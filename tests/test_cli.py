@@ -75,8 +75,9 @@ def test_sft_help_all_is_grouped_and_every_option_has_an_explanation_and_its_def
     else:
         out = run_cli(*argv, **env).stdout
     groups = [line for line in out.splitlines() if re.match(r"^\S.*:$", line)]
-    assert groups[:8] == ["options:", "model:", "data:", "chat format:", "images:", "batch layout:", "tokens cache:", "LoRA / Q-LoRA:"]
-    assert groups[8].startswith("training")
+    assert groups[:9] == ["options:", "model:", "data:", "chat format:", "images:", "vision training:", "batch layout:", "tokens cache:",
+                          "LoRA / Q-LoRA:"]
+    assert groups[9].startswith("training")
     blocks = option_blocks(out)
     assert len(blocks) > 100  # ours and all of transformers' TrainingArguments
     for flag, block in blocks.items():

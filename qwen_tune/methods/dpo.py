@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, load)
+                      TrainingArguments, VisionTrainingOptions, load)
 from ..train.loss import SequenceLogprobs, sequence_logprobs
 from ..train.pair_trainer import (PairLossTrainer, load_frozen_start_model, load_pairs, load_policy, reward_metrics,
                                   train_and_finish, trainer_inputs)
@@ -40,7 +40,7 @@ class DPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "dpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": DPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
 )
@@ -90,7 +90,7 @@ class DPOLossTrainer(PairLossTrainer):
 def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
     pairs = load_pairs(config)
-    policy = load_policy(pairs, config.lora)
+    policy = load_policy(pairs, config.lora, config.vision)
     reference = None if config.lora.use_lora else load_frozen_start_model(pairs)  # an adapter: the base, adapter off
     trainer = DPOLossTrainer(reference=reference, **trainer_inputs(pairs, policy, callbacks))
     return train_and_finish(trainer, pairs, config, kind="dpo")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, load)
+                      TrainingArguments, VisionTrainingOptions, load)
 from ..train.loss import SequenceLogprobs
 from ..train.pair_trainer import PairLossTrainer, load_pairs, load_policy, reward_metrics, train_and_finish, trainer_inputs
 
@@ -32,7 +32,7 @@ class ORPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "orpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": ORPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's ORPOConfig; an adapter's update is scaled down by alpha / r
 )
@@ -68,7 +68,7 @@ class ORPOLossTrainer(PairLossTrainer):
 def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
     pairs = load_pairs(config)
-    trainer = ORPOLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora), callbacks))
+    trainer = ORPOLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora, config.vision), callbacks))
     return train_and_finish(trainer, pairs, config, kind="orpo")
 
 

@@ -13,7 +13,8 @@ import torch
 from transformers import Trainer
 
 from ..options import (CacheOptions, DataOptions, FormatOptions, ImageOptions, LayoutOptions, LearningRates, LoraOptions,
-                       Method, ModelOptions, TrainingArguments, load, prepare_run, set_chat_format, train_dtype)
+                       Method, ModelOptions, TrainingArguments, VisionTrainingOptions, load, prepare_run, set_chat_format,
+                       train_dtype)
 from ..options.training import SEED_LR_FULL, SEED_LR_LORA
 from ..data.collate import PackedCollator, PaddedCollator, images_unpacked
 from ..data.cache import load_tokens
@@ -89,8 +90,9 @@ def resolve_layout(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "sft",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "layout": LayoutOptions,
-            "cache": CacheOptions, "lora": LoraOptions, "train": TrainingArguments},
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+            "vision": VisionTrainingOptions, "layout": LayoutOptions, "cache": CacheOptions, "lora": LoraOptions,
+            "train": TrainingArguments},
     learning_rates=LearningRates(full=SEED_LR_FULL, lora=SEED_LR_LORA),  # the seed's
     resolve=resolve_layout,
 )
@@ -128,13 +130,15 @@ def run(config, callbacks: tuple = ()) -> dict:
 
     model = load_model(model_path, dtype=train_dtype(args), q_lora=lora.q_lora,
                        trust_remote_code=model_options.trust_remote_code, attn_implementation=model_options.attn_implementation,
-                       allow_pickle_weights=model_options.allow_pickle_weights)
+                       allow_pickle_weights=model_options.allow_pickle_weights, adapter=lora.use_lora,
+                       **config.vision.switches())
     model.config.use_cache = False  # packed rows need it off, and training never uses the cache
     print_zero3_partition(model)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     if lora.use_lora:
-        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options())
+        model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=args.gradient_checkpointing, **lora.adapter_options(),
+                         **config.vision.switches())
         model.print_trainable_parameters()
 
     packing = images_unpacked(packing_for(model, config.layout.packing, log), log, train_samples, eval_samples)

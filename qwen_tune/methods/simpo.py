@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, load)
+                      TrainingArguments, VisionTrainingOptions, load)
 from ..train.loss import SequenceLogprobs
 from ..train.pair_trainer import PairLossTrainer, load_pairs, load_policy, reward_metrics, train_and_finish, trainer_inputs
 
@@ -36,7 +36,7 @@ def check_beta(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "simpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": SimPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's CPOConfig; an adapter's update is scaled down by alpha / r
     resolve=check_beta,
@@ -62,7 +62,7 @@ class SimPOLossTrainer(PairLossTrainer):
 def run(config, callbacks: tuple = ()) -> dict:
     """`callbacks`: extra Trainer callbacks (tests use them to trace batches and inject faults)."""
     pairs = load_pairs(config)
-    trainer = SimPOLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora), callbacks))
+    trainer = SimPOLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora, config.vision), callbacks))
     return train_and_finish(trainer, pairs, config, kind="simpo")
 
 

@@ -1,7 +1,8 @@
 """LoRA and Q-LoRA adapters: what they adapt on each Qwen model type, with which options, and saying so.
 
 Dense models get PEFT's own `all-linear`. On mixture-of-experts models the routed experts are adapted too (PEFT's
-`target_parameters`) and the routers are not; a vision-language model's vision tower is left out. Options are
+`target_parameters`) and the routers are not; a vision-language model's vision tower is left out unless asked for
+(--train_vision: LoRA on the ViT; --train_merger: the merger trained in full). Options are
 resolved here once, on the loaded model (the dropout depends on what is adapted).
 """
 
@@ -14,18 +15,25 @@ import torch
 
 from ..errors import UserError
 from ..train.distributed import log
+from .vision import vision_parts
 
 # LoRA targets of every linear projection in Qwen1.5/2/2.5/3 (and Qwen v1's c_attn/c_proj/w1/w2).
 LORA_TARGETS = "all-linear"
-# PEFT's "all-linear" also finds projections that text training must leave alone: the vision tower's (not what text
-# training asks for, and servers ignore LoRA there, verl#3922) and Qwen4-Exp's attention indexer (frozen by load_model:
-# no gradient reaches it). A regex of module names, matched in full.
-NOT_ADAPTED = r"(.*\.)?(visual|indexer)\..*"
+# PEFT's "all-linear" also finds projections that LoRA must leave alone: Qwen4-Exp's attention indexer (frozen by
+# load_model: no gradient reaches it) and the vision tower's, but for the ViT's under --train_vision (vision_lora).
+INDEXERS = r"(.*\.)?indexer\..*"
 
 
-def not_adapted(model) -> str | None:
-    """NOT_ADAPTED where `model` has such modules (PEFT warns about an exclusion that matches nothing)."""
-    return NOT_ADAPTED if any(re.fullmatch(NOT_ADAPTED, name) for name, _ in model.named_modules()) else None
+def not_adapted(model, train_vision: bool = False) -> str | None:
+    """A regex of module names (matched in full) that LoRA leaves alone, or None where the model has none (PEFT warns
+    about an exclusion that matches nothing): attention indexers, the vision tower's mergers (frozen, or trained in full
+    through modules_to_save) and its ViT unless `train_vision`."""
+    parts = vision_parts(model)
+    vision = (parts.mergers + (() if train_vision else parts.vit)) if parts else ()
+    patterns = [rf"{re.escape(name)}(\..*)?" for name in vision]
+    if any(re.fullmatch(INDEXERS, name) for name, _ in model.named_modules()):
+        patterns.append(INDEXERS)
+    return "|".join(patterns) or None
 
 
 # Mixture-of-experts. transformers 5 stores a Qwen MoE block's routed experts as two stacked 3-D parameters
@@ -144,19 +152,57 @@ def lora_dropout(requested: float | None, targets: LoraTargets, model_type: str,
 
 def lora_config(model=None, *, r: int, alpha: int, dropout: float | None = None,
                 target_modules: str | list[str] | None = LORA_TARGETS, modules_to_save: list[str] | None = None,
-                task_type: str = "CAUSAL_LM", log=log):
+                task_type: str = "CAUSAL_LM", train_vision: bool = False, train_merger: bool = False, log=log):
     """The PEFT LoraConfig of our options for `model` (TRL's trainers take it as `peft_config`). Without a model the
-    targets are taken as given (PEFT resolves them). A vision tower and attention indexers are left out."""
+    targets are taken as given (PEFT resolves them). Attention indexers are left out, and so is the vision tower but
+    for what `train_vision` / `train_merger` ask (vision_lora)."""
     from peft import LoraConfig
 
     targets = lora_targets(model, target_modules) if model is not None else LoraTargets(target_modules)
     if targets.frozen:
         log(f"lora: {targets.frozen}")
+    modules, modules_to_save = targets.modules, list(modules_to_save or [])
+    if model is not None and (train_vision or train_merger):
+        modules, mergers = vision_lora(model, modules, train_vision, train_merger)
+        modules_to_save += mergers
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora_dropout(dropout, targets, model_type, log),
-                      target_modules=targets.modules, target_parameters=targets.parameters or None,
-                      exclude_modules=not_adapted(model) if model is not None else None,
+                      target_modules=modules, target_parameters=targets.parameters or None,
+                      exclude_modules=not_adapted(model, train_vision) if model is not None else None,
                       modules_to_save=modules_to_save or None, task_type=task_type)
+
+
+def vision_lora(model, modules: str | list[str] | None, train_vision: bool, train_merger: bool):
+    """How the vision parts asked for train under LoRA: the ViT's linear layers get LoRA adapters (whatever
+    --lora_target_modules names, which is for the language model), the mergers train in full as PEFT
+    `modules_to_save` (small, and saved whole in the adapter). Returns (target_modules, mergers to save)."""
+    parts = vision_parts(model)
+    vit = [name for name, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and name.startswith(tuple(f"{v}." for v in parts.vit))] if train_vision else []
+    if vit and not isinstance(modules, str):  # all-linear (a str) finds them itself once they are not excluded
+        modules = list(modules or []) + vit
+    return modules, list(parts.mergers) if train_merger else []
+
+
+def describe_vision_lora(model, asked: bool) -> str:
+    """What of the vision tower a PEFT model trains, with tensor and parameter counts. Servers such as vLLM apply LoRA
+    to the language model only (verl#3922) and load no modules_to_save there, so either is served only once
+    `qwen-tune merge` has folded it into the weights: said here, and in the README."""
+    from .vision import count
+
+    visual = [(name, p) for name, p in model.named_parameters() if ".visual." in name]
+    adapters = [p for name, p in visual if p.requires_grad and ".lora_" in name]
+    whole = [p for name, p in visual if p.requires_grad and ".lora_" not in name]
+    frozen = [p for name, p in visual if not p.requires_grad and ".original_module." not in name]  # not the saved copies' originals
+    trained = ([f"LoRA adapters on the ViT's linear layers ({count(adapters)})"] * bool(adapters)
+               + [f"the merger in full as modules_to_save ({count(whole)})"] * bool(whole))
+    what = ["the ViT's base weights and embeddings" if adapters else "the ViT"] + ["the merger"] * (not whole)
+    line = (f"vision tower of {model.config.model_type}: trained: {'; '.join(trained) or 'nothing'}; frozen: "
+            f"{', '.join(what)} ({count(frozen)})")
+    if asked:
+        line += (". Servers such as vLLM ignore LoRA and modules_to_save on the vision tower: serve the output of "
+                 "`qwen-tune merge --adapter OUT --out DIR`")
+    return line
 
 
 def describe_adapter(model) -> str:
@@ -169,6 +215,8 @@ def describe_adapter(model) -> str:
         if not isinstance(module, LoraLayer):
             continue
         name = layer_label(path)
+        if ".visual." in path:  # the ViT's, under --train_vision
+            name = f"visual.{name}"
         if ".mlp." in path:
             in_mlp.add(name)
         routers |= name.rsplit(".", 1)[-1] in ROUTERS
@@ -231,4 +279,6 @@ def add_lora(model, *, q_lora: bool = False, gradient_checkpointing: bool = Fals
             log(note)
     model = get_peft_model(model, lora_config(model, log=log, **options))
     log(f"lora: adapting {describe_adapter(model)}")
+    if vision_parts(model) is not None:
+        log(f"lora: {describe_vision_lora(model, options.get('train_vision') or options.get('train_merger'))}")
     return model

@@ -26,6 +26,7 @@ from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from ..train.distributed import log
 from .tokenizer import QWEN_SPEC, SAVED_FORMAT, cache_dir, load_tokenizer, save_tokenizer
+from .vision import MERGER_PATTERN, set_vision_training
 from ..trust import check_checkpoint
 
 EMBEDDED_CONFIG = Path(__file__).parent.parent / "assets" / "embedded_model_config.json"
@@ -172,21 +173,6 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def vision_tower_parameters(model) -> list[torch.nn.Parameter]:
-    return [p for name, p in model.named_parameters() if "visual" in name.split(".")]
-
-
-def freeze_vision_tower(model, log) -> None:
-    """Text training of a composite checkpoint: the vision tower keeps its weights (and is saved with the model).
-    Counted with `ds_numel` under ZeRO-3, where each rank holds a slice."""
-    frozen = vision_tower_parameters(model)
-    for p in frozen:
-        p.requires_grad_(False)
-    log(f"model: {model.config.model_type} is vision-language; loaded as {type(model).__name__} to train its language "
-        f"model on text, its vision tower ({len(frozen)} tensors, {sum(getattr(p, 'ds_numel', p.numel()) for p in frozen):,} parameters) frozen "
-        "and saved unchanged")
-
-
 def freeze_attention_indexers(model, log) -> None:
     """Qwen4-Exp's indexed attention picks the keys each query reads with a token indexer (top-k over compressed
     blocks); no gradient reaches it through that choice and transformers computes no loss of its own for it, so it
@@ -208,12 +194,17 @@ def load_model(
     attn_implementation: str | None = None,
     model_class=AutoModelForCausalLM,
     allow_pickle_weights: bool = False,
+    train_vision: bool = False,
+    train_merger: bool = False,
+    adapter: bool = False,
     log=log,
     **kwargs,
 ) -> PreTrainedModel:
     """Load a base model for training. Q-LoRA: bitsandbytes NF4 with double quantization. A vision-language checkpoint
     asked for as a causal LM loads as its own class (AutoModelForImageTextToText), so nothing of it is lost on saving;
-    AutoModelForCausalLM would keep its language model only."""
+    AutoModelForCausalLM would keep its language model only. Its vision tower is frozen but for the parts
+    `train_vision` (the ViT) and `train_merger` (the mergers into the language model) ask to train (models/vision.py);
+    `adapter`: a LoRA adapter will be added, which decides how they train (add_lora), so all stays frozen here."""
     check_checkpoint(path, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle_weights)
     config = read_config(path, trust_remote_code)
     check_quantization_backend(path, config)
@@ -232,6 +223,7 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=["lm_head", MERGER_PATTERN] if train_merger else None,  # trained in full, not 4-bit
         )
         if torch.cuda.is_available():  # each rank quantizes onto its own GPU, not all onto GPU 0
             kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})
@@ -258,8 +250,7 @@ def load_model(
     set_generation_defaults(model)
     keep_used_weight_conversions(model)
     split_linear_attention(model)
-    if composite:
-        freeze_vision_tower(model, log)
+    set_vision_training(model, train_vision=train_vision, train_merger=train_merger, adapter=adapter, log=log)
     freeze_attention_indexers(model, log)
     return model
 

@@ -11,6 +11,7 @@ import importlib
 
 _WHERE = {"CacheOptions": "groups", "DataOptions": "groups", "FormatOptions": "groups", "ImageOptions": "groups",
           "LayoutOptions": "groups", "LoraOptions": "groups", "ModelOptions": "groups", "set_chat_format": "groups",
+          "VisionTrainingOptions": "groups",
           "LearningRates": "method", "Method": "method", "PreparedRun": "prepare", "prepare_run": "prepare",
           "Machine": "resolve", "load": "resolve", "resolve": "resolve", "RunArguments": "training",
           "TrainingArguments": "training", "train_dtype": "training"}

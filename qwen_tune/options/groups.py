@@ -96,6 +96,28 @@ class ImageOptions(Frozen):
     )
 
 
+@dataclass
+class VisionTrainingOptions(Frozen):
+    """What of a vision-language checkpoint's vision tower trains (the training commands; the rest of it stays frozen).
+    Not in ImageOptions: eval and preprocess size images too, and would ignore these."""
+
+    _argument_group_name = "vision training"
+    train_vision: bool = field(
+        default=False, metadata={"help": "Train the vision tower's ViT (patch and position embeddings, blocks): in full, or with "
+                                        "LoRA adapters on its blocks under --use_lora (merge before serving: vLLM ignores "
+                                        "LoRA there). Off: frozen."}
+    )
+    train_merger: bool = field(
+        default=False, metadata={"help": "Train the merger(s) that project vision features into the language model (Qwen3-VL: "
+                                        "also the deepstack mergers): in full, also under --use_lora (saved in the adapter). "
+                                        "Off: frozen."}
+    )
+
+    def switches(self) -> dict:
+        """These settings as keyword arguments of `model.load_model` and `lora.add_lora`."""
+        return {"train_vision": self.train_vision, "train_merger": self.train_merger}
+
+
 def set_chat_format(tokenizer, options: FormatOptions, source: str = "the checkpoint", images=None):
     """The run's `ChatFormat`, installed on `tokenizer` (which then carries the template, so saving it serves what
     was trained). `images`: the run's `ImageInputs` when it trains a vision-language checkpoint on images."""
@@ -210,7 +232,8 @@ def split_modules(value: str | None):
     return [m.strip() for m in value.split(",") if m.strip()]
 
 
-SHARED_GROUPS = (ModelOptions, FormatOptions, ImageOptions, CacheOptions, DataOptions, LayoutOptions, LoraOptions)
+SHARED_GROUPS = (ModelOptions, FormatOptions, ImageOptions, VisionTrainingOptions, CacheOptions, DataOptions, LayoutOptions,
+                 LoraOptions)
 
 
 def group_of(option: str):

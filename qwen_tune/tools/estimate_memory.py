@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..options import LoraOptions, Method, TrainingArguments, load
+from ..options import LoraOptions, Method, TrainingArguments, VisionTrainingOptions, load
 from ..options.groups import DEFAULT_MAX_LENGTH, Frozen
 
 GiB = 2**30
@@ -68,9 +68,13 @@ def check_options(values: dict[str, dict]) -> None:
     e = values["estimate"]
     if e["nproc_per_node"] < 1 or e["nnodes"] < 1 or e["per_device_train_batch_size"] < 1 or e["model_max_length"] < 1:
         raise UserError("--nproc_per_node, --nnodes, --per_device_train_batch_size and --model_max_length must be at least 1")
+    for switch, on in values["vision"].items():
+        if on and e["method"] == "rm":
+            raise UserError(f"--{switch}: rm trains no vision tower (it has no such option); estimate sft or dpo")
 
 
-METHOD = Method("estimate-memory", groups={"estimate": EstimateOptions, "lora": LoraOptions}, resolve=check_options)
+METHOD = Method("estimate-memory", groups={"estimate": EstimateOptions, "lora": LoraOptions, "vision": VisionTrainingOptions},
+                resolve=check_options)
 
 
 @dataclass(frozen=True)
@@ -124,13 +128,14 @@ def read_model_config(model: str | None, trust_remote_code: bool):
         raise UserError(f"--model_name_or_path {model}: cannot read its config.json: {str(e).splitlines()[0]}") from e
 
 
-def meta_model(config, method: str, dtype, lora: LoraOptions | None):
-    """The model a run of `method` trains, built on the meta device in `dtype`: its vision tower and attention indexers
-    frozen as load_model freezes them, with the adapter add_lora would add."""
+def meta_model(config, method: str, dtype, lora: LoraOptions | None, vision: VisionTrainingOptions | None = None):
+    """The model a run of `method` trains, built on the meta device in `dtype`: its vision tower (but for the parts
+    `vision` trains) and attention indexers frozen as load_model freezes them, with the adapter add_lora would add."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    from ..models.model import freeze_attention_indexers, is_vision_language, vision_tower_parameters
+    from ..models.model import freeze_attention_indexers, is_vision_language
+    from ..models.vision import set_vision_training
 
     def quiet(*_):
         pass
@@ -148,13 +153,14 @@ def meta_model(config, method: str, dtype, lora: LoraOptions | None):
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        for p in vision_tower_parameters(model):
-            p.requires_grad_(False)
+        switches = (vision or VisionTrainingOptions()).switches()
+        set_vision_training(model, **switches, log=quiet)
         freeze_attention_indexers(model, quiet)
         if lora is not None and lora.use_lora:
             from ..models.lora import add_lora
 
-            model = add_lora(model, log=quiet, task_type="SEQ_CLS" if method == "rm" else "CAUSAL_LM", **lora.adapter_options())
+            model = add_lora(model, log=quiet, task_type="SEQ_CLS" if method == "rm" else "CAUSAL_LM", **lora.adapter_options(),
+                             **switches)
     return model
 
 
@@ -230,8 +236,9 @@ def activation_values_per_token(config, checkpointing: bool) -> float:
     return outside + (layers * hidden + layer if checkpointing else layers * layer)
 
 
-def estimate(options: EstimateOptions, lora: LoraOptions, config=None) -> Estimate:
-    """The estimate of a run with these options (`config`: the model's, read from --model_name_or_path when None)."""
+def estimate(options: EstimateOptions, lora: LoraOptions, config=None, vision: VisionTrainingOptions | None = None) -> Estimate:
+    """The estimate of a run with these options (`config`: the model's, read from --model_name_or_path when None;
+    `vision`: what of a vision tower trains, nothing when None)."""
     import torch
 
     from ..train.loss import chunk_rows
@@ -240,7 +247,7 @@ def estimate(options: EstimateOptions, lora: LoraOptions, config=None) -> Estima
     plan = DeepSpeedPlan.read(options.deepspeed)
     world = options.nproc_per_node * options.nnodes
     dtype = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else torch.float32
-    model = meta_model(config, options.method, dtype, lora)
+    model = meta_model(config, options.method, dtype, lora, vision)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gpu, cpu = state_bytes(model, q_lora=lora.use_lora and lora.q_lora, plan=plan, world=world)
@@ -294,6 +301,6 @@ def describe(result: Estimate, options: EstimateOptions, lora: LoraOptions, conf
 def main(argv: list[str] | None = None) -> Estimate:
     config = load(METHOD, argv)
     model_config = read_model_config(config.estimate.model_name_or_path, config.estimate.trust_remote_code)
-    result = estimate(config.estimate, config.lora, model_config)
+    result = estimate(config.estimate, config.lora, model_config, config.vision)
     print(describe(result, config.estimate, config.lora, model_config))
     return result

@@ -7,7 +7,7 @@ method's per-pair formula trains it with every run's safety (checkpoints, resume
 plain Hugging Face directory. A method then reads like its algorithm:
 
     pairs = load_pairs(config)
-    trainer = MyLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora), callbacks))
+    trainer = MyLossTrainer(**trainer_inputs(pairs, load_policy(pairs, config.lora, config.vision), callbacks))
     return train_and_finish(trainer, pairs, config, kind="my-method")
 """
 
@@ -71,16 +71,17 @@ def load_pairs(config) -> PairRun:
                    {"train": train_report, "eval": eval_report})
 
 
-def load_policy(run: PairRun, lora):
-    """The model to train: the start model in full, or with a LoRA adapter on it (Q-LoRA: on its 4-bit weights)."""
-    model = load_model(run.model_path, q_lora=lora.q_lora, **run.load_options)
+def load_policy(run: PairRun, lora, vision):
+    """The model to train: the start model in full, or with a LoRA adapter on it (Q-LoRA: on its 4-bit weights);
+    `vision`: the VisionTrainingOptions (which parts of a vision tower train)."""
+    model = load_model(run.model_path, q_lora=lora.q_lora, adapter=lora.use_lora, **run.load_options, **vision.switches())
     model.config.use_cache = False  # packed rows need it off
     print_zero3_partition(model)
     if lora.use_lora:
         if run.prepared.args.gradient_checkpointing:
             model.enable_input_require_grads()
         model = add_lora(model, q_lora=lora.q_lora, gradient_checkpointing=run.prepared.args.gradient_checkpointing,
-                         **lora.adapter_options())
+                         **lora.adapter_options(), **vision.switches())
         model.print_trainable_parameters()
     run_vision_tower_on_every_rank([model], run.images, run.train, run.evaluation)  # ZeRO-3: ranks gather alike
     return model
@@ -88,7 +89,8 @@ def load_policy(run: PairRun, lora):
 
 def load_frozen_start_model(run: PairRun):
     """A second, frozen copy of the start model (DPO's reference in full fine-tuning)."""
-    model = load_model(run.model_path, **run.load_options).eval().requires_grad_(False)
+    # all frozen; its load would repeat the policy's lines, and say its vision tower trains nothing
+    model = load_model(run.model_path, **run.load_options, log=lambda _: None).eval().requires_grad_(False)
     run_vision_tower_on_every_rank([model], run.images, run.train, run.evaluation)  # ZeRO-3: ranks gather alike
     return model
 
