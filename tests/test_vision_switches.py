@@ -165,3 +165,18 @@ def test_estimate_memory_counts_the_vision_parts_the_switches_train():
     lora_on_vit = sum(4 * (m.in_features + m.out_features) for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and ".visual.blocks." in f".{name}")
     assert trainable["vision"]["lora"] - trainable["frozen"]["lora"] == lora_on_vit
+
+
+def test_q_lora_quantizes_the_language_model_and_not_the_vision_tower(pictures):
+    """Servers run the tower unquantized; a merger trained in full needs real weights (models/vision.py)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from qwen_tune.models.model import load_model
+
+    base, _ = pictures
+    model = load_model(str(base), q_lora=True, log=lambda _: None)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tower = {name: m for name, m in linears.items() if ".visual." in name}
+    language = {name: m for name, m in linears.items() if ".language_model." in name}
+    assert tower and not any(isinstance(m, Linear4bit) for m in tower.values())
+    assert language and all(isinstance(m, Linear4bit) for m in language.values())

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .linear_attention import split_linear_attention, splits_packed_rows
 from ..train.distributed import log
 from .tokenizer import QWEN_SPEC, SAVED_FORMAT, cache_dir, load_tokenizer, save_tokenizer
-from .vision import MERGER_PATTERN, set_vision_training
+from .vision import TOWER_PATTERN, set_vision_training
 from ..trust import check_checkpoint
 
 EMBEDDED_CONFIG = Path(__file__).parent.parent / "assets" / "embedded_model_config.json"
@@ -223,7 +223,7 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=["lm_head", MERGER_PATTERN] if train_merger else None,  # trained in full, not 4-bit
+            llm_int8_skip_modules=["lm_head", TOWER_PATTERN] if composite else None,  # the language model only
         )
         if torch.cuda.is_available():  # each rank quantizes onto its own GPU, not all onto GPU 0
             kwargs.setdefault("device_map", {"": int(os.environ.get("LOCAL_RANK", "0"))})

@@ -17,9 +17,11 @@ import torch
 from ..errors import UserError
 
 TOWER = "visual"
-# The mergers' module names, for bitsandbytes' skip list (a regex matched from the start of a module's name): Q-LoRA
-# with --train_merger keeps them unquantized, as a 4-bit weight cannot be trained in full.
-MERGER_PATTERN = rf".*\.{TOWER}\.\w*merger\w*"
+# The tower's module names, for bitsandbytes' skip list (a regex matched from the start of a module's name): Q-LoRA
+# quantizes the language model only. The tower stays in the training dtype, as servers run it (training on 4-bit
+# picture features would teach the adapter features it never sees when served), and a merger trained in full
+# (--train_merger) needs real weights. It is a few percent of the model.
+TOWER_PATTERN = rf".*\.{TOWER}"
 
 
 @dataclass(frozen=True)

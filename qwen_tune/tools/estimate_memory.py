@@ -177,11 +177,13 @@ def state_bytes(model, *, q_lora: bool, plan: DeepSpeedPlan, world: int) -> tupl
     """Weights, gradients and AdamW state per GPU (and what is offloaded), from each parameter's count and dtype."""
     import torch
 
+    from ..models.vision import TOWER
+
     output = model.get_output_embeddings()
     head = {id(p) for p in output.parameters()} if output is not None else set()
     quantizable = {id(m.weight) for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and id(m.weight) not in head and "lora_" not in name
-                   and not any(s in name.split(".") for s in ("score", "modules_to_save"))}
+                   and not any(s in name.split(".") for s in ("score", "modules_to_save", TOWER))}  # models/vision.py
     weights = grads = moments = master = 0.0
     for p in model.parameters():
         size = p.element_size()
