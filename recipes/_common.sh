@@ -1,8 +1,9 @@
 # Shared by the recipes: parse the seed's -m MODEL -d DATA -o OUT (and -f FINETUNE_DATA for the reward
 # model's second stage, -r REWARD_MODEL for PPO's), keep the rest for qwen-tune.
 # Dot-sourced: consumes those flags from "$@", leaving the pass-through arguments;
-# sets MODEL, DATA, FINETUNE, REWARD, OUT, GPUS, HAS_GPU, ROOT. A recipe may set USAGE first (its own usage line);
-# -f and -r are refused unless it names them in TAKES (e.g. TAKES="-r"), so that neither is silently ignored.
+# sets MODEL, DATA, FINETUNE, REWARD, OUT, GPUS, HAS_GPU, ROOT (and `launcher COMMAND`, LAUNCH and PRECISION).
+# A recipe may set USAGE first (its own usage line); -f and -r are refused unless it names them in TAKES
+# (e.g. TAKES="-r"), so that neither is silently ignored.
 MODEL=""; DATA=""; FINETUNE=""; REWARD=""; OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,4 +40,14 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 run() {
   echo "+ $*" >&2
   exec "$@"
+}
+
+# How a single-machine recipe runs `qwen-tune COMMAND`: on every visible GPU (torchrun) in bf16, else on the CPU in fp32.
+# Sets LAUNCH and PRECISION (the dtype flag, before the user's own so that theirs wins).
+launcher() {
+  if [ "$HAS_GPU" = 1 ]; then
+    LAUNCH="torchrun --nproc_per_node $GPUS -m qwen_tune $1"; PRECISION="--bf16 True"
+  else
+    LAUNCH="python -m qwen_tune $1"; PRECISION=""
+  fi
 }

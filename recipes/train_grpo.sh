@@ -7,11 +7,6 @@ USAGE="-m SFT_OUT -d PROMPTS [-o OUT] [more qwen-tune grpo options]"
 . "$(dirname "$0")/_common.sh"
 [ -z "$MODEL" ] && usage
 [ -z "$OUT" ] && OUT=output_qwen_grpo
-if [ "$HAS_GPU" = 1 ]; then
-  set -- --bf16 True "$@"
-  LAUNCH="torchrun --nproc_per_node $GPUS -m qwen_tune grpo"
-else
-  LAUNCH="python -m qwen_tune grpo"
-fi
+launcher grpo
 # the YAML names recipes/grpo_rewards.py relative to the repository root: run it from there (or pass --reward_funcs)
-run $LAUNCH --config "$ROOT/recipes/train_grpo.yaml" --policy "$MODEL" --prompts "$DATA" --output_dir "$OUT" "$@"
+run $LAUNCH --config "$ROOT/recipes/train_grpo.yaml" --policy "$MODEL" --prompts "$DATA" --output_dir "$OUT" $PRECISION "$@"

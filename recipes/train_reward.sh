@@ -9,18 +9,13 @@ set -e
 TAKES="-f"
 . "$(dirname "$0")/_common.sh"
 [ -z "$OUT" ] && OUT=output_qwen_rm
-if [ "$HAS_GPU" = 1 ]; then
-  set -- --bf16 True "$@"
-  LAUNCH="torchrun --nproc_per_node $GPUS -m qwen_tune rm"
-else
-  LAUNCH="python -m qwen_tune rm"
-fi
+launcher rm
 
 stage() {  # stage START DATA OUTPUT_DIR [extra flags]
   start=$1 data=$2 dir=$3
   shift 3
-  echo "+ $LAUNCH --config $ROOT/recipes/train_reward.yaml ${start:+--model_name_or_path $start} --data_path $data --output_dir $dir $*" >&2
-  $LAUNCH --config "$ROOT/recipes/train_reward.yaml" ${start:+--model_name_or_path "$start"} --data_path "$data" --output_dir "$dir" "$@"
+  echo "+ $LAUNCH --config $ROOT/recipes/train_reward.yaml ${start:+--model_name_or_path $start} --data_path $data --output_dir $dir${PRECISION:+ $PRECISION} $*" >&2
+  $LAUNCH --config "$ROOT/recipes/train_reward.yaml" ${start:+--model_name_or_path "$start"} --data_path "$data" --output_dir "$dir" $PRECISION "$@"
 }
 
 if [ -z "$FINETUNE" ]; then

@@ -5,11 +5,6 @@
 # Runs on every visible GPU (torchrun, bf16) if there is one, else on the CPU.
 . "$(dirname "$0")/_common.sh"
 [ -z "$OUT" ] && OUT=output_qwen_simpo
-if [ "$HAS_GPU" = 1 ]; then
-  set -- --bf16 True "$@"
-  LAUNCH="torchrun --nproc_per_node $GPUS -m qwen_tune simpo"
-else
-  LAUNCH="python -m qwen_tune simpo"
-fi
+launcher simpo
 run $LAUNCH --config "$ROOT/recipes/train_simpo.yaml" ${MODEL:+--model_name_or_path "$MODEL"} \
-  --data_path "$DATA" --output_dir "$OUT" "$@"
+  --data_path "$DATA" --output_dir "$OUT" $PRECISION "$@"
