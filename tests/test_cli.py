@@ -324,8 +324,8 @@ def test_every_shipped_yaml_parses_with_the_command_its_recipe_runs():
     for config in configs:
         recipes = [open(sh).read() for sh in glob.glob(f"{ROOT}/recipes/*.sh") if os.path.basename(config) in open(sh).read()]
         assert recipes, f"no recipe runs {config}"
-        ran = re.search(r"qwen_tune (\w+)", recipes[0])
-        command = ran.group(1) if ran else "sft"  # finetune.py
+        ran = re.search(r"qwen_tune (\w+)|^launcher (\w+)", recipes[0], re.M)  # _common.sh's launcher COMMAND
+        command = (ran.group(1) or ran.group(2)) if ran else "sft"  # finetune.py
         method = importlib.import_module(COMMANDS[command][0]).METHOD
         argv = ["--config", config] + (["--bf16", "False", "--fp16", "False"] if "train" in method.groups else [])
         inputs = ["--data_path", "d"] if "data" in method.groups else ["--policy", "p", "--prompts", "q", "--reward_funcs", "m:f"]
