@@ -28,9 +28,8 @@ import socket
 import sys
 import threading
 
-PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "safetensors",
-           "qwen_tune.cli", "qwen_tune.methods.sft", "qwen_tune.methods.rm", "qwen_tune.methods.dpo", "qwen_tune.methods.ppo", "qwen_tune.methods.grpo",
-           "qwen_tune.tools.score", "qwen_tune.tools.merge", "qwen_tune.tools.chat", "qwen_tune.tools.evaluate", "qwen_tune.tools.preprocess")
+PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "deepspeed", "safetensors", "qwen_tune.cli")
+# and then every command's module (qwen_tune.cli.COMMANDS), so that a new command is preloaded too
 RUN_TIME_VARIABLES = {"PWD", "OLDPWD", "SHLVL", "_", "MASTER_PORT", "MASTER_ADDR", "QWEN_TUNE_CACHE",
                       # what torchrun gives each rank (read by torch.distributed, accelerate and DeepSpeed at init)
                       "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_NAME",
@@ -186,6 +185,10 @@ def serve(path: str) -> None:
     zygote_env = dict(os.environ)  # what a client must have to be served
     for name in PRELOAD:
         __import__(name)
+    from qwen_tune.cli import COMMANDS
+
+    for module, _ in COMMANDS.values():
+        __import__(module)
     import matplotlib  # the loss plot of every save (qwen_tune/report.py), set up as it does: 0.4 s of imports
 
     matplotlib.use("Agg")
