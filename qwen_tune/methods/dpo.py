@@ -40,7 +40,8 @@ class DPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "dpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+            "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": DPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
 )

@@ -32,7 +32,8 @@ class ORPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "orpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+            "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": ORPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's ORPOConfig; an adapter's update is scaled down by alpha / r
 )

@@ -36,7 +36,8 @@ def check_beta(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "simpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions, "vision": VisionTrainingOptions, "lora": LoraOptions,
+    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+            "vision": VisionTrainingOptions, "lora": LoraOptions,
             "train": SimPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's CPOConfig; an adapter's update is scaled down by alpha / r
     resolve=check_beta,

@@ -21,7 +21,7 @@ TOWER = "visual"
 # quantizes the language model only. The tower stays in the training dtype, as servers run it (training on 4-bit
 # picture features would teach the adapter features it never sees when served), and a merger trained in full
 # (--train_merger) needs real weights. It is a few percent of the model.
-TOWER_PATTERN = rf".*\.{TOWER}"
+TOWER_PATTERN = rf"(.*\.)?{TOWER}"
 
 
 @dataclass(frozen=True)
