@@ -210,6 +210,22 @@ def first_replies(path: str) -> tuple[list[list[dict]], list[str]]:
     return prompts, replies
 
 
+def assert_finished_sft_output(out: str, adapter: bool) -> None:
+    """What every finished sft output holds: qwen-tune's card, metrics of a loss that fell, the weights (or the adapter,
+    whose base is recorded as an absolute path that exists), no pickles."""
+    assert_qwen_tune_card(out)  # an adapter's too: PEFT's save writes its placeholder README.md
+    metrics = json.load(open(os.path.join(out, "train_metrics.json")))
+    # the loss fell well below its start (ln 151936 = 11.9 for a uniform guess)
+    assert metrics["train_loss_final"] < metrics["train_loss"] < 11.9
+    assert metrics["train_real_tokens_per_second"] > 0
+    files = set(os.listdir(out))
+    assert ("adapter_model.safetensors" in files) == adapter and ("model.safetensors" in files) == (not adapter)
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)  # no pickles in the result
+    if adapter:
+        base = json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"]
+        assert os.path.isabs(base) and os.path.exists(os.path.join(base, "config.json"))
+
+
 def assert_answers_as_trained(out: str, adapter: bool) -> None:
     prompts, wanted = first_replies(os.path.join(DATA, "sft_example.json"))
     got = generate_in_fresh_process(out, prompts, adapter=adapter)

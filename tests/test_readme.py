@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import ROOT, assert_answers_as_trained, free_port, fresh_env, library_noise, logprob_margins
+from helpers import ROOT, assert_answers_as_trained, assert_finished_sft_output, free_port, fresh_env, library_noise, logprob_margins
 
 pytestmark = pytest.mark.slow
 README = os.path.join(ROOT, "README.md")
@@ -64,10 +64,12 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
     out = lambda *p: os.path.join(work, "output", *p)  # noqa: E731
     if "--output_dir output/demo" in command:
         assert "Saved to" in proc.stderr
+        assert_finished_sft_output(out("demo"), adapter=False)
         assert_answers_as_trained(out("demo"), adapter=False)
     elif command.startswith("qwen-tune chat") and "--prompt" in command:
         assert proc.stdout.startswith("I'm an assistant fine-tuned with qwen-tune"), proc.stdout
     elif "-o output/lora" in command:
+        assert_finished_sft_output(out("lora"), adapter=True)
         assert_answers_as_trained(out("lora"), adapter=True)
     elif command.startswith("qwen-tune score"):  # every pair ranked right (--val_size 2 held two out of rm-lora's training)
         accuracy = json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"]
@@ -101,6 +103,8 @@ def check(command: str, proc: subprocess.CompletedProcess, work: str) -> None:
         grpo_dir = command.split("--output_dir " if "--output_dir" in command else "-o ")[1].split()[0]
         assert os.path.isfile(os.path.join(work, grpo_dir, "model.safetensors"))
         assert "reward_final" in json.load(open(os.path.join(work, grpo_dir, "train_metrics.json")))
+        if "train_grpo.sh" in command:  # the YAML's example reward functions, reading the data's `answer` column
+            assert "16 prompts x 8 completions, rewards: exact_answer, number_only" in proc.stderr, proc.stderr[-3000:]
     elif command.startswith("qwen-tune eval"):
         assert json.loads(proc.stdout.strip().splitlines()[-1])["loss"] < 3.0, proc.stdout  # learned: the base is at 11.9
     elif "--help" in command:
