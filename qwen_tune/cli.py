@@ -21,6 +21,7 @@ COMMANDS = {
     "dpo": ("qwen_tune.methods.dpo", "Direct Preference Optimization on preference pairs"),
     "orpo": ("qwen_tune.methods.orpo", "ORPO: SFT and preference in one stage on pairs, no reference model"),
     "simpo": ("qwen_tune.methods.simpo", "SimPO: length-normalised preference optimization on pairs, no reference model"),
+    "kto": ("qwen_tune.methods.kto", "KTO: preference optimization on replies labelled good or bad one at a time, no pairs"),
     "ppo": ("qwen_tune.methods.ppo", "PPO on an SFT policy against a reward model or a reward function"),
     "grpo": ("qwen_tune.methods.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
     "score": ("qwen_tune.tools.score", "score pairs or conversations with a reward model"),

@@ -19,7 +19,7 @@ TRAIN = [
     {"id": "c1", "conversations": [{"from": "user", "value": "Name a color."},
                                    {"from": "assistant", "value": "Blue like the sea."}]},
 ]
-SUBCOMMANDS = ["sft", "rm", "dpo", "orpo", "simpo", "ppo", "preprocess", "score", "merge", "chat", "eval", "estimate-memory"]
+SUBCOMMANDS = ["sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo", "preprocess", "score", "merge", "chat", "eval", "estimate-memory"]
 
 
 @pytest.fixture(scope="module")

@@ -211,10 +211,12 @@ PAIRS = ["--data_path", os.path.join(DATA, "preference_example.json"), "--max_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rm", "dpo"])
+@pytest.mark.parametrize("method", ["rm", "dpo", "kto"])
 def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tmp_path):
-    """rm and dpo get sft's safety from the same callbacks: marked checkpoints, exact resume, no pickles."""
-    command = [method, *PAIRS]
+    """rm, dpo and kto (unpaired replies) get sft's safety from the same callbacks: marked checkpoints, exact resume,
+    no pickles."""
+    data = {"kto": os.path.join(DATA, "kto_example.jsonl")}.get(method)  # kto reads replies labelled true or false
+    command = [method, *PAIRS] if data is None else [method, *PAIRS[2:], "--data_path", data]
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
     assert rc == 0, log

@@ -18,8 +18,9 @@ import torch
 
 from helpers import DATA
 from qwen_tune.data.chat_format import IGNORE, resolve_format
-from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator
+from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator, UnpairedCollator
 from qwen_tune.data.pairs import encode_pairs
+from qwen_tune.data.unpaired import encode_unpaired
 from qwen_tune.models.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
 from qwen_tune.models.model import packing_for, packing_is_exact
 from qwen_tune.models.tokenizer import save_tokenizer
@@ -197,12 +198,13 @@ def alone_logprob(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
-def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
-    """dpo's batch of pairs (packed but on Qwen4-Exp, and the padded layout on every type; orpo's and simpo's too):
-    each sequence's log-probability equals the sequence alone (float64, as above), and its token count (the length
-    normalisation of orpo and simpo) is its reply's length."""
+def test_preference_batches_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
+    """dpo's batch of pairs (packed but on Qwen4-Exp, and the padded layout on every type; orpo's and simpo's too) and
+    kto's batch of replies with its KL estimate's mismatched ones: each sequence's log-probability equals the sequence
+    alone (float64, as above), and its token count (the length normalisation of orpo and simpo) is its reply's length."""
     model = tiny_model(model_type)
-    pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, split_prompt=True)
+    fmt = resolve_format(copy.copy(tokenizer))
+    pairs, _ = encode_pairs(f"{DATA}/preference_example.jsonl", fmt, 512, split_prompt=True)
     features = [pairs[i] for i in range(3)]
     packing = packing_for(model, True, print)  # as dpo.run decides
     assert packing == (model_type not in NOT_PACKED)
@@ -215,6 +217,12 @@ def test_dpo_pairs_equal_each_sequence_alone_on_every_qwen_type(model_type, toke
         alone = torch.stack([alone_logprob(model, f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features])
         torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-9)
         torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-9)
+        replies = encode_unpaired(f"{DATA}/kto_example.jsonl", fmt, 512)[0].select(range(3))
+        batch = UnpairedCollator(packing, 0)(list(replies))
+        for rows, shift in ((batch, 0), (batch["kl"], 1)):  # sample i with its own reply, then with sample i-1's
+            unpaired_alone = torch.stack([alone_logprob(model, f["prompt_ids"], replies[(i - shift) % 3]["completion_ids"])
+                                          for i, f in enumerate(replies)])
+            torch.testing.assert_close(sequence_logprobs(model, rows, 3), unpaired_alone, rtol=1e-10, atol=1e-9)
         if model_type in LINEAR_ATTENTION:
             mixed = sequence_logprobs(unsplit(model), without_boundaries(PackedPairCollator()(features)), 6)
             assert (mixed - alone).abs().max() > 1e-4

@@ -95,7 +95,7 @@ def test_every_option_a_command_declares_is_read_by_its_code():
 
 
 def test_methods_have_their_own_learning_rates(tmp_path, monkeypatch):
-    """Unset --learning_rate: TRL's defaults for rm, dpo, orpo, simpo and grpo on a real checkpoint, the seed's for
+    """Unset --learning_rate: TRL's defaults for rm, dpo, orpo, simpo, kto and grpo on a real checkpoint, the seed's for
     sft; a tenfold one for an adapter where TRL gives one rate; the embedded model's large one."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.cpo import CPOConfig
@@ -103,11 +103,11 @@ def test_methods_have_their_own_learning_rates(tmp_path, monkeypatch):
 
     real = ["--model_name_or_path", "Qwen/Qwen3-8B"]
     rates = {command: resolved(METHODS[command], *real, "--output_dir", str(tmp_path)).train["learning_rate"]
-             for command in ("sft", "rm", "dpo", "orpo", "simpo")}
+             for command in ("sft", "rm", "dpo", "orpo", "simpo", "kto")}
     rates["grpo"] = load(METHODS["grpo"], ["--policy", "Qwen/Qwen3-8B", "--prompts", "q", "--output_dir", str(tmp_path)]).train["learning_rate"]
     assert rates == {"sft": 1e-5, "rm": trl.RewardConfig.learning_rate, "dpo": 1e-6, "orpo": ORPOConfig.learning_rate,
-                     "simpo": CPOConfig.learning_rate, "grpo": trl.GRPOConfig.learning_rate}
-    for command in ("dpo", "orpo", "simpo"):
+                     "simpo": CPOConfig.learning_rate, "kto": trl.KTOConfig.learning_rate, "grpo": trl.GRPOConfig.learning_rate}
+    for command in ("dpo", "orpo", "simpo", "kto"):
         lora = resolved(METHODS[command], *real, "--use_lora", "True", "--output_dir", str(tmp_path))
         assert lora.train["learning_rate"] == 1e-5
     assert resolved(METHODS["rm"], "--output_dir", str(tmp_path)).train["learning_rate"] == 1e-2  # embedded

@@ -89,30 +89,61 @@ class PaddedCollator:
         return batch
 
 
+def packed_replies(sides: list[tuple[list[int], list[int]]]) -> dict:
+    """(prompt, reply) token lists in one row, padding-free; labels are the reply tokens (a prompt ends at
+    `<|im_start|>assistant\\n`), and `sequence` gives every position's index in `sides`, so per-sequence sums are one
+    scatter."""
+    input_ids, labels, position_ids, sequence = [], [], [], []
+    for index, (prompt, reply) in enumerate(sides):
+        input_ids += prompt + reply
+        labels += [IGNORE] * len(prompt) + reply
+        position_ids += range(len(prompt) + len(reply))
+        sequence += [index] * (len(prompt) + len(reply))
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([position_ids]),
+        "sequence": torch.tensor([sequence]),
+        **boundaries([len(prompt) + len(reply) for prompt, reply in sides]),
+    }
+
+
+def padded_replies(sides: list[tuple[list[int], list[int]]], pad_token_id: int, images=None, refs: list = ()) -> dict:
+    """`packed_replies`' keys, one sequence per row, right-padded: for models whose layers cannot keep packed sequences
+    apart (model.packing_is_exact). `refs`: the sequences' images in order, which `images` (data.image_inputs.ImageInputs)
+    turns into the model's pixel inputs."""
+    width = max(len(prompt) + len(reply) for prompt, reply in sides)
+    input_ids = torch.full((len(sides), width), pad_token_id)
+    labels = torch.full((len(sides), width), IGNORE)
+    attention_mask = torch.zeros((len(sides), width), dtype=torch.long)
+    for index, (prompt, reply) in enumerate(sides):
+        n = len(prompt) + len(reply)
+        input_ids[index, :n] = torch.tensor(prompt + reply)
+        labels[index, len(prompt) : n] = torch.tensor(reply)
+        attention_mask[index, :n] = 1
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "sequence": torch.arange(len(sides))[:, None].expand(len(sides), width),
+    }
+    if refs:
+        batch |= images.model_inputs(input_ids * attention_mask, list(refs))
+    return batch
+
+
+def image_refs_of(features: list[dict]) -> list:
+    return [ref for f in features for ref in f.get("images") or ()]
+
+
 @dataclass
 class PackedPairCollator:
-    """Preference pairs, padding-free: every prompt+chosen, then every prompt+rejected, in one row.
-
-    Labels are the reply tokens (the prompt ends at `<|im_start|>assistant\\n`); `sequence` gives every
-    position's sequence index, chosen i as i and rejected i as B + i, so per-sequence sums are one scatter.
-    """
+    """Preference pairs, padding-free: every prompt+chosen, then every prompt+rejected, in one row (chosen i is
+    sequence i, rejected i sequence B + i)."""
 
     def __call__(self, features: list[dict]) -> dict:
-        input_ids, labels, position_ids, sequence = [], [], [], []
         sides = [(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features]
-        for index, (prompt, reply) in enumerate(sides):
-            input_ids += prompt + reply
-            labels += [IGNORE] * len(prompt) + reply
-            position_ids += range(len(prompt) + len(reply))
-            sequence += [index] * (len(prompt) + len(reply))
-        return {
-            "input_ids": torch.tensor([input_ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([position_ids]),
-            "sequence": torch.tensor([sequence]),
-            **boundaries([len(prompt) + len(reply) for prompt, reply in sides]),
-            "sample_ids": [f.get("id") for f in features],
-        }
+        return {**packed_replies(sides), "sample_ids": [f.get("id") for f in features]}
 
 
 @dataclass
@@ -125,23 +156,29 @@ class PaddedPairCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         sides = [(f["prompt_ids"], f[side]) for side in ("chosen_ids", "rejected_ids") for f in features]
-        width = max(len(prompt) + len(reply) for prompt, reply in sides)
-        input_ids = torch.full((len(sides), width), self.pad_token_id)
-        labels = torch.full((len(sides), width), IGNORE)
-        attention_mask = torch.zeros((len(sides), width), dtype=torch.long)
-        for index, (prompt, reply) in enumerate(sides):
-            n = len(prompt) + len(reply)
-            input_ids[index, :n] = torch.tensor(prompt + reply)
-            labels[index, len(prompt) : n] = torch.tensor(reply)
-            attention_mask[index, :n] = 1
-        batch = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "sequence": torch.arange(len(sides))[:, None].expand(len(sides), width),
-            "sample_ids": [f.get("id") for f in features],
-        }
-        refs = [ref for f in features for ref in f.get("images") or ()] * 2  # the chosen rows, then the rejected ones
-        if refs:
-            batch |= self.images.model_inputs(input_ids * attention_mask, refs)
-        return batch
+        refs = image_refs_of(features) * 2  # the chosen rows, then the rejected ones
+        return {**padded_replies(sides, self.pad_token_id, self.images, refs), "sample_ids": [f.get("id") for f in features]}
+
+
+def pair_collator(packed: bool, pad_token_id: int, images=None):
+    """The batches of preference pairs: packed where the model allows it, else padded."""
+    return PackedPairCollator() if packed else PaddedPairCollator(pad_token_id, images)
+
+
+@dataclass
+class UnpairedCollator:
+    """KTO's batches: each sample's prompt + reply (packed, or padded where `packed` is False), `label` (desirable or
+    not), and under `kl` the same prompts with the batch's replies shifted by one, sample i getting sample i-1's reply:
+    the mismatched pairs from which KTO estimates its KL term (TRL's KTO collator does the same)."""
+
+    packed: bool
+    pad_token_id: int
+    images: object = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        prompts, replies = [f["prompt_ids"] for f in features], [f["completion_ids"] for f in features]
+        shifted = replies[-1:] + replies[:-1]
+        rows = packed_replies if self.packed else (
+            lambda sides: padded_replies(sides, self.pad_token_id, self.images, image_refs_of(features)))
+        return {**rows(list(zip(prompts, replies))), "kl": rows(list(zip(prompts, shifted))),
+                "label": torch.tensor([bool(f["label"]) for f in features]), "sample_ids": [f.get("id") for f in features]}

@@ -33,6 +33,11 @@ PREFERENCE_FORMAT = (
     '"chosen": "...", "rejected": "..."} or {"prompt": [{"role": "user", "content": "..."}], '
     '"chosen": [{"role": "assistant", "content": "..."}], "rejected": [...]}'
 )
+UNPAIRED_FORMAT = (
+    'expected unpaired replies like {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
+    '"content": "..."}], "label": true} or {"prompt": "...", "completion": "...", "label": false} (true: a desirable '
+    'reply, false: an undesirable one)'
+)
 PROMPT_FORMAT = (
     'expected prompts like {"messages": [{"role": "user", "content": "..."}]} ending with a user turn '
     '(or {"conversations": [...]}, or {"prompt": "..."})'
@@ -121,6 +126,22 @@ def _parse_prompt(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict
     return messages, parse_tools(obj, errs), columns
 
 
+@dataclass
+class UnpairedReply:
+    """One reply labelled desirable or not (KTO's data): no second reply to compare it with."""
+
+    id: str
+    prompt: list[dict]  # messages, the last one a user turn (or a tool result)
+    reply: list[dict]  # the assistant message(s) continuing the prompt (normally one)
+    desirable: bool
+    source: str
+    tools: list[dict] | None = None
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.prompt + self.reply
+
+
 def _reply(obj: dict, key: str, seed: bool, images: SampleImages, errs: list[str]) -> list[dict]:
     """chosen/rejected: a string, or a list of assistant messages."""
     value = obj[key]
@@ -159,6 +180,40 @@ def _parse_pair(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict],
     if chosen and chosen == rejected:  # nothing to prefer: the pair would train on noise
         errs.append('"chosen" and "rejected" are the same reply; a pair needs two different replies')
     return prompt, chosen, rejected, parse_tools(obj, errs)
+
+
+def _parse_unpaired(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict], list[dict], bool, list[dict] | None]:
+    """{"messages": [..., assistant], "label": bool} (the trailing assistant turns are the reply), or TRL's
+    {"prompt": ..., "completion": ..., "label": bool}."""
+    if "chosen" in obj or "rejected" in obj:
+        errs.append('this is a preference pair (it has "chosen"/"rejected"): train on pairs with qwen-tune dpo, orpo '
+                    f"or simpo; {UNPAIRED_FORMAT}")
+        return [], [], False, None
+    label = obj.get("label")
+    if "label" not in obj:
+        errs.append(f'missing "label"; {UNPAIRED_FORMAT}')
+    elif not isinstance(label, bool):
+        errs.append(f"label is {show(label)}; expected true (a desirable reply) or false (an undesirable one)")
+    before = len(errs)
+    images = SampleImages(obj, base_dir, errs)
+    if "completion" in obj:
+        keys = PROMPT_KEYS
+        prompt = _pick(obj, keys, UNPAIRED_FORMAT, images, errs)
+        if len(errs) == before:
+            _ends_with_user(prompt, next(k for k in keys if k in obj), errs)
+        reply = _reply(obj, "completion", "conversations" in obj, images, errs)
+    else:
+        messages = _pick(obj, ("conversations", "messages"), UNPAIRED_FORMAT, images, errs)
+        start = next((i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] != "assistant"), 0)
+        prompt, reply = messages[:start], messages[start:]
+        if len(errs) == before and not reply:
+            key = next(k for k in ("conversations", "messages") if k in obj)
+            errs.append(f"{key} ends with a {messages[-1]['role'] if messages else 'user'} turn; the reply that "
+                        '"label" judges is the assistant turn at the end')
+        elif len(errs) == before and not prompt:
+            errs.append("no turn before the assistant's; the reply needs a prompt to answer")
+    images.check_count(errs)
+    return prompt, reply, label is True, parse_tools(obj, errs)
 
 
 # ---------------------------------------------------------------- loading
@@ -275,6 +330,18 @@ def load_preference_pairs(paths, max_problems: int = 20, *, seed: int = 0,
     """Preference pairs, Qwen-style (conversations + chosen/rejected text) or TRL-style (prompt/chosen/rejected)."""
     loaded = _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems, seed, log)
     return [PreferencePair(i, prompt, chosen, rejected, s, tools) for i, (prompt, chosen, rejected, tools), s in loaded]
+
+
+def load_unpaired(paths, max_problems: int = 20, *, seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[UnpairedReply]:
+    """Replies labelled desirable (true) or undesirable (false), KTO's data; both kinds must be present."""
+    loaded = _load(paths, _parse_unpaired, UNPAIRED_FORMAT, max_problems, seed, log)
+    labels = {desirable for _, (_, _, desirable, _), _ in loaded}
+    if len(labels) == 1:
+        kind = "true (desirable)" if labels.pop() else "false (undesirable)"
+        raise DataError([f"{paths}: every sample is labelled {kind}; KTO learns from the contrast, so it needs both "
+                         "desirable (true) and undesirable (false) replies"])
+    return [UnpairedReply(i, prompt, reply, desirable, s, tools) for i, (prompt, reply, desirable, tools), s in loaded]
 
 
 def load_tools(path) -> list[dict]:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
                       TrainingArguments, VisionTrainingOptions, load)
-from ..train.loss import SequenceLogprobs, sequence_logprobs
-from ..train.pair_trainer import (PairLossTrainer, load_frozen_start_model, load_pairs, load_policy, reward_metrics,
-                                  train_and_finish, trainer_inputs)
+from ..train.loss import SequenceLogprobs
+from ..train.pair_trainer import (FrozenReference, PairLossTrainer, load_frozen_start_model, load_pairs, load_policy,
+                                  reward_metrics, train_and_finish, trainer_inputs)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -61,28 +61,11 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
     return loss, rewards[:n], rewards[n:]
 
 
-class DPOLossTrainer(PairLossTrainer):
+class DPOLossTrainer(FrozenReference, PairLossTrainer):
     """The DPO loss against a frozen reference; logs rewards/{chosen,rejected,accuracies,margins} and logps/* like TRL."""
 
-    def __init__(self, *args, reference=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reference = reference
-        if reference is not None:
-            if self.is_deepspeed_enabled:  # ZeRO-3: the frozen reference is sharded like the policy
-                from trl.models import prepare_deepspeed
-
-                self.reference = prepare_deepspeed(reference, self.accelerator)
-            else:
-                self.reference = reference.to(self.args.device)
-
     def pair_loss(self, model, inputs, policy: SequenceLogprobs):
-        n_sequences = len(policy.sums)
-        with torch.no_grad():
-            if self.reference is None:  # an adapter: the reference is the base with it switched off
-                with self.accelerator.unwrap_model(model).disable_adapter():
-                    reference = sequence_logprobs(model, inputs, n_sequences)
-            else:
-                reference = sequence_logprobs(self.reference, inputs, n_sequences)
+        reference = self.reference_logprobs(model, inputs, len(policy.sums))
         loss, chosen, rejected = dpo_loss(policy.sums, reference, self.args.beta, self.args.loss_type)
         logps_chosen, logps_rejected = policy.sums.detach().chunk(2)
         return loss.mean(), {**reward_metrics(chosen, rejected), "logps/chosen": logps_chosen, "logps/rejected": logps_rejected}

@@ -20,12 +20,13 @@ GiB = 2**30
 # bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per 64 weights, an fp32 constant per
 # 256 absmax blocks
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-METHODS = ("sft", "dpo", "orpo", "simpo", "rm")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "rm")
 PAIRS = ("dpo", "orpo", "simpo", "rm")  # a micro-batch holds a chosen and a rejected sequence per sample
 
 ASSUMPTIONS = (
     "tokens per micro-batch: per_device_train_batch_size x model_max_length (every sample at full length, the worst "
-    "case; packing adds no padding), twice that for dpo, orpo, simpo and rm (chosen and rejected)",
+    "case; packing adds no padding), twice that for dpo, orpo, simpo and rm (chosen and rejected); kto's second forward "
+    "(its KL estimate) runs without gradient and saves nothing",
     "optimizer: AdamW (two moments per trainable value); without DeepSpeed in the trained parameters' dtype (qwen-tune "
     "loads the weights in the --bf16/--fp16 dtype, so no fp32 master copy), under DeepSpeed with 16-bit weights fp32 "
     "moments plus an fp32 master copy",
@@ -38,18 +39,18 @@ ASSUMPTIONS = (
     "plus 3 x hidden outside the layers; with --gradient_checkpointing each layer's input plus one layer's worth "
     "(recomputed in backward); linear-attention layers are counted like attention ones",
     "loss: one chunk of fp32 logits (train/loss.py, LOGITS_CHUNK_BYTES), plus the output weight's fp32 gradient "
-    "where it is trained (dpo, orpo, simpo: a chunk's logits and log-softmax); under ZeRO-3 the logits of every token (all "
+    "where it is trained (dpo, orpo, simpo, kto: a chunk's logits and log-softmax); under ZeRO-3 the logits of every token (all "
     "supervised: the worst case), in the training dtype, in fp32 and their softmax; rm scores with a 1-wide head",
     "not counted: the CUDA context and allocator fragmentation (often 1-3 GiB), DeepSpeed's communication buckets "
     "and the layer ZeRO-3 gathers whole at a time, a vision tower's activations (text training), the frozen "
-    "reference's forward in dpo (freed layer by layer)",
+    "reference's forward in dpo and kto (freed layer by layer)",
 )
 
 
 @dataclass
 class EstimateOptions(Frozen):
     _argument_group_name = "estimate-memory (the training command's options)"
-    method: str = field(default="sft", metadata={"help": "The training command estimated: sft, dpo, orpo, simpo or rm.", "choices": list(METHODS)})
+    method: str = field(default="sft", metadata={"help": "The training command estimated: sft, dpo, orpo, simpo, kto or rm.", "choices": list(METHODS)})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A checkpoint directory or hub id; only its config.json is read (unset: the embedded model)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the checkpoint's own configuration code."})
@@ -253,7 +254,7 @@ def estimate(options: EstimateOptions, lora: LoraOptions, config=None, vision: V
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gpu, cpu = state_bytes(model, q_lora=lora.use_lora and lora.q_lora, plan=plan, world=world)
-    if options.method == "dpo" and not lora.use_lora:  # a frozen copy of the policy as the reference
+    if options.method in ("dpo", "kto") and not lora.use_lora:  # a frozen copy of the policy as the reference
         reference = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits / 8
         gpu["reference model"] = reference / (world if plan.stage >= 3 else 1)
     pairs = 2 if options.method in PAIRS else 1
@@ -266,7 +267,7 @@ def estimate(options: EstimateOptions, lora: LoraOptions, config=None, vision: V
         trained_head = head is not None and head.weight.requires_grad
         if plan.stage == 3:  # the output weight is partitioned: the model computes the supervised positions' logits at once
             gpu["loss"] = tokens * vocab * (act_bytes + 4 + 4)  # logits, their fp32 copy, the softmax kept for backward
-        elif options.method in ("dpo", "orpo", "simpo"):  # checkpointed chunks (sequence_logprobs): logits and their log-softmax
+        elif options.method in ("dpo", "orpo", "simpo", "kto"):  # checkpointed chunks (sequence_logprobs): logits and their log-softmax
             gpu["loss"] = 2 * min(tokens, chunk_rows(vocab)) * vocab * 4
         else:
             gpu["loss"] = min(tokens, chunk_rows(vocab)) * vocab * 4 + (head.weight.numel() * 4 if trained_head else 0)
