@@ -17,9 +17,10 @@ from helpers import ROOT, fresh_env
 
 REALLOCATE = r"""
 import resource, sys, torch
-from qwen_tune.methods import sft
-from qwen_tune.options import load, prepare_run
-if sys.argv[1] == "sft":
+if sys.argv[1] == "sft":  # the control imports torch only: its allocations are glibc's, whatever else is imported
+    from qwen_tune.methods import sft
+    from qwen_tune.options import load, prepare_run
+
     prepare_run(load(sft.METHOD, ["--data_path", "data/sft_example.json", "--output_dir", sys.argv[2]]))
 block = 2**25  # float32 values: 128 MB
 torch.ones(block)  # allocated and freed

@@ -20,6 +20,9 @@ import pytest
 
 from helpers import ROOT, assert_qwen_tune_card, free_port, fresh_env, run_cli, sample_in_fresh_process, train_tiny_reward_model
 
+# one worker: the module's trained fixtures are built once, not on each worker that runs one of its tests
+pytestmark = pytest.mark.xdist_group("grpo")
+
 PROMPT = [{"role": "user", "content": "Pick a color."}]
 ANSWERS = ["red.", "green.", "blue.", "yellow."]
 
@@ -163,7 +166,7 @@ def test_grpo_under_deepspeed_on_two_ranks_trains_and_saves_complete_weights(con
 
     out = str(tmp_path / "out")
     cmd = ["sh", "recipes/train_grpo_ds.sh", "-m", sft_policy, "-d", prompts, "-o", out, "--learning_rate", "1e-3",
-           "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "3", "--per_device_train_batch_size", "4",
+           "--reward_funcs", f"{rewards}:correct,{rewards}:brief", "--max_steps", "2", "--per_device_train_batch_size", "4",
            "--max_completion_length", "8", "--save_strategy", "no", "--report_to", "none"]
     env = fresh_env(MASTER_PORT=free_port(), DS_CONFIG=os.path.join(ROOT, "recipes", config))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

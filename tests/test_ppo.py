@@ -20,6 +20,9 @@ import torch
 from helpers import ROOT, assert_qwen_tune_card, free_port, fresh_env, generate_in_fresh_process, run_cli, train_tiny_reward_model
 from helpers import sample_in_fresh_process as sample_replies
 
+# one worker: the module's trained fixtures are built once, not on each worker that runs one of its tests
+pytestmark = pytest.mark.xdist_group("ppo")
+
 PROMPT = [{"role": "user", "content": "Cats or dogs?"}]
 PREFERRED, OTHER = "I prefer cats.", "I prefer dogs."
 

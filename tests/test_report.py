@@ -11,6 +11,9 @@ import pytest
 
 from helpers import run_cli
 
+# one worker: the module's trained fixtures are built once, not on each worker that runs one of its tests
+pytestmark = pytest.mark.xdist_group("report")
+
 TRAIN = [
     {"id": "w0", "conversations": [{"from": "user", "value": "What is the secret word?"},
                                    {"from": "assistant", "value": "The secret word is pineapple."}]},
