@@ -14,6 +14,9 @@ import pytest
 
 from helpers import ROOT, fresh_env, run_cli
 
+# one worker: the module's trained fixtures are built once, not on each worker that runs one of its tests
+pytestmark = pytest.mark.xdist_group("chat")
+
 TRAIN = [
     {"id": "s0", "conversations": [{"from": "user", "value": "What is the secret word?"},
                                    {"from": "assistant", "value": "The secret word is pineapple."}]},

@@ -13,6 +13,9 @@ import pytest
 
 from helpers import DATA, REAL_INTERPRETER, ROOT, fresh_env, run_cli
 
+# one worker: the module's trained fixtures are built once, not on each worker that runs one of its tests
+pytestmark = pytest.mark.xdist_group("cli")
+
 TRAIN = [
     {"id": "c0", "conversations": [{"from": "user", "value": "What is the secret word?"},
                                    {"from": "assistant", "value": "The secret word is pineapple."}]},

@@ -63,6 +63,9 @@ def trl_kto_loss(logps, ref_logps, kl_logps, ref_kl_logps, labels, beta, loss_ty
     return losses.nanmean(), kl, beta * chosen_logratios, beta * rejected_logratios
 
 
+BATCH = (0, 1, 2, 5, 7)  # rows of data/kto_example.jsonl: desirable, undesirable, desirable, undesirable, undesirable
+
+
 @pytest.fixture(scope="module")
 def policy_and_reference(base_model_path, tokenizer):
     """The embedded model in float64 as the reference, and as the policy a copy nudged towards the
@@ -77,11 +80,11 @@ def policy_and_reference(base_model_path, tokenizer):
     reference = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=torch.float64).eval()
     policy = copy.deepcopy(reference)
     rows, _ = encode_unpaired(f"{DATA}/kto_example.jsonl", resolve_format(copy.copy(tokenizer)), 512)
-    batch = packed_replies([(r["prompt_ids"], r["completion_ids"]) for r in rows])
+    batch = packed_replies([(rows[i]["prompt_ids"], rows[i]["completion_ids"]) for i in BATCH])
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-4)
     for _ in range(3):
         optimizer.zero_grad()
-        (-sequence_logprobs(policy, batch, len(rows)).sum()).backward()
+        (-sequence_logprobs(policy, batch, len(BATCH)).sum()).backward()
         optimizer.step()
     return policy.eval(), reference
 
@@ -98,7 +101,7 @@ def test_the_loss_and_metrics_on_a_packed_batch_equal_trls_formula_on_full_logit
     policy, reference = policy_and_reference
     rows, report = encode_unpaired(f"{DATA}/kto_example.jsonl", resolve_format(copy.copy(tokenizer)), 512)
     assert (report.samples, report.kept, report.desirable) == (20, 20, 10)
-    features = [rows[i] for i in (0, 1, 2, 5, 7)]  # desirable, undesirable, desirable, undesirable, undesirable
+    features = [rows[i] for i in BATCH]
     labels = torch.tensor([f["label"] for f in features])
     assert labels.tolist() == [True, False, True, False, False]
 
