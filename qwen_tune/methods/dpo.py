@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, VisionTrainingOptions, load)
+from ..options import LearningRates, Method, TrainingArguments, load
 from ..train.loss import SequenceLogprobs
-from ..train.pair_trainer import (FrozenReference, PairLossTrainer, load_frozen_start_model, load_pairs, load_policy,
-                                  reward_metrics, train_and_finish, trainer_inputs)
+from ..train.pair_trainer import (POLICY_OPTION_GROUPS, FrozenReference, PairLossTrainer, load_frozen_start_model,
+                                  load_pairs, load_policy, reward_metrics, train_and_finish, trainer_inputs)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -40,9 +39,7 @@ class DPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "dpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
-            "vision": VisionTrainingOptions, "lora": LoraOptions,
-            "train": DPOTrainingArguments},
+    groups={**POLICY_OPTION_GROUPS, "train": DPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's DPOConfig; an adapter's update is scaled down by alpha / r
 )
 

@@ -22,11 +22,10 @@ import torch
 from ..data.collate import UnpairedCollator
 from ..data.unpaired import encode_unpaired
 from ..errors import UserError
-from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, VisionTrainingOptions, load)
+from ..options import LearningRates, Method, TrainingArguments, load
 from ..train.loss import SequenceLogprobs, sequence_logprobs
-from ..train.pair_trainer import (FrozenReference, PairLossTrainer, load_frozen_start_model, load_pairs, load_policy,
-                                  train_and_finish, trainer_inputs)
+from ..train.pair_trainer import (POLICY_OPTION_GROUPS, FrozenReference, PairLossTrainer, load_frozen_start_model,
+                                  load_pairs, load_policy, train_and_finish, trainer_inputs)
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -57,9 +56,7 @@ def check_options(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "kto",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
-            "vision": VisionTrainingOptions, "lora": LoraOptions,
-            "train": KTOTrainingArguments},
+    groups={**POLICY_OPTION_GROUPS, "train": KTOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's KTOConfig; an adapter's update is scaled down by alpha / r
     resolve=check_options,
 )

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, VisionTrainingOptions, load)
+from ..options import LearningRates, Method, TrainingArguments, load
 from ..train.loss import SequenceLogprobs
-from ..train.pair_trainer import PairLossTrainer, load_pairs, load_policy, reward_metrics, train_and_finish, trainer_inputs
+from ..train.pair_trainer import (POLICY_OPTION_GROUPS, PairLossTrainer, load_pairs, load_policy, reward_metrics,
+                                  train_and_finish, trainer_inputs)
 
 
 @dataclass
@@ -32,9 +32,7 @@ class ORPOTrainingArguments(TrainingArguments):
 
 METHOD = Method(
     "orpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
-            "vision": VisionTrainingOptions, "lora": LoraOptions,
-            "train": ORPOTrainingArguments},
+    groups={**POLICY_OPTION_GROUPS, "train": ORPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's ORPOConfig; an adapter's update is scaled down by alpha / r
 )
 

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..options import (DataOptions, FormatOptions, ImageOptions, LearningRates, LoraOptions, Method, ModelOptions,
-                      TrainingArguments, VisionTrainingOptions, load)
+from ..options import LearningRates, Method, TrainingArguments, load
 from ..train.loss import SequenceLogprobs
-from ..train.pair_trainer import PairLossTrainer, load_pairs, load_policy, reward_metrics, train_and_finish, trainer_inputs
+from ..train.pair_trainer import (POLICY_OPTION_GROUPS, PairLossTrainer, load_pairs, load_policy, reward_metrics,
+                                  train_and_finish, trainer_inputs)
 
 
 @dataclass
@@ -36,9 +36,7 @@ def check_beta(values: dict[str, dict]) -> None:
 
 METHOD = Method(
     "simpo",
-    groups={"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
-            "vision": VisionTrainingOptions, "lora": LoraOptions,
-            "train": SimPOTrainingArguments},
+    groups={**POLICY_OPTION_GROUPS, "train": SimPOTrainingArguments},
     learning_rates=LearningRates(full=1e-6, lora=1e-5),  # TRL's CPOConfig; an adapter's update is scaled down by alpha / r
     resolve=check_beta,
 )

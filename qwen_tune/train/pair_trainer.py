@@ -31,13 +31,19 @@ from ..errors import UserError
 from ..models.lora import add_lora
 from ..models.model import load_model, packing_for, resolve_model_path
 from ..models.tokenizer import load_tokenizer
-from ..options import prepare_run, set_chat_format, train_dtype
+from ..options import (DataOptions, FormatOptions, ImageOptions, LoraOptions, ModelOptions, VisionTrainingOptions, prepare_run,
+                       set_chat_format, train_dtype)
 from ..report import report_callbacks, show_progress_as_lines
 from .distributed import log, print_zero3_partition
 from .finish import finish_run, last_logged
 from .guards import ObservedSteps, safety_callbacks
 from .loss import LossOnlyEvaluation, SequenceLogprobs, router_aux_loss_coef, sequence_logprob_terms, sequence_logprobs
 from .zero3_pictures import run_vision_tower_on_every_rank
+
+
+# the option groups of a method that trains a policy on preference data, besides its own training arguments ("train")
+POLICY_OPTION_GROUPS = {"model": ModelOptions, "data": DataOptions, "format": FormatOptions, "images": ImageOptions,
+                        "vision": VisionTrainingOptions, "lora": LoraOptions}
 
 
 @dataclass(frozen=True)
