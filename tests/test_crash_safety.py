@@ -211,9 +211,9 @@ PAIRS = ["--data_path", os.path.join(DATA, "preference_example.json"), "--max_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rm", "dpo", "kto"])
+@pytest.mark.parametrize("method", ["rm", "dpo", "orpo", "simpo", "kto"])
 def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tmp_path):
-    """rm, dpo and kto (unpaired replies) get sft's safety from the same callbacks: marked checkpoints, exact resume,
+    """rm, dpo, orpo, simpo and kto (unpaired replies) get sft's safety from the same callbacks: marked checkpoints, exact resume,
     no pickles."""
     data = {"kto": os.path.join(DATA, "kto_example.jsonl")}.get(method)  # kto reads replies labelled true or false
     command = [method, *PAIRS] if data is None else [method, *PAIRS[2:], "--data_path", data]

@@ -81,6 +81,11 @@ def _pick(obj: dict, keys: tuple[str, ...], expected: str, images: SampleImages,
         return [{"role": "user", "content": images.place(obj[key], key, "user", errs)}]
     return parse_turns(obj[key], key, key == "conversations", images, errs)
 
+DISTILL_FORMAT = (
+    'expected prompts like {"messages": [{"role": "user", "content": "..."}]}, optionally with the reply as the last, '
+    'assistant turn, or {"prompt": "...", "completion": "..."} (completion optional)'
+)
+
 
 def _ends_with_user(messages: list[dict], field: str, errs: list[str]) -> None:
     """The model writes the next turn, so a prompt must end with the user's (or a tool's result)."""
@@ -142,6 +147,21 @@ class UnpairedReply:
         return self.prompt + self.reply
 
 
+@dataclass
+class PromptAndReply:
+    """A prompt and, where the data has one, its reply (distillation's data: the student answers the prompt)."""
+
+    id: str
+    prompt: list[dict]  # messages, the last one a user turn (or a tool result)
+    reply: list[dict]  # the assistant message(s) continuing the prompt; [] if the data has none
+    source: str
+    tools: list[dict] | None = None
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.prompt + self.reply
+
+
 def _reply(obj: dict, key: str, seed: bool, images: SampleImages, errs: list[str]) -> list[dict]:
     """chosen/rejected: a string, or a list of assistant messages."""
     value = obj[key]
@@ -194,26 +214,52 @@ def _parse_unpaired(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[di
         errs.append(f'missing "label"; {UNPAIRED_FORMAT}')
     elif not isinstance(label, bool):
         errs.append(f"label is {show(label)}; expected true (a desirable reply) or false (an undesirable one)")
-    before = len(errs)
     images = SampleImages(obj, base_dir, errs)
-    if "completion" in obj:
-        keys = PROMPT_KEYS
-        prompt = _pick(obj, keys, UNPAIRED_FORMAT, images, errs)
-        if len(errs) == before:
-            _ends_with_user(prompt, next(k for k in keys if k in obj), errs)
-        reply = _reply(obj, "completion", "conversations" in obj, images, errs)
-    else:
-        messages = _pick(obj, ("conversations", "messages"), UNPAIRED_FORMAT, images, errs)
-        start = next((i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] != "assistant"), 0)
-        prompt, reply = messages[:start], messages[start:]
-        if len(errs) == before and not reply:
-            key = next(k for k in ("conversations", "messages") if k in obj)
-            errs.append(f"{key} ends with a {messages[-1]['role'] if messages else 'user'} turn; the reply that "
-                        '"label" judges is the assistant turn at the end')
-        elif len(errs) == before and not prompt:
-            errs.append("no turn before the assistant's; the reply needs a prompt to answer")
+    prompt, reply = _prompt_and_reply(obj, images, UNPAIRED_FORMAT, 'the reply that "label" judges', errs)
     images.check_count(errs)
     return prompt, reply, label is True, parse_tools(obj, errs)
+
+
+def _prompt_and_reply(obj: dict, images: SampleImages, expected: str, missing_reply: str | None,
+                      errs: list[str]) -> tuple[list[dict], list[dict]]:
+    """(prompt, reply) of {"messages": [..., assistant]} (the trailing assistant turns are the reply) or TRL's
+    {"prompt": ..., "completion": ...}; `missing_reply`: what the missing reply would have been (None: the reply is
+    optional, and a prompt ending with a user turn has none)."""
+    before = len(errs)
+    if "completion" in obj or "prompt" in obj:
+        keys = PROMPT_KEYS
+        prompt = _pick(obj, keys, expected, images, errs)
+        if len(errs) == before:
+            _ends_with_user(prompt, next(k for k in keys if k in obj), errs)
+        if "completion" in obj:
+            return prompt, _reply(obj, "completion", "conversations" in obj, images, errs)
+        if missing_reply is not None:
+            errs.append(f'missing "completion", {missing_reply}; {expected}')
+        return prompt, []
+    messages = _pick(obj, ("conversations", "messages"), expected, images, errs)
+    start = next((i + 1 for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] != "assistant"), 0)
+    prompt, reply = messages[:start], messages[start:]
+    if len(errs) == before and not reply and missing_reply is not None:
+        key = next(k for k in ("conversations", "messages") if k in obj)
+        errs.append(f"{key} ends with a {messages[-1]['role'] if messages else 'user'} turn; {missing_reply} is the "
+                    "assistant turn at the end")
+    elif len(errs) == before and not prompt:
+        errs.append("no turn before the assistant's; the reply needs a prompt to answer")
+    return prompt, reply
+
+
+def _parse_distill(obj: dict, base_dir: Path, errs: list[str]) -> tuple[list[dict], list[dict], list[dict] | None]:
+    """A prompt, with or without a reply: {"messages": [...]} ending with a user turn or with the assistant's reply,
+    or {"prompt": ..., "completion": ...} (completion optional)."""
+    if _wrong_kind(obj, DISTILL_FORMAT, errs):
+        return [], [], None
+    for key in ("label", "answer"):
+        if key in obj:
+            errs.append(f'unknown field "{key}"; {DISTILL_FORMAT}')
+    images = SampleImages(obj, base_dir, errs)
+    prompt, reply = _prompt_and_reply(obj, images, DISTILL_FORMAT, None, errs)
+    images.check_count(errs)
+    return prompt, reply, parse_tools(obj, errs)
 
 
 # ---------------------------------------------------------------- loading
@@ -330,6 +376,19 @@ def load_preference_pairs(paths, max_problems: int = 20, *, seed: int = 0,
     """Preference pairs, Qwen-style (conversations + chosen/rejected text) or TRL-style (prompt/chosen/rejected)."""
     loaded = _load(paths, _parse_pair, PREFERENCE_FORMAT, max_problems, seed, log)
     return [PreferencePair(i, prompt, chosen, rejected, s, tools) for i, (prompt, chosen, rejected, tools), s in loaded]
+
+
+def load_distill_prompts(paths, max_problems: int = 20, *, seed: int = 0, reply_needed: str | None = None,
+                         log: Callable[[str], None] | None = None) -> list[PromptAndReply]:
+    """Distillation's prompts, each with the dataset's reply if it has one; `reply_needed`: why every sample needs one
+    (off-policy batches train on the dataset's replies), or None."""
+    loaded = _load(paths, _parse_distill, DISTILL_FORMAT, max_problems, seed, log)
+    if reply_needed:
+        missing = [f"{s}: no reply (the assistant turn at the end, or \"completion\"); {reply_needed}"
+                   for _, (_, reply, _), s in loaded if not reply]
+        if missing:
+            raise DataError(missing[:max_problems], total=len(missing))
+    return [PromptAndReply(i, prompt, reply, s, tools) for i, (prompt, reply, tools), s in loaded]
 
 
 def load_unpaired(paths, max_problems: int = 20, *, seed: int = 0,
