@@ -22,6 +22,7 @@ COMMANDS = {
     "orpo": ("qwen_tune.methods.orpo", "ORPO: SFT and preference in one stage on pairs, no reference model"),
     "simpo": ("qwen_tune.methods.simpo", "SimPO: length-normalised preference optimization on pairs, no reference model"),
     "kto": ("qwen_tune.methods.kto", "KTO: preference optimization on replies labelled good or bad one at a time, no pairs"),
+    "distill": ("qwen_tune.methods.distill", "distil a larger teacher into the model on its own sampled replies (on-policy, GKD)"),
     "ppo": ("qwen_tune.methods.ppo", "PPO on an SFT policy against a reward model or a reward function"),
     "grpo": ("qwen_tune.methods.grpo", "GRPO on an SFT policy with verifiable reward functions (TRL's GRPOTrainer)"),
     "score": ("qwen_tune.tools.score", "score pairs or conversations with a reward model"),

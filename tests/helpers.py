@@ -262,3 +262,20 @@ def assert_qwen_tune_card(out) -> str:
     assert "[More Information Needed]" not in card and "generated_from_trainer" not in card, card[:500]
     assert not os.path.exists(os.path.join(out, "MODEL_CARD.md"))
     return card
+
+
+def save_random_teacher(path) -> str:
+    """A model of the embedded model's shape with other random weights (seed 1) and the same tokenizer: a teacher for
+    `qwen-tune distill` whose divergence from the embedded student is not zero."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qwen_tune.models.model import embedded_model_path
+    from qwen_tune.models.tokenizer import load_tokenizer, save_tokenizer
+
+    base = embedded_model_path()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(path)
+    save_tokenizer(load_tokenizer(base), path)
+    return str(path)

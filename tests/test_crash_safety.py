@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from helpers import DATA, ROOT, fresh_env, library_noise
+from helpers import DATA, ROOT, fresh_env, library_noise, save_random_teacher
 from safetensors.torch import load_file
 
 from qwen_tune.errors import UserError
@@ -211,12 +211,15 @@ PAIRS = ["--data_path", os.path.join(DATA, "preference_example.json"), "--max_st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["rm", "dpo", "orpo", "simpo", "kto"])
-def test_preference_trainers_resume_after_sigkill_to_the_same_weights(method, tmp_path):
-    """rm, dpo, orpo, simpo and kto (unpaired replies) get sft's safety from the same callbacks: marked checkpoints, exact resume,
-    no pickles."""
-    data = {"kto": os.path.join(DATA, "kto_example.jsonl")}.get(method)  # kto reads replies labelled true or false
+@pytest.mark.parametrize("method", ["rm", "dpo", "orpo", "simpo", "kto", "distill"])
+def test_preference_and_distillation_trainers_resume_after_sigkill_to_the_same_weights(method, tmp_path):
+    """rm, dpo, orpo, simpo, kto (unpaired replies) and distill (replies the student samples) get sft's safety from the
+    same callbacks: marked checkpoints, exact resume, no pickles."""
+    data = {"kto": os.path.join(DATA, "kto_example.jsonl"),  # kto reads replies labelled true or false
+            "distill": os.path.join(DATA, "distill_example.jsonl")}.get(method)  # distill: prompts
     command = [method, *PAIRS] if data is None else [method, *PAIRS[2:], "--data_path", data]
+    if method == "distill":  # the student samples its replies: a resumed run must draw the same ones
+        command += ["--teacher", save_random_teacher(tmp_path / "teacher"), "--max_new_tokens", "8"]
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
     assert rc == 0, log

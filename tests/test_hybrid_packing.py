@@ -18,14 +18,17 @@ import torch
 
 from helpers import DATA
 from qwen_tune.data.chat_format import IGNORE, resolve_format
-from qwen_tune.data.collate import PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator, UnpairedCollator
+from qwen_tune.data.collate import (PackedCollator, PackedPairCollator, PaddedCollator, PaddedPairCollator, PromptCollator,
+                                    UnpairedCollator)
+from qwen_tune.data.distill_prompts import encode_distill_prompts
 from qwen_tune.data.pairs import encode_pairs
 from qwen_tune.data.unpaired import encode_unpaired
 from qwen_tune.models.linear_attention import BOUNDARY_KEYS, linear_attention_layers, split_linear_attention
 from qwen_tune.models.model import packing_for, packing_is_exact
 from qwen_tune.models.tokenizer import save_tokenizer
 from qwen_tune.rl.reward_models import score_token_ids
-from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprob_terms, sequence_logprobs
+from qwen_tune.train.divergence import ReplyLogits, reply_divergences
+from qwen_tune.train.loss import causal_lm_loss_sum, sequence_logprob_terms, sequence_logprobs, supervised_positions
 
 ATTENTION_ONLY = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
 HYBRID = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
@@ -226,6 +229,29 @@ def test_preference_batches_equal_each_sequence_alone_on_every_qwen_type(model_t
         if model_type in LINEAR_ATTENTION:
             mixed = sequence_logprobs(unsplit(model), without_boundaries(PackedPairCollator()(features)), 6)
             assert (mixed - alone).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", ATTENTION_ONLY + HYBRID + COMPOSITE)
+def test_distillation_divergences_of_a_batch_equal_each_sequence_alone_on_every_qwen_type(model_type, tokenizer):
+    """distill's batch of prompts with their replies (packed but on Qwen4-Exp): the divergence at every reply position
+    between the student and a teacher of the same type with other weights equals that of each sequence alone."""
+    student, teacher = tiny_model(model_type), tiny_model(model_type)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    prompts, _ = encode_distill_prompts(f"{DATA}/distill_example.jsonl", resolve_format(copy.copy(tokenizer)), 512, max_new_tokens=8)
+    sides = [(row["reply_prompt_ids"], row["reply_ids"]) for row in prompts if row["reply_ids"]][:3]
+    collator = PromptCollator(packing_for(student, True, print), 0)  # as distill.run decides
+
+    def divergences(batch):
+        (rows, cols), _ = supervised_positions(batch["labels"])
+        return reply_divergences(ReplyLogits(student, batch, rows, cols), ReplyLogits(teacher, batch, rows, cols), 0.5)
+
+    with torch.no_grad():
+        together = divergences(collator.rows(sides))
+        alone = torch.cat([divergences(collator.rows([side])) for side in sides])
+    assert len(together) == sum(len(reply) for _, reply in sides) and together.min() > 0
+    torch.testing.assert_close(together, alone, rtol=1e-10, atol=1e-9)
 
 
 def with_reward_head(model_types) -> list[str]:

@@ -118,7 +118,7 @@ def test_the_losses_and_metrics_on_packed_pairs_equal_trls_on_full_logits(tokeni
         wanted = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                   "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen, "logps/rejected": rejected, **extra}
-        logged = {name: total / count for name, (total, count) in trainer.pair_metrics["train"].items()}
+        logged = {name: total / count for name, (total, count) in trainer.logged_metrics["train"].items()}
         # TRL's ORPO rewards are in float32: a margin of two of them is exact to about 1e-7
         assert logged == pytest.approx({name: value.mean().item() for name, value in wanted.items()}, rel=1e-6, abs=1e-6)
 

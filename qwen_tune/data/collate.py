@@ -182,3 +182,21 @@ class UnpairedCollator:
             lambda sides: padded_replies(sides, self.pad_token_id, self.images, image_refs_of(features)))
         return {**rows(list(zip(prompts, replies))), "kl": rows(list(zip(prompts, shifted))),
                 "label": torch.tensor([bool(f["label"]) for f in features]), "sample_ids": [f.get("id") for f in features]}
+
+
+@dataclass
+class PromptCollator:
+    """Distillation's batches: the prompts as token lists (the student answers them during the step) and the dataset's
+    replies; `rows` makes the (prompt, reply) sequences a batch once the replies exist: packed, or padded where
+    `packed` is False."""
+
+    packed: bool
+    pad_token_id: int
+    images: object = None  # distill reads text only
+
+    def __call__(self, features: list[dict]) -> dict:
+        return {key: [f[key] for f in features] for key in ("prompt_ids", "reply_prompt_ids", "reply_ids")} | {
+            "sample_ids": [f.get("id") for f in features]}
+
+    def rows(self, sides: list[tuple[list[int], list[int]]]) -> dict:
+        return packed_replies(sides) if self.packed else padded_replies(sides, self.pad_token_id)

@@ -138,20 +138,48 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, to
             "rewards/margins": chosen - rejected}
 
 
-class PairLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
+class MetricsSinceLastLog:
+    """A Trainer mixin: `record_metrics` collects a loss's metrics, and every log adds each one's mean over its values
+    since the last log (`eval_` in front in evaluation), from every rank's sum and count, so a metric with no values in
+    a batch (KTO's undesirable rewards in a batch of desirable replies only) counts nothing."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logged_metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+
+    def record_metrics(self, metrics: dict[str, torch.Tensor], training: bool) -> None:
+        """{metric name: per-sample values or a scalar} of one batch (on every rank: this gathers)."""
+        logged = self.logged_metrics["train" if training else "eval"]
+        for name, value in metrics.items():
+            value = value.detach().float().reshape(-1)
+            total, count = self.accelerator.gather(torch.stack([value.sum(), value.new_tensor(value.numel())])).reshape(-1, 2).sum(0)
+            logged[name][0] += total.item()
+            logged[name][1] += int(count.item())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the metrics averaged since the last log (in place: `evaluate()` returns this dict)."""
+        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
+        logs.update({prefix + name: value for name, value in self.averaged(mode).items()})
+        self.logged_metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def averaged(self, mode: str) -> dict[str, float]:
+        """Each metric's mean over its values since the last log ("train" or "eval")."""
+        return {name: total / count for name, (total, count) in self.logged_metrics[mode].items() if count}
+
+
+class PairLossTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Trainer):
     """HF Trainer on packed preference pairs (every chosen sequence, then every rejected one: data/collate.py).
 
     A method's subclass gives `pair_loss`: its formula, from the policy's per-sequence log-probs (sums and token
-    counts) of one forward. This logs the metrics it returns, each the mean of its values since the last log (`eval_`
-    in front in evaluation; a metric with no values in a batch, such as KTO's undesirable rewards in a batch of
-    desirable replies only, counts nothing), and, where the checkpoint's config asks for it (`output_router_logits`),
-    adds the MoE router's load-balancing loss `router_aux_loss_coef * aux_loss` and logs `aux_loss`."""
+    counts) of one forward. This logs the metrics it returns (MetricsSinceLastLog) and, where the checkpoint's config
+    asks for it (`output_router_logits`), adds the MoE router's load-balancing loss `router_aux_loss_coef * aux_loss`
+    and logs `aux_loss`."""
 
     SEQUENCES_PER_SAMPLE = 2  # a pair's chosen and rejected sequence (kto: 1, its reply)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pair_metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
         self.aux_loss_coef = router_aux_loss_coef(self.model)
 
     def pair_loss(self, model, inputs: dict, policy: SequenceLogprobs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -164,24 +192,8 @@ class PairLossTrainer(ObservedSteps, LossOnlyEvaluation, Trainer):
         if model.training and self.aux_loss_coef is not None and policy.aux_loss is not None:  # the MoE router's, as the config asks
             loss = loss + self.aux_loss_coef * policy.aux_loss.to(loss.dtype)
             metrics["aux_loss"] = policy.aux_loss
-        logged = self.pair_metrics["train" if model.training else "eval"]
-        for name, value in metrics.items():  # every rank's sum and count, so a rank with no values adds nothing
-            value = value.detach().float().reshape(-1)
-            total, count = self.accelerator.gather(torch.stack([value.sum(), value.new_tensor(value.numel())])).reshape(-1, 2).sum(0)
-            logged[name][0] += total.item()
-            logged[name][1] += int(count.item())
+        self.record_metrics(metrics, model.training)
         return (loss, None) if return_outputs else loss
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        """Add the pair metrics averaged since the last log (in place: `evaluate()` returns this dict)."""
-        mode, prefix = ("eval", "eval_") if any(k.startswith("eval_") for k in logs) else ("train", "")
-        logs.update({prefix + name: value for name, value in self.averaged(mode).items()})
-        self.pair_metrics[mode].clear()
-        super().log(logs, start_time)
-
-    def averaged(self, mode: str) -> dict[str, float]:
-        """Each metric's mean over its values since the last log ("train" or "eval")."""
-        return {name: total / count for name, (total, count) in self.pair_metrics[mode].items() if count}
 
 
 class FrozenReference:
