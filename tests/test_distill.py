@@ -147,22 +147,23 @@ def test_data_and_teacher_problems_are_named_before_training(tmp_path, base_mode
         distill_main("--data_path", f"{DATA}/distill_example.jsonl", "--output_dir", out)
 
 
-def test_lora_student_trains_on_its_own_replies_and_reloads(tmp_path, base_model_path):
+@pytest.mark.parametrize("adapter", ["lora", "q_lora"])
+def test_lora_and_qlora_students_train_on_their_own_replies(adapter, tmp_path, base_model_path):
     """The default, on-policy: the student's sampled replies (logged: every batch on-policy, their lengths) are where the
-    divergence is taken; a LoRA adapter trains and is saved as one, its base recorded."""
+    divergence is taken; a LoRA adapter (on the 4-bit base with Q-LoRA) trains and is saved as one, its base recorded."""
     from safetensors.torch import load_file
 
     teacher = save_random_teacher(tmp_path / "teacher")
     out, logged = tmp_path / "lora", Logged()
     metrics = distill_main("--teacher", teacher, "--data_path", f"{DATA}/distill_example.jsonl", "--use_lora", "True",
-                           "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(out),
-                           "--report_to", "none", "--max_new_tokens", "4", callbacks=(logged,))
+                           "--q_lora", str(adapter == "q_lora"), "--max_steps", "2", "--per_device_train_batch_size", "4",
+                           "--output_dir", str(out), "--report_to", "none", "--max_new_tokens", "4", callbacks=(logged,))
     assert metrics["train_loss"] > 0
     steps = [line for line in logged.lines if "loss" in line]
     assert [line["on_policy"] for line in steps] == [1.0, 1.0]
     assert all(1 <= line["completions/mean_length"] <= 4 for line in steps)
-    adapter = load_file(out / "adapter_model.safetensors")
-    assert adapter and any(n.endswith("lora_B.weight") and t.abs().max() > 0 for n, t in adapter.items())
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors and any(n.endswith("lora_B.weight") and t.abs().max() > 0 for n, t in tensors.items())
     assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == base_model_path
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers import DATA, ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python
+from helpers import DATA, ROOT, free_port, fresh_env, generate_in_fresh_process, run_cli, run_python, save_random_teacher
 from qwen_tune.train import ownership
 
 pytestmark = pytest.mark.slow
@@ -163,6 +163,29 @@ def test_dpo_under_zero3_shards_policy_and_reference_and_learns(tmp_path):
     curves = json.load(open(os.path.join(out, "loss.json")))  # logged per step, as TRL names them
     margins, accuracies = [v for _, v in curves["rewards/margins"]], [v for _, v in curves["rewards/accuracies"]]
     assert margins[0] == 0 and margins[-1] > 0.1 and accuracies[-1] == 1, curves
+
+
+def test_distill_under_zero3_shards_student_and_teacher_and_samples_on_every_rank(tmp_path):
+    """On-policy distillation on 2 ZeRO-3 ranks: the student and the frozen teacher (another random model of the same
+    shape) are both sharded, each rank samples its replies with the student's gathered weights, and the saved student
+    is whole."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "distill_z3")
+    proc = subprocess.run(["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                           "-m", "qwen_tune", "distill", "--teacher", save_random_teacher(tmp_path / "teacher"),
+                           "--data_path", os.path.join(DATA, "distill_example.jsonl"), "--output_dir", out,
+                           "--deepspeed", os.path.join(ROOT, "recipes", "ds_config_zero3.json"), "--max_steps", "2",
+                           "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--model_max_length", "128",
+                           "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--warmup_ratio", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=fresh_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert len(re.findall(r"ZeRO-3: rank \d holds 4,908,320 of 9,816,640 parameter values", proc.stderr)) == 2
+    assert len(re.findall(r"ZeRO-3 \(teacher\): rank \d holds 4,908,320 of 9,816,640 parameter values", proc.stderr)) == 2
+    logged = re.findall(r"step (\d)/2 .*on_policy 1 .*completions/mean_length", proc.stdout + proc.stderr)
+    assert logged == ["1", "2"], proc.stdout[-3000:]
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    assert saved["model.embed_tokens.weight"].shape == (151936, 64)
 
 
 def pictures_and_text(folder, tokenizer, model_type: str):

@@ -30,6 +30,7 @@ from ..models.model import is_adapter, load_model, resolve_model_path
 from ..models.tokenizer import load_tokenizer
 from ..options import LearningRates, Method, TrainingArguments, load
 from ..options.groups import Frozen
+from ..train.distributed import print_zero3_partition
 from ..train.divergence import ReplyLogits, reply_divergences
 from ..train.guards import ObservedSteps
 from ..train.loss import LossOnlyEvaluation, router_aux_loss_coef, supervised_positions
@@ -90,7 +91,9 @@ def load_teacher(run, inputs: DistillInputs, trust_remote_code: bool):
     if load_tokenizer(path, trust_remote_code=trust_remote_code).get_vocab() != run.tokenizer.get_vocab():
         raise UserError(f"--teacher {inputs.teacher}: its tokenizer is not the student's ({run.model_path}); distillation "
                         "compares the two models' next-token distributions token for token, so both need the same tokenizer")
-    return load_model(path, **run.load_options, log=lambda _: None).eval().requires_grad_(False)
+    teacher = load_model(path, **run.load_options, log=lambda _: None).eval().requires_grad_(False)
+    print_zero3_partition(teacher, "teacher")
+    return teacher
 
 
 class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Trainer):

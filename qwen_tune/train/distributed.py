@@ -43,15 +43,16 @@ def prepare_cpu_ranks(deepspeed: bool) -> bool:
     return True
 
 
-def print_zero3_partition(model) -> None:
-    """Under ZeRO-3, every rank prints 'rank R holds N of M parameter values': shows sharding really happened."""
+def print_zero3_partition(model, label: str = "") -> None:
+    """Under ZeRO-3, every rank prints 'rank R holds N of M parameter values': shows sharding really happened.
+    `label`: which model, where a run shards more than the one it trains (distill's teacher)."""
     params = list(model.parameters())
     if not params or not hasattr(params[0], "ds_numel"):
         return
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
     rank = int(os.environ.get("RANK", "0"))
-    say(f"ZeRO-3: rank {rank} holds {local:,} of {full:,} parameter values")
+    say(f"ZeRO-3{f' ({label})' if label else ''}: rank {rank} holds {local:,} of {full:,} parameter values")
 
 
 def finish() -> None:
