@@ -332,5 +332,6 @@ def test_every_shipped_yaml_parses_with_the_command_its_recipe_runs():
         method = importlib.import_module(COMMANDS[command][0]).METHOD
         argv = ["--config", config] + (["--bf16", "False", "--fp16", "False"] if "train" in method.groups else [])
         inputs = ["--data_path", "d"] if "data" in method.groups else ["--policy", "p", "--prompts", "q", "--reward_funcs", "m:f"]
+        inputs += ["--teacher", "t"] if "distill" in method.groups else []
         load(method, argv + inputs)
         spec.check(command, spec.spec_for(command), argv + inputs)  # and the check made before torch is imported

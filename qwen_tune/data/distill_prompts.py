@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .chat_format import check_renderable
+from .encode_report import listed_ids
 from .images import image_refs
 from .read import load_distill_prompts
 
@@ -25,8 +26,7 @@ class DistillReport:
         line = (f"{name}: {self.samples} prompts ({self.with_reply} with a reply kept), {self.tokens} tokens; "
                 f"{len(self.dropped)} dropped")
         if self.dropped:
-            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
-            line += f"\n  dropped (prompt + reply longer than model_max_length): {', '.join(self.dropped[:10])}{more}"
+            line += f"\n  dropped (prompt + reply longer than model_max_length): {listed_ids(self.dropped)}"
         return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 

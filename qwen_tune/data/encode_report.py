@@ -26,14 +26,14 @@ class EncodeReport:
             f"({self.supervised_tokens} supervised); {len(self.truncated)} truncated, {len(self.dropped)} dropped"
         )
         if self.truncated:
-            line += f"\n  truncated (longer than model_max_length, head kept): {_ids(self.truncated)}"
+            line += f"\n  truncated (longer than model_max_length, head kept): {listed_ids(self.truncated)}"
         if self.dropped:
-            line += f"\n  dropped (no assistant token left after truncation): {_ids(self.dropped)}"
+            line += f"\n  dropped (no assistant token left after truncation): {listed_ids(self.dropped)}"
         if self.replies_cut:
             n = len(self.replies_cut)
             line += (f"\nwarning: {name}: {n} of {self.samples} conversations lost assistant tokens to the cut at "
                      f"model_max_length, so {'they train' if n > 1 else 'it trains'} on part of a reply (half a tool call, an "
-                     f"answer without its end); raise --model_max_length to keep them whole: {_ids(self.replies_cut)}")
+                     f"answer without its end); raise --model_max_length to keep them whole: {listed_ids(self.replies_cut)}")
         if self.reasoning_not_trained:
             line += (f"\n  {self.reasoning_not_trained} reasoning block(s) not trained: the template leaves out the reasoning "
                      "of assistant turns before the last user turn; to train them, split each such conversation "
@@ -41,6 +41,7 @@ class EncodeReport:
         return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 
-def _ids(ids: list[str], limit: int = 10) -> str:
+def listed_ids(ids: list[str], limit: int = 10) -> str:
+    """The first `limit` sample ids, and how many more: a summary line names what it counts."""
     more = f" ... and {len(ids) - limit} more" if len(ids) > limit else ""
     return ", ".join(ids[:limit]) + more

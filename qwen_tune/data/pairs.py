@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat_format import check_renderable
+from .encode_report import listed_ids
 from .images import image_refs
 from .read import load_preference_pairs
 
@@ -22,8 +23,7 @@ class PairReport:
     def summary(self, name: str) -> str:
         line = f"{name}: {self.pairs} pairs, {self.kept} kept, {self.tokens} tokens; {len(self.dropped)} dropped"
         if self.dropped:
-            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
-            line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {', '.join(self.dropped[:10])}{more}"
+            line += f"\n  dropped (longer than model_max_length; the score is read at the reply's end): {listed_ids(self.dropped)}"
         return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 

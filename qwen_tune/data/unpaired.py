@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .chat_format import check_renderable
+from .encode_report import listed_ids
 from .images import image_refs
 from .read import load_unpaired
 
@@ -24,8 +25,7 @@ class UnpairedReport:
         line = (f"{name}: {self.samples} replies ({self.desirable} desirable, {self.kept - self.desirable} undesirable "
                 f"kept), {self.tokens} tokens; {len(self.dropped)} dropped")
         if self.dropped:
-            more = f" ... and {len(self.dropped) - 10} more" if len(self.dropped) > 10 else ""
-            line += f"\n  dropped (longer than model_max_length): {', '.join(self.dropped[:10])}{more}"
+            line += f"\n  dropped (longer than model_max_length): {listed_ids(self.dropped)}"
         return "\n".join([line] + [f"  {m}" for m in self.mixture])
 
 
