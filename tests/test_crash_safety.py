@@ -219,7 +219,7 @@ def test_preference_and_distillation_trainers_resume_after_sigkill_to_the_same_w
             "distill": os.path.join(DATA, "distill_example.jsonl")}.get(method)  # distill: prompts
     command = [method, *PAIRS] if data is None else [method, *PAIRS[2:], "--data_path", data]
     if method == "distill":  # the student samples its replies: a resumed run must draw the same ones
-        command += ["--teacher", save_random_teacher(tmp_path / "teacher"), "--max_new_tokens", "8"]
+        command += ["--teacher", save_random_teacher(tmp_path / "teacher"), "--max_new_tokens", "4"]
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     rc, log = finish(start(reference, str(tmp_path / "r.jsonl"), command=command), reference)
     assert rc == 0, log
@@ -372,7 +372,7 @@ FINAL_SAVE_RUNS = {  # each method, two steps with a checkpoint at the last one,
              "--report_to", "none"],
     "ppo": ["ppo", "--prompts", os.path.join(DATA, "prompts_example.jsonl"), "--reward_funcs",  # 8 prompts: 2 steps
             os.path.join(ROOT, "recipes", "grpo_rewards.py") + ":number_only", "--save_steps", "2",
-            "--per_device_train_batch_size", "4", "--max_new_tokens", "8"],
+            "--per_device_train_batch_size", "4", "--max_new_tokens", "4"],
 }
 
 
