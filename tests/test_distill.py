@@ -101,6 +101,32 @@ def test_chunked_reply_divergences_and_gradients_equal_full_logits_of_each_seque
         assert len(chunked) == 7 and all(p.grad is None for p in teacher.parameters())
 
 
+def draws(lmbda: float, steps: range, micro_batches: int = 2) -> list[bool]:
+    """DistillTrainer.draw_on_policy over `steps` (each of `micro_batches` gradient-accumulation micro-batches), as a
+    fresh trainer (a rank, or a resumed run) makes them."""
+    from types import SimpleNamespace
+
+    from qwen_tune.methods.distill import DistillTrainer
+
+    trainer = SimpleNamespace(args=SimpleNamespace(seed=42, lmbda=lmbda), state=SimpleNamespace(global_step=0),
+                              drawn_at=None, micro_batch=0)
+    drawn = []
+    for step in steps:
+        trainer.state.global_step = step
+        drawn += [DistillTrainer.draw_on_policy(trainer) for _ in range(micro_batches)]
+    return drawn
+
+
+def test_on_policy_draws_are_the_same_on_every_rank_and_after_a_resume():
+    """With 0 < lmbda < 1 each micro-batch is drawn on-policy with probability lmbda (TRL's GKD); the draw depends on the
+    seed, the step and the micro-batch only, so every rank makes the same one (under ZeRO-3 they sample together) and a
+    run resumed at step 100 makes the draws of the uninterrupted run."""
+    half = draws(0.5, range(200))
+    assert 0.4 < sum(half) / len(half) < 0.6 and half == draws(0.5, range(200))
+    assert draws(0.5, range(100, 200)) == half[200:]
+    assert not any(draws(0.0, range(50))) and all(draws(1.0, range(50)))
+
+
 def distill_main(*argv: str, callbacks: tuple = ()):
     from qwen_tune.methods.distill import main
 

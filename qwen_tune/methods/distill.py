@@ -98,8 +98,9 @@ def load_teacher(run, inputs: DistillInputs, trust_remote_code: bool):
 
 class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Trainer):
     """HF Trainer whose batches are prompts: the student answers them in the step and the loss is the divergence to the
-    teacher on those replies. Logs completions/mean_length and completions/clipped_ratio (TRL's names: replies that hit
-    --max_new_tokens) and on_policy (the share of batches on the student's replies)."""
+    teacher on those replies. Logs on_policy (the share of batches on the student's replies) and, of sampled replies
+    (the student's, or the teacher's with --seq_kd), completions/mean_length and completions/clipped_ratio (TRL's
+    names: replies that hit --max_new_tokens)."""
 
     def __init__(self, *args, teacher, end_ids: list[int], **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,14 +111,15 @@ class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Tra
         else:
             self.teacher = teacher.to(self.args.device)
         self.aux_loss_coef = router_aux_loss_coef(self.model)
+        self.drawn_at, self.micro_batch = None, 0  # draw_on_policy's place in the run
         self.sampling = GenerationConfig(do_sample=True, temperature=self.args.temperature, top_k=0, top_p=1.0,
                                          max_new_tokens=self.args.max_new_tokens, eos_token_id=end_ids,
                                          pad_token_id=self.data_collator.pad_token_id)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL's draw: in training, with probability lmbda (the same on every rank: seeded alike, restored on resume)
-        on_policy = random.random() < self.args.lmbda if model.training else self.args.lmbda > 0
-        if on_policy or self.args.seq_kd:
+        on_policy = self.draw_on_policy() if model.training else self.args.lmbda > 0
+        sampled = on_policy or self.args.seq_kd
+        if sampled:
             writer = model if on_policy else self.teacher
             sides = list(zip(inputs["prompt_ids"], self.sample_replies(writer, inputs["prompt_ids"])))
         else:
@@ -129,7 +131,7 @@ class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Tra
             teacher = ReplyLogits(self.teacher, batch, rows, cols)
         loss = reply_divergences(student, teacher, self.args.beta, self.args.temperature).mean()
         metrics = {"on_policy": torch.tensor(float(on_policy))}
-        if on_policy:
+        if sampled:
             lengths = torch.tensor([float(len(reply)) for _, reply in sides])
             metrics |= {"completions/mean_length": lengths,
                         "completions/clipped_ratio": (lengths >= self.args.max_new_tokens).float()}
@@ -138,6 +140,14 @@ class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Tra
             metrics["aux_loss"] = student.aux_loss
         self.record_metrics(metrics, model.training)
         return (loss, None) if return_outputs else loss
+
+    def draw_on_policy(self) -> bool:
+        """TRL's draw, on-policy with probability lmbda, made from the seed, the step and the micro-batch: the same on
+        every rank (under ZeRO-3 every rank must sample, gathering the weights, together) and again after a resume."""
+        step = self.state.global_step
+        self.micro_batch = self.micro_batch + 1 if self.drawn_at == step else 0
+        self.drawn_at = step
+        return random.Random(f"{self.args.seed}:{step}:{self.micro_batch}").random() < self.args.lmbda
 
     def sample_replies(self, model, prompts: list[list[int]]) -> list[list[int]]:
         """`model`'s (the student's or the teacher's) reply to each prompt, through its first end token (`<|im_end|>`),
