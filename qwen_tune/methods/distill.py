@@ -158,13 +158,13 @@ class DistillTrainer(MetricsSinceLastLog, ObservedSteps, LossOnlyEvaluation, Tra
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.args.device)  # left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.args.device)
         with unwrap_model_for_generation(model, self.accelerator,
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as student:
-            was_training = student.training
-            student.eval()
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as writer:
+            was_training = writer.training
+            writer.eval()
             try:
-                out = student.generate(input_ids=ids, attention_mask=mask, generation_config=self.sampling, use_cache=True)
+                out = writer.generate(input_ids=ids, attention_mask=mask, generation_config=self.sampling, use_cache=True)
             finally:
-                student.train(was_training)
+                writer.train(was_training)
         replies = []
         for row in out[:, width:].tolist():
             end = next((i for i, token in enumerate(row) if token in self.sampling.eos_token_id), None)
