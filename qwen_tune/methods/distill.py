@@ -56,7 +56,7 @@ class DistillTrainingArguments(TrainingArguments):
                                                         "(--seq_kd), between: drawn per batch."})
     seq_kd: bool = field(default=False, metadata={"help": "Off-policy batches on replies the teacher samples instead of the dataset's (TRL GKD's "
                                                           "sequence-level KD; Qwen3's off-policy distillation stage)."})
-    temperature: float = field(default=1.0, metadata={"help": "Temperature of the student's sampling and of both distributions in the loss (1: the "
+    temperature: float = field(default=1.0, metadata={"help": "Temperature of the sampled replies and of both distributions in the loss (1: the "
                                                               "models' own distributions)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest sampled reply in tokens (TRL GKD's 128)."})
     include_num_input_tokens_seen: str = field(default="no", metadata={"help": "Distillation's replies are sampled during the step, not read from data."})
