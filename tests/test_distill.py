@@ -207,7 +207,7 @@ def colour_data(path, templates, reply) -> str:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    """A tiny Qwen2 twice the embedded model's width and depth, trained (SFT) to answer a colour with its Spanish name
+    """A tiny Qwen2 twice the embedded model's depth, trained (SFT) to answer a colour with its Spanish name
     in capitals, on the training prompts and the held-out ones: it knows what the student will be asked. Built once for
     the tests of this module's "distill_teacher" group, which run on one worker."""
     tmp_path = tmp_path_factory.mktemp("teacher")
@@ -219,7 +219,7 @@ def teacher(tmp_path_factory) -> str:
 
     config = json.loads(EMBEDDED_CONFIG.read_text())
     config.pop("architectures")
-    config.update(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8)
+    config.update(num_hidden_layers=4)
     torch.manual_seed(1)
     model = Qwen2ForCausalLM(Qwen2Config(**config))
     set_generation_defaults(model)
@@ -276,7 +276,7 @@ def test_sft_on_the_same_prompts_without_the_teachers_replies_cannot_answer_like
 @pytest.mark.slow
 @pytest.mark.xdist_group("distill_teacher")
 def test_distilled_student_answers_like_the_larger_teacher(teacher, teachers_answers, tmp_path):
-    """The embedded model (2 layers, width 64) distilled from a 4-layer, width-128 teacher with the recipe, whose
+    """The embedded model (2 layers) distilled from a 4-layer teacher of the same width with the recipe, whose
     embedded_model: section trains off-policy on the teacher's own sampled replies (--seq_kd, forward KL: Qwen3's first
     distillation stage, the one a student that has never seen the task learns from): after a reload in a fresh process it
     gives the teacher's greedy answer on >= 90 % of held-out prompts (new phrasings)."""
