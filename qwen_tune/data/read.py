@@ -81,6 +81,7 @@ def _pick(obj: dict, keys: tuple[str, ...], expected: str, images: SampleImages,
         return [{"role": "user", "content": images.place(obj[key], key, "user", errs)}]
     return parse_turns(obj[key], key, key == "conversations", images, errs)
 
+
 DISTILL_FORMAT = (
     'expected prompts like {"messages": [{"role": "user", "content": "..."}]}, optionally with the reply as the last, '
     'assistant turn, or {"prompt": "...", "completion": "..."} (completion optional)'
