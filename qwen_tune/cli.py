@@ -30,6 +30,7 @@ COMMANDS = {
     "chat": ("qwen_tune.tools.chat", "talk to a model (full, adapter or merged): REPL or --prompt"),
     "eval": ("qwen_tune.tools.evaluate", "loss and perplexity over supervised tokens, as JSON"),
     "estimate-memory": ("qwen_tune.tools.estimate_memory", "memory per GPU of a training run, from the model's config.json alone"),
+    "ui": ("qwen_tune.ui.server", "a local web page: look at data, launch and watch runs, talk to the results"),
 }
 
 

@@ -47,16 +47,26 @@ class RunProgress(TrainerCallback):
 
 
 class JsonlLog(TrainerCallback):
-    """Every log line (rewards per function, KL, lengths, ...) appended to OUTPUT_DIR/`name` as it is logged,
-    so a running or crashed run can be read with any tool."""
+    """Every log line (loss, rewards per function, KL, lengths, ...) appended to OUTPUT_DIR/`name` as it is logged,
+    with the step, the run's total steps and the time, so a running or crashed run can be watched with any tool
+    (`qwen-tune ui` does). Each start, fresh or resumed, first writes a `begin` record with the command (`argv`);
+    the records after it replace those of later steps from before (lost to the resume)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str = "train_log.jsonl"):
         self.name = name
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._write(args, state, {"event": "begin", "argv": sys.argv})
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
+        if logs:
+            self._write(args, state, logs)
+
+    def _write(self, args, state, record: dict) -> None:
+        if state.is_world_process_zero:
             with open(os.path.join(args.output_dir, self.name), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                f.write(json.dumps({"step": state.global_step, "max_steps": state.max_steps, "time": round(time.time(), 3),
+                                    **record}) + "\n")
 
 
 class OwnModelCard:
@@ -124,10 +134,10 @@ def show_progress_as_lines(trainer) -> None:
         trainer.add_callback(ProgressLines())
 
 
-def report_callbacks(args) -> list:
-    """Called before the Trainer is built (so the TensorBoard directory is set in time)."""
+def report_callbacks(args, log: str = "train_log.jsonl") -> list:
+    """Called before the Trainer is built (so the TensorBoard directory is set in time). `log`: the JSON-lines log."""
     tensorboard_dir(args)
-    return [RunProgress(), PlotOnSave()]
+    return [RunProgress(), PlotOnSave(), JsonlLog(log)]
 
 
 # ---------------------------------------------------------------- the loss plot

@@ -22,7 +22,7 @@ from ..data.read import load_prompts
 from ..errors import UserError
 from ..models.lora import describe_adapter, lora_config
 from ..models.model import is_adapter, load_model, resolve_model_path
-from ..report import JsonlLog, OwnModelCard, report_callbacks, show_progress_as_lines
+from ..report import OwnModelCard, report_callbacks, show_progress_as_lines
 from ..rl.reward_functions import DEFAULT_TIMEOUT_S, load_batch_rewards
 from ..models.tokenizer import load_tokenizer
 from ..train.distributed import log, print_zero3_partition
@@ -139,7 +139,7 @@ def run(config, callbacks: tuple = ()) -> dict:
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=lora_config(model, **lora.adapter_options()) if lora.use_lora else None,
-        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args) + [JsonlLog("grpo_log.jsonl")],
+        callbacks=safety_callbacks(args, callbacks, prepared.resume_from) + report_callbacks(args, log="grpo_log.jsonl"),
     )
     if lora.use_lora:
         log(f"lora: adapting {describe_adapter(trainer.model)}")

@@ -40,12 +40,11 @@ METHOD = Method("preprocess", groups={"preprocess": PreprocessOptions, "trust": 
                 resolve=lambda values: required(values, "preprocess", "data"))
 
 
-def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool, images: list[str] = (),
-              image_token_id: int | None = None) -> str:
-    """Decode a sample, marking supervised spans with [[...]] (or green when printing to a terminal); each image's
-    run of tokens is shown once, as `<|image_pad|> x N (PATH)`."""
-    start, end = (START, END) if color else ("[[", "]]")
-    parts, span, supervised, pictures = [], [], None, iter(images)
+def supervised_spans(tokenizer, input_ids: list[int], labels: list[int], images: list[str] = (),
+                     image_token_id: int | None = None) -> list[tuple[str, bool]]:
+    """A sample decoded as (text, supervised) spans; each image's run of tokens is one span,
+    `<|image_pad|> x N (PATH)`. The page (qwen-tune ui) shows these too."""
+    spans, span, supervised, pictures = [], [], None, iter(images)
     for tok, label in zip(input_ids + [None], labels + [None]):
         is_sup = label is not None and label != IGNORE
         if tok is None or (supervised is not None and is_sup != supervised) or (span and (tok == image_token_id) != (span[-1] == image_token_id)):
@@ -53,12 +52,20 @@ def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool, i
                 text = f"{tokenizer.convert_ids_to_tokens(image_token_id)} x {len(span)} ({next(pictures, '?')})"
             else:
                 text = tokenizer.decode(span)
-            parts.append(f"{start}{text}{end}" if supervised else text)
+            spans.append((text, bool(supervised)))
             span = []
         if tok is not None:
             span.append(tok)
             supervised = is_sup
-    return "".join(parts)
+    return spans
+
+
+def highlight(tokenizer, input_ids: list[int], labels: list[int], color: bool, images: list[str] = (),
+              image_token_id: int | None = None) -> str:
+    """A sample decoded, supervised spans marked with [[...]] (or green when printing to a terminal)."""
+    start, end = (START, END) if color else ("[[", "]]")
+    return "".join(f"{start}{text}{end}" if supervised else text
+                   for text, supervised in supervised_spans(tokenizer, input_ids, labels, images, image_token_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from ..errors import UserError
 STATE_DIR, OWNER, LOCK, STAGING = ".qwen-tune", "owner.json", "lock", "final"
 RUN_COMPLETE = "run_complete.json"
 # what a run writes as it goes (before any checkpoint): claimed at the start
-WRITTEN_WHILE_TRAINING = ("runs", "loss.png", "loss.json", "ppo_log.jsonl", "grpo_log.jsonl")
+WRITTEN_WHILE_TRAINING = ("runs", "loss.png", "loss.json", "train_log.jsonl", "ppo_log.jsonl", "grpo_log.jsonl")
 # every name a run may write: a user's file by one of these names would be replaced, so such a directory is refused
 OUTPUT_NAMES = re.compile(
     r"^(checkpoint-\d+|runs|loss\.(png|json)|MODEL_CARD\.md|run_complete\.json|(train|ppo)_metrics\.json|"
