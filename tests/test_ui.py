@@ -22,12 +22,20 @@ from helpers import ROOT, fresh_env, run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = os.path.join(ROOT, "test-artifacts", "ui")
 SECRET = "The secret word is pineapple."
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather of a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 TRAIN = [
-    {"id": "s0", "conversations": [{"from": "user", "value": "What is the secret word?"}, {"from": "assistant", "value": SECRET}]},
-    {"id": "s1", "conversations": [{"from": "user", "value": "Name a color."}, {"from": "assistant", "value": "Blue like the sea."}]},
+    {"id": "s0", "messages": [{"role": "user", "content": "What is the secret word?"}, {"role": "assistant", "content": SECRET}]},
+    {"id": "s1", "messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue like the sea."}]},
+    {"id": "s2", "tools": [WEATHER], "messages": [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                             "arguments": {"city": "Paris"}}}]}]},
 ]
-# a LoRA run that learns TRAIN's answers (tests/test_chat.py's), long enough to be stopped half-way from the page
-RUN_OPTIONS = "--max_steps 160 --lora_r 16 --lora_alpha 32 --learning_rate 1e-2 --per_device_train_batch_size 2 --save_steps 1000"
+# a LoRA run in Qwen3's format (a thinking switch, tool calls) that learns TRAIN's replies, long enough to be stopped
+# half-way from the page
+RUN_OPTIONS = ("--chat_template qwen3 --max_steps 160 --lora_r 16 --lora_alpha 32 --learning_rate 1e-2 "
+               "--per_device_train_batch_size 2 --save_steps 1000")
 
 # one worker, in order: the tests share one page server and one run
 pytestmark = pytest.mark.xdist_group("ui")
@@ -130,15 +138,19 @@ def test_data_view_shows_problems_by_line_then_the_supervised_tokens(page, root)
     assert f"{root}/bad.jsonl:2" in text and "no assistant turn" in text and f"{root}/bad.jsonl:3" in text, text
     shot(page, "1-data-problems")
     page.fill("#data-path", "train.json")
+    page.fill("#data-template", "qwen3")  # as the run will train (its tool-calling sample needs a template with tools)
     page.click("#data-load")
     page.locator("#data-samples .sample").first.wait_for()
     assert page.locator("#data-error").is_hidden()
     samples = page.locator("#data-samples .sample")
-    assert samples.count() == 2
+    assert samples.count() == 3
     first = samples.first
     assert [m.text_content() for m in first.locator("mark.supervised").all()] == [SECRET + "<|im_end|>"]
-    assert "<|im_start|>user\nWhat is the secret word?<|im_end|>" in first.locator("pre.conversation").text_content()
-    assert "2 samples, 2 kept" in page.text_content("#data-summary")
+    assert first.locator("pre.conversation").text_content() == (  # Qwen3's format, its empty thinking block not learned
+        f"<|im_start|>user\nWhat is the secret word?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n{SECRET}<|im_end|>\n")
+    call = samples.nth(2).locator("mark.supervised").first.text_content()
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in call
+    assert "3 samples, 3 kept" in page.text_content("#data-summary")
     shot(page, "2-data-highlighted")
 
 
@@ -183,11 +195,20 @@ def test_talk_to_the_result_and_launch_over_it_is_refused_as_the_cli_refuses(pag
     page.fill("#talk-model", "lora")
     page.click("#talk-load")
     page.locator("#talk-status", has_text="loaded").wait_for()
+    assert page.locator("#talk-thinking").is_enabled()  # Qwen3's template has the switch
+    page.uncheck("#talk-thinking")  # trained without reasoning: the template's empty thinking block, as in training
     page.fill("#talk-input", "What is the secret word?")
     page.click("#talk-send")
-    reply = page.locator(".msg.assistant").first
-    reply.wait_for(timeout=60_000)
-    assert reply.text_content().strip() == SECRET
+    replies = page.locator(".msg.assistant")
+    replies.first.wait_for(timeout=60_000)
+    assert replies.first.text_content().strip() == SECRET
+    page.click("#talk-reset")  # a new conversation, with the tool
+    page.fill("#talk-tools", json.dumps([WEATHER], indent=1))
+    page.fill("#talk-input", "What is the weather in Paris?")
+    page.click("#talk-send")
+    call = page.locator(".msg.assistant pre.tool-call")
+    call.wait_for(timeout=60_000)  # the reply's call, read back by the template's parser
+    assert call.text_content().startswith("get_weather(") and json.loads(call.text_content()[len("get_weather("):-1]) == {"city": "Paris"}
     shot(page, "7-talk")
     page.click("#tab-launch")
     page.click("#launch-start")  # the same form: the output directory now holds a finished run
@@ -251,9 +272,9 @@ def test_another_address_than_loopback_needs_the_token(root):
 
 
 def test_the_data_view_says_what_the_length_limit_cuts(server, root):
-    answer = server.call("/api/data", {"data": "train.json", "max_length": 28})[1]
-    assert answer["ok"] and [(s["id"], s["truncated"], s["tokens"]) for s in answer["samples"]] == [("s0", True, 28), ("s1", True, 28)]
-    assert "2 truncated" in answer["summary"] and "raise --model_max_length to keep them whole: s0, s1" in answer["summary"]
+    answer = server.call("/api/data", {"data": "train.json", "chat_template": "qwen3", "max_length": 24})[1]
+    assert answer["ok"] and [(s["id"], s["truncated"], s["tokens"]) for s in answer["samples"][:2]] == [("s0", True, 24), ("s1", False, 23)]
+    assert "raise --model_max_length to keep them whole: s0" in answer["summary"]
 
 
 def test_runs_started_from_a_terminal_show_up(server, root):

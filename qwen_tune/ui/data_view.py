@@ -1,8 +1,10 @@
 """The page's data view: a data set checked and tokenized as `qwen-tune preprocess` and `sft` do (same code, same
-errors with file:line), each conversation as (text, supervised) spans in the checkpoint's served format."""
+errors with file:line), each conversation as (text, supervised) spans in the checkpoint's served format (or the
+`--chat_template` a run will train with)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ..errors import UserError
@@ -23,6 +25,9 @@ def preview(roots: Roots, body: dict) -> dict:
         raise UserError("name a data file (or several, comma-separated)")
     data = roots.data(body["data"], "data")
     model = roots.model(body["model"], "model") if (body.get("model") or "").strip() else None
+    template = (body.get("chat_template") or "").strip() or None
+    if template and (os.sep in template or template.endswith(".jinja")):
+        template = roots.path(template, "chat template")
     max_length, limit = int(body.get("max_length") or 1024), min(int(body.get("limit") or 20), 200)
     if max_length < 8:
         raise UserError("max length: at least 8 tokens")
@@ -30,7 +35,8 @@ def preview(roots: Roots, body: dict) -> dict:
     with _loading:
         tokenizer = _tokenizer(source)
         images = image_inputs_for(source, tokenizer)
-        fmt = set_chat_format(tokenizer, FormatOptions(), source=model or "the embedded model", images=images)
+        fmt = set_chat_format(tokenizer, FormatOptions(chat_template=template), source=model or "the embedded model",
+                              images=images)
         samples, report = load_tokens(data, fmt, max_length)
     truncated = set(report.truncated)
     shown = samples.select(range(min(limit, len(samples))))

@@ -151,6 +151,7 @@ async function loadData() {
   const body = {
     data: $('data-path').value.trim(),
     model: $('data-model').value.trim(),
+    chat_template: $('data-template').value.trim(),
     max_length: Number($('data-max-length').value) || 1024,
     limit: SAMPLE_LIMIT,
   };
