@@ -27,6 +27,7 @@ NOT_RUN_HERE = {
         "two machines and a real checkpoint; test_distributed runs two nodes on localhost",
     "NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 MASTER_PORT=6001 sh recipes/finetune_ds.sh -m /models/Qwen2.5-7B -d data.json -o out":
         "two machines and a real checkpoint; test_distributed runs two nodes on localhost",
+    "qwen-tune ui --root .": "a server that runs until stopped; tests/test_ui.py drives it in a real browser",
     "python bench/sft_throughput.py": "a benchmark of minutes; its results are bench/results.md",
     "python bench/sft_throughput.py --shape qwen2.5-0.5b --samples 24 --batch_size 4": "a benchmark of about an hour on 2 cores",
     "python bench/sft_throughput.py --shape qwen3.5-0.8b --samples 12 --batch_size 2 --loss_tokens 1024,4096 "
