@@ -286,3 +286,14 @@ def test_runs_started_from_a_terminal_show_up(server, root):
     assert run["command"].startswith(f"qwen-tune sft --data_path {root}/train.json --output_dir {out}")
     detail = server.call(f"/api/run?id={urllib.parse.quote(out)}")[1]
     assert [step for step, _ in detail["series"]["loss"]] == [1, 2, 3] and "started outside this page" in detail["log"]
+
+
+def test_the_form_names_each_methods_own_options(server, root):
+    """PPO and GRPO start from a policy and read prompts; the form's model and data fields become those options."""
+    form = {"options": {"model_name_or_path": "lora", "data_path": "train.json", "output_dir": "rl", "reward_model": "rm"},
+            "extra": "--reward_funcs recipes/grpo_rewards.py:exact_answer"}
+    answer = server.call("/api/command", {"method": "grpo", **form})[1]
+    assert answer["command"] == (f"qwen-tune grpo --policy {root}/lora --prompts {root}/train.json --output_dir {root}/rl "
+                                 f"--reward_model {root}/rm --reward_funcs recipes/grpo_rewards.py:exact_answer")
+    assert server.call("/api/command", {"method": "sft", **form})[1]["argv"][:3] == ["sft", "--model_name_or_path", f"{root}/lora"]
+    assert "choose one of sft, rm" in server.call("/api/command", {"method": "merge", **form})[1]["error"]

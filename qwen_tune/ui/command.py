@@ -13,8 +13,10 @@ from .roots import Roots
 TRAINING = ("sft", "rm", "dpo", "orpo", "simpo", "kto", "distill", "ppo", "grpo")
 # form fields that name paths, and how each is checked
 MODELS = ("model_name_or_path", "policy", "reward_model", "teacher")
-PATHS = ("output_dir", "config", "eval_data_path", "deepspeed", "prompts", "tools")
-DATA = ("data_path",)
+PATHS = ("output_dir", "config", "eval_data_path", "deepspeed", "tools")
+DATA = ("data_path", "prompts")
+# the form's model and data fields are these options for the RL methods, which start from an SFT policy and read prompts
+RL_NAMES = {"model_name_or_path": "policy", "data_path": "prompts"}
 
 
 def form_args(roots: Roots, body: dict) -> tuple[list[str], str]:
@@ -27,6 +29,7 @@ def form_args(roots: Roots, body: dict) -> tuple[list[str], str]:
     for name, value in (body.get("options") or {}).items():
         if value in (None, "", False):
             continue
+        name = RL_NAMES.get(name, name) if method in ("ppo", "grpo") else name
         args += [f"--{name}", _checked(roots, name, str(value).strip() if not isinstance(value, bool) else "True")]
     try:
         extra = shlex.split(body.get("extra") or "")

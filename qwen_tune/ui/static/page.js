@@ -161,13 +161,15 @@ async function loadData() {
 
 // ---------------------------------------------------------------- launch
 
-// The launch form's inputs and the CLI options they fill; `onlyFor` limits a field to one method.
+// The launch form's inputs and the CLI options they fill; `onlyFor` limits a field to some methods (each also has a
+// `<label id="ID-field">` shown only for them). The server renames model and data for ppo / grpo (--policy, --prompts).
 const LAUNCH_FIELDS = [
   {id: 'launch-config', option: 'config', kind: 'text'},
   {id: 'launch-model', option: 'model_name_or_path', kind: 'text'},
   {id: 'launch-data', option: 'data_path', kind: 'text'},
   {id: 'launch-output', option: 'output_dir', kind: 'text'},
-  {id: 'launch-reward-model', option: 'reward_model', kind: 'text', onlyFor: 'ppo'},
+  {id: 'launch-reward-model', option: 'reward_model', kind: 'text', onlyFor: ['ppo', 'grpo']},
+  {id: 'launch-teacher', option: 'teacher', kind: 'text', onlyFor: ['distill']},
   {id: 'launch-epochs', option: 'num_train_epochs', kind: 'number'},
   {id: 'launch-lr', option: 'learning_rate', kind: 'number'},
   {id: 'launch-batch', option: 'per_device_train_batch_size', kind: 'number'},
@@ -181,7 +183,7 @@ function launchBody() {
   const method = $('launch-method').value;
   const options = {};
   for (const field of LAUNCH_FIELDS) {
-    if (field.onlyFor && field.onlyFor !== method) continue;
+    if (field.onlyFor && !field.onlyFor.includes(method)) continue;
     const input = $(field.id);
     if (field.kind === 'flag') {
       if (input.checked) options[field.option] = true;
@@ -216,7 +218,10 @@ async function updateCommand() {
 }
 
 function onMethodChange() {
-  $('launch-reward-model-field').hidden = $('launch-method').value !== 'ppo';
+  const method = $('launch-method').value;
+  for (const field of LAUNCH_FIELDS.filter((f) => f.onlyFor)) {
+    $(`${field.id}-field`).hidden = !field.onlyFor.includes(method);
+  }
   scheduleCommand();
 }
 
