@@ -279,11 +279,11 @@ def test_the_data_view_says_what_the_length_limit_cuts(server, root):
 
 def test_runs_started_from_a_terminal_show_up(server, root):
     out = str(root / "from-terminal")
-    run_cli("sft", "--data_path", str(root / "train.json"), "--output_dir", out, "--max_steps", "3",
+    run_cli("sft", "--data_path", str(root / "train.json"), "--chat_template", "qwen3", "--output_dir", out, "--max_steps", "3",
             "--per_device_train_batch_size", "2", "--report_to", "none")
     [run] = [r for r in server.call("/api/runs")[1]["runs"] if r["id"] == out]
     assert (run["status"], run["method"], run["step"], run["max_steps"]) == ("finished", "sft", 3, 3)
-    assert run["command"].startswith(f"qwen-tune sft --data_path {root}/train.json --output_dir {out}")
+    assert run["command"].startswith(f"qwen-tune sft --data_path {root}/train.json --chat_template qwen3 --output_dir {out}")
     detail = server.call(f"/api/run?id={urllib.parse.quote(out)}")[1]
     assert [step for step, _ in detail["series"]["loss"]] == [1, 2, 3] and "started outside this page" in detail["log"]
 

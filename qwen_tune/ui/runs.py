@@ -70,12 +70,17 @@ def lock_holder(out: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
-    """Running, not an exited process its parent has not reaped yet (a zombie holds no lock)."""
+    """A running qwen-tune process: not an exited one its parent has not reaped yet (a zombie holds no lock), and not
+    another program that got the pid since (the page only ever signals qwen-tune runs)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
     except OSError:
         return False
+    return any(name in command for name in (b"qwen_tune", b"qwen-tune", b"finetune.py"))
 
 
 class Runs:
