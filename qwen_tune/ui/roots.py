@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 import re
 
+from pathlib import Path
+
 from ..data.files import data_suffix
+from ..data.mixture import split_weight
 from ..errors import UserError
+from ..train import ownership
 
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 MAX_DEPTH, MAX_FOUND = 4, 300  # how far listings look below each root
@@ -48,8 +52,9 @@ class Roots:
         """A --data_path value: comma-separated files or directories, each with an optional `:weight`."""
         parts = []
         for part in value.split(","):
-            name, _, weight = part.strip().rpartition(":") if re.search(r":[\d.]+$", part.strip()) else (part.strip(), "", "")
-            parts.append(self.path(name, what) + (f":{weight}" if weight else ""))
+            written = os.path.join(self.home, os.path.expanduser(part.strip()))
+            path, weight = split_weight(written)  # as --data_path reads it, from the first root
+            parts.append(self.path(path, what) + (written[len(path):] if weight else ""))
         return ",".join(parts)
 
     def walk(self):
@@ -71,21 +76,8 @@ class Roots:
                 path = os.path.join(directory, name)
                 if name.endswith((".yaml", ".yml")):
                     found["recipes"].append(path)
-                elif data_suffix_of(name) and name not in ("config.json", "adapter_config.json") and not _model_file(name):
+                elif data_suffix(Path(name)) and not ownership.OUTPUT_NAMES.match(name):  # a run's files are not data
                     found["data_files"].append(path)
             if all(len(v) >= MAX_FOUND for v in found.values()):
                 break
         return {k: v[:MAX_FOUND] for k, v in found.items()}
-
-
-def data_suffix_of(name: str) -> bool:
-    from pathlib import Path
-
-    return data_suffix(Path(name)) is not None
-
-
-def _model_file(name: str) -> bool:
-    """Files a checkpoint or a run writes, which are not training data."""
-    return name.startswith(("tokenizer", "generation_config", "training_args", "train_", "trainer_state", "loss.",
-                            "run_complete", "special_tokens", "preprocessor", "chat_template", "vocab", "added_tokens",
-                            "model.safetensors", "adapter_", "owner", "rng_state", "eval_", "all_results"))

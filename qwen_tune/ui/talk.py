@@ -3,7 +3,6 @@ One model is loaded at a time, as chat loads it (full, merged or a LoRA output o
 
 from __future__ import annotations
 
-import json
 import threading
 
 from ..errors import UserError
